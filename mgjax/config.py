@@ -1,0 +1,364 @@
+"""Frozen model configs, their construction from released `config.json` files, and presets.
+
+A released MGM `config.json` is the base LLM's HF config plus the `mm_*` / `image_*` keys
+(MGM_SPEC section 1). The tower architectures are not in it: they come from the tower folders
+(`CLIPConfig.from_hf`, `ConvNextConfig.from_open_clip`) or from the released presets below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from mgjax.errors import MGJaxError
+
+IMAGE_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+
+FAMILIES = ("llama", "gemma", "mixtral")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+TEMPLATES = ("vicuna_v1", "gemma", "mistral_instruct", "chatml_direct", "llama_3", "plain")
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """HF `CLIPVisionModel` (quick_gelu, pre-LN)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def grid(self) -> int:
+        """Patches per side: 24 for ViT-L/14-336."""
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]) -> "CLIPConfig":
+        d = d.get("vision_config", d)  # a full CLIPModel config nests the vision part
+        act = d.get("hidden_act", "quick_gelu")
+        if act != "quick_gelu":
+            raise MGJaxError(f"CLIP config: hidden_act {act!r} is not supported (MGM's tower uses 'quick_gelu')")
+        return cls(
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            image_size=d["image_size"],
+            patch_size=d["patch_size"],
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+        )
+
+
+@dataclass(frozen=True)
+class ConvNextConfig:
+    """timm ConvNeXt trunk as OpenCLIP's `convnext_large_d_320` builds it."""
+
+    depths: tuple[int, ...] = (3, 3, 27, 3)
+    dims: tuple[int, ...] = (192, 384, 768, 1536)
+    norm_eps: float = 1e-6
+    # Stochastic depth of the released training recipe; only active when the tower runs with
+    # `deterministic=False` (MGM_SPEC section 4: inference is deterministic).
+    drop_path_rate: float = 0.1
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the concatenated multi-stage map (2880 for ConvNeXt-L)."""
+        return sum(self.dims)
+
+
+# timm model names that OpenCLIP configs may name, with their trunk shapes.
+CONVNEXT_TIMM = {
+    "convnext_large": ConvNextConfig(),
+    "convnext_base": ConvNextConfig(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    "convnext_xxlarge": ConvNextConfig(depths=(3, 4, 30, 3), dims=(384, 768, 1536, 3072)),
+}
+
+
+def convnext_from_open_clip(d: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]] | None) -> ConvNextConfig:
+    """ConvNeXt config from an `open_clip_config.json`, falling back to the weight shapes.
+
+    `shapes` maps trunk-relative names (`stem.0.weight`, `stages.2.blocks.5.gamma`, ...) to shapes;
+    it decides the architecture when the config names a timm model this table does not know.
+    """
+    vision = d.get("model_cfg", d).get("vision_cfg", {})
+    name = vision.get("timm_model_name", "")
+    drop = vision.get("timm_drop_path", 0.1) or 0.0
+    if name in CONVNEXT_TIMM:
+        return dataclasses.replace(CONVNEXT_TIMM[name], drop_path_rate=drop)
+    if not shapes:
+        raise MGJaxError(f"open_clip_config.json names timm model {name!r}, which mgjax does not know, "
+                         "and no tower weights were found to read its shape from")
+    depths, dims = [], []
+    for s in range(4):
+        blocks = {k.split(".")[3] for k in shapes if k.startswith(f"stages.{s}.blocks.")}
+        if not blocks:
+            raise MGJaxError(f"ConvNeXt weights have no blocks for stage {s} (looked for 'stages.{s}.blocks.*')")
+        depths.append(len(blocks))
+        dims.append(shapes[f"stages.{s}.blocks.0.gamma"][0])
+    return ConvNextConfig(depths=tuple(depths), dims=tuple(dims), drop_path_rate=drop)
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """One decoder for the Llama family (Vicuna, Llama-3, Yi), Gemma and Mixtral."""
+
+    family: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # "gelu" is exact (erf) GELU, "gelu_tanh" the tanh approximation (Gemma: see `from_hf`).
+    activation: str = "silu"
+    tie_word_embeddings: bool = False
+    # Gemma multiplies the input embeddings by sqrt(hidden_size).
+    scale_embeddings: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise MGJaxError(f"LMConfig.family {self.family!r} is not one of {FAMILIES}")
+        if self.activation not in ACTIVATIONS:
+            raise MGJaxError(f"LMConfig.activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.num_heads % self.num_kv_heads:
+            raise MGJaxError(f"LMConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if (self.family == "mixtral") != (self.num_experts > 0):
+            raise MGJaxError("LMConfig: num_experts must be > 0 exactly when family is 'mixtral'")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise MGJaxError(f"LMConfig: num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}")
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]) -> "LMConfig":
+        """From an HF LLM config (the LLM part of a released MGM `config.json`)."""
+        family = family_of(d)
+        if d.get("rope_scaling"):
+            raise MGJaxError(f"config.json: rope_scaling {d['rope_scaling']!r} is not supported "
+                             "(no released MGM model uses it)")
+        hidden, heads = d["hidden_size"], d["num_attention_heads"]
+        if family == "gemma":
+            # transformers <= 4.39 (which trained MGM-2B) ran `hidden_act="gelu"` as exact GELU;
+            # `hidden_activation`, when present, is the explicit choice of later versions.
+            act = d.get("hidden_activation") or d.get("hidden_act", "gelu")
+        else:
+            act = d.get("hidden_act", "silu")
+        act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
+        return cls(
+            family=family,
+            vocab_size=d["vocab_size"],
+            hidden_size=hidden,
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or hidden // heads,
+            intermediate_size=d["intermediate_size"],
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            norm_eps=float(d.get("rms_norm_eps", 1e-6 if family == "gemma" else 1e-5)),
+            activation=act,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", family == "gemma")),
+            scale_embeddings=family == "gemma",
+            num_experts=d.get("num_local_experts", 0) if family == "mixtral" else 0,
+            num_experts_per_tok=d.get("num_experts_per_tok", 0) if family == "mixtral" else 0,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+        )
+
+
+def family_of(d: Mapping[str, Any]) -> str:
+    """LLM family from `model_type` / `architectures` of a released or base config."""
+    mt = str(d.get("model_type", "")).lower()
+    arch = " ".join(d.get("architectures") or []).lower()
+    if "mixtral" in mt or "mixtral" in arch:
+        return "mixtral"
+    if "gemma" in mt or "gemma" in arch:
+        return "gemma"
+    if mt in ("mgm", "mini_gemini", "llama", "llava", "llava_llama") or "llama" in arch:
+        return "llama"
+    raise MGJaxError(f"config.json: model_type {d.get('model_type')!r} / architectures {d.get('architectures')!r} "
+                     "is not an MGM model (expected mgm, mgm_gemma, mgm_mixtral or mini_gemini)")
+
+
+@dataclass(frozen=True)
+class MGMConfig:
+    """The whole model: towers, mining, projector, LLM, and how inputs are built."""
+
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: CLIPConfig = field(default_factory=CLIPConfig)
+    vision_aux: ConvNextConfig = field(default_factory=ConvNextConfig)
+    mm_hidden_size: int = 1024
+    mm_hidden_size_aux: int = 2880
+    select_layer: int = -2
+    select_feature: str = "patch"
+    projector_type: str = "mlp2x_gelu"
+    image_size_aux: int = 768
+    image_grid: int = 1
+    image_global: bool = False
+    image_aspect_ratio: str = "pad"
+    max_length: int = 2048
+    padding_side: str = "right"
+    template: str = "vicuna_v1"
+    # Tower folders as config.json names them (relative paths in the releases).
+    vision_tower: str = ""
+    vision_tower_aux: str = ""
+
+    def __post_init__(self):
+        v = self.vision
+        checks = [
+            (self.mm_hidden_size == v.hidden_size,
+             f"mm_hidden_size {self.mm_hidden_size} != CLIP hidden_size {v.hidden_size}"),
+            (self.mm_hidden_size_aux == self.vision_aux.out_channels,
+             f"mm_hidden_size_aux {self.mm_hidden_size_aux} != sum of ConvNeXt dims {self.vision_aux.dims}"),
+            (self.select_feature == "patch", f"mm_vision_select_feature {self.select_feature!r} (only 'patch')"),
+            (self.projector_type == "mlp2x_gelu", f"mm_projector_type {self.projector_type!r} (only 'mlp2x_gelu')"),
+            (self.padding_side in ("left", "right"), f"tokenizer_padding_side {self.padding_side!r}"),
+            (self.image_grid >= 1, f"image_grid {self.image_grid}"),
+            (not self.image_global or self.image_grid > 1, "image_global needs image_grid > 1"),
+            (-v.num_layers - 1 <= self.select_layer <= v.num_layers,
+             f"mm_vision_select_layer {self.select_layer} for a {v.num_layers}-layer CLIP"),
+            (self.template in TEMPLATES, f"template {self.template!r} is not one of {TEMPLATES}"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise MGJaxError(f"MGMConfig: {what}")
+        stage0 = self.image_size_aux // 4
+        if stage0 % (self.image_grid * v.grid):
+            raise MGJaxError(f"MGMConfig: the ConvNeXt stage-0 map ({stage0} for image_size_aux {self.image_size_aux}) "
+                             f"does not split into {self.image_grid * v.grid} windows per side")
+
+    @property
+    def clip_layers_used(self) -> int:
+        """Encoder layers that feed hidden state `select_layer` (23 of 24 for -2)."""
+        k = self.select_layer
+        return k if k >= 0 else self.vision.num_layers + 1 + k
+
+    @property
+    def image_size(self) -> int:
+        """Side of one low-res CLIP input (a tile in HD)."""
+        return self.vision.image_size
+
+    @property
+    def tokens_per_view(self) -> int:
+        """Visual tokens of one CLIP view (576 for ViT-L/14-336)."""
+        return self.vision.grid**2
+
+    @property
+    def num_views(self) -> int:
+        """CLIP views per image: 1, or grid^2 tiles (+ the global view)."""
+        return 1 if self.image_grid == 1 else self.image_grid**2 + int(self.image_global)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens one `<image>` expands to (576, or 2880 for HD)."""
+        return self.tokens_per_view * self.num_views
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], vision: CLIPConfig | None = None,
+                vision_aux: ConvNextConfig | None = None) -> "MGMConfig":
+        """From a released MGM `config.json` (as a dict) plus the tower configs.
+
+        Towers left None take the released architectures (CLIP ViT-L/14-336, ConvNeXt-L).
+        """
+        lm = LMConfig.from_hf(d)
+        if "mm_hidden_size" not in d:
+            raise MGJaxError("config.json has no 'mm_hidden_size': this is a plain LLM config, not an MGM checkpoint")
+        vision = vision or CLIPConfig()
+        vision_aux = vision_aux or ConvNextConfig()
+        return cls(
+            lm=lm,
+            vision=vision,
+            vision_aux=vision_aux,
+            mm_hidden_size=d["mm_hidden_size"],
+            mm_hidden_size_aux=d.get("mm_hidden_size_aux", vision_aux.out_channels),
+            select_layer=d.get("mm_vision_select_layer", -2),
+            select_feature=d.get("mm_vision_select_feature", "patch"),
+            projector_type=d.get("mm_projector_type", "mlp2x_gelu"),
+            image_size_aux=d.get("image_size_aux", 768),
+            image_grid=d.get("image_grid", 1),
+            image_global=bool(d.get("image_global", False)),
+            image_aspect_ratio=d.get("image_aspect_ratio", "pad"),
+            max_length=d.get("tokenizer_model_max_length") or 2048,
+            padding_side=d.get("tokenizer_padding_side", "right"),
+            template=guess_template(lm),
+            vision_tower=d.get("mm_vision_tower", ""),
+            vision_tower_aux=d.get("mm_vision_tower_aux", ""),
+        )
+
+
+def guess_template(lm: LMConfig) -> str:
+    """The conversation template the released model of this LLM was trained with."""
+    if lm.family == "gemma":
+        return "gemma"
+    if lm.family == "mixtral":
+        return "mistral_instruct"
+    return {128256: "llama_3", 64000: "chatml_direct"}.get(lm.vocab_size, "vicuna_v1")
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+LM_PRESETS = {
+    # exact GELU: MGM-2B was trained with transformers 4.39, where `hidden_act="gelu"` was erf GELU.
+    "gemma-2b-it": LMConfig(family="gemma", vocab_size=256000, hidden_size=2048, num_layers=18, num_heads=8,
+                            num_kv_heads=1, head_dim=256, intermediate_size=16384, norm_eps=1e-6,
+                            activation="gelu", tie_word_embeddings=True, scale_embeddings=True,
+                            max_position_embeddings=8192),
+    "vicuna-7b-v1.5": LMConfig(),
+    "vicuna-13b-v1.5": LMConfig(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40,
+                                intermediate_size=13824),
+    "llama-3-8b-instruct": LMConfig(vocab_size=128256, num_kv_heads=8, intermediate_size=14336,
+                                    rope_theta=500000.0, max_position_embeddings=8192),
+    "mixtral-8x7b-instruct-v0.1": LMConfig(family="mixtral", num_kv_heads=8, intermediate_size=14336,
+                                           rope_theta=1e6, num_experts=8, num_experts_per_tok=2,
+                                           max_position_embeddings=32768),
+    "nous-hermes-2-yi-34b": LMConfig(vocab_size=64000, hidden_size=7168, num_layers=60, num_heads=56,
+                                     num_kv_heads=8, intermediate_size=20480, rope_theta=5e6),
+}
+
+_RELEASES = {  # name: (LLM preset, has an HD variant, has a stage-1 release)
+    "MGM-2B": ("gemma-2b-it", False, True),
+    "MGM-7B": ("vicuna-7b-v1.5", True, True),
+    "MGM-13B": ("vicuna-13b-v1.5", True, True),
+    "MGM-8B": ("llama-3-8b-instruct", True, False),
+    "MGM-8x7B": ("mixtral-8x7b-instruct-v0.1", True, True),
+    "MGM-34B": ("nous-hermes-2-yi-34b", True, True),
+}
+
+
+def _release(lm_name: str, hd: bool, stage1: bool = False) -> MGMConfig:
+    lm = LM_PRESETS[lm_name]
+    template = guess_template(lm)
+    if stage1 and template not in ("gemma", "llama_3"):
+        template = "plain"
+    return MGMConfig(lm=lm, image_size_aux=1536 if hd else 768, image_grid=2 if hd else 1, image_global=hd,
+                     max_length=4096 if hd else 2048, template=template)
+
+
+def _presets() -> dict[str, MGMConfig]:
+    out = {}
+    for name, (lm, hd, stage1) in _RELEASES.items():
+        out[name] = _release(lm, False)
+        if hd:
+            out[f"{name}-HD"] = _release(lm, True)
+        if stage1:
+            out[f"{name}-Pretrain"] = _release(lm, False, stage1=True)
+    return out
+
+
+PRESETS: dict[str, MGMConfig] = _presets()
+
+
+def preset(name: str) -> MGMConfig:
+    """A released model's config by name (`MGM-7B`, `MGM-34B-HD`, `MGM-13B-Pretrain`, ...)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise MGJaxError(f"no preset {name!r}; known: {', '.join(PRESETS)}") from None

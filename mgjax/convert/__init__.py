@@ -1,0 +1,1 @@
+"""PyTorch/HF checkpoints <-> mgjax parameters: readers, name tables, loading."""

@@ -1,0 +1,208 @@
+"""Lazy tensor readers for safetensors (single or indexed) and torch `.bin` files.
+
+Tensors are read one at a time as NumPy arrays (bfloat16 through `ml_dtypes`), so a loader never
+holds more than one tensor beyond what it keeps. Safetensors files are memory-mapped and checked
+against their header, so a truncated download fails with the file's name instead of bad numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import ml_dtypes
+import numpy as np
+
+from mgjax.errors import MGJaxError
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsFile:
+    """One `.safetensors` file: header parsed eagerly, data memory-mapped on first use."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise MGJaxError(f"{self.path}: not a safetensors file (only {size} bytes); re-download it")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise MGJaxError(f"{self.path}: header claims {n} bytes but the file has {size}: "
+                                 "truncated or not safetensors; re-download it")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise MGJaxError(f"{self.path}: unreadable safetensors header ({e}); re-download it") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self._base + end > size:
+            raise MGJaxError(f"{self.path}: truncated: its header needs {self._base + end} bytes, the file has "
+                             f"{size}; re-download it")
+        self._mm = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def get(self, key: str) -> np.ndarray:
+        e = self._entries[key]
+        if e["dtype"] not in _ST_DTYPES:
+            raise MGJaxError(f"{self.path}: tensor {key!r} has unsupported dtype {e['dtype']}")
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        start, end = e["data_offsets"]
+        buf = self._mm[self._base + start:self._base + end]
+        return buf.view(_ST_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+class TorchFile:
+    """One torch pickle (`pytorch_model*.bin`, `open_clip_pytorch_model.bin`, `mm_projector.bin`)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            import torch
+        except ImportError:
+            raise MGJaxError(f"{self.path}: reading .bin files needs PyTorch: pip install 'mgjax[torch]'") from None
+        self._torch = torch
+        try:
+            sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            raise MGJaxError(f"{self.path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e}); "
+                             "it may be truncated: re-download it") from None
+        for nest in ("state_dict", "model"):  # training checkpoints nest the weights
+            if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
+                sd = sd[nest]
+        self._sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._sd[key].shape)
+
+    def get(self, key: str) -> np.ndarray:
+        t = self._sd[key].detach()
+        if t.dtype == self._torch.bfloat16:
+            return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def open_file(path: Path):
+    path = Path(path)
+    if not path.is_file():
+        raise MGJaxError(f"{path}: file not found")
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else TorchFile(path)
+
+
+class Checkpoint:
+    """All tensors of a checkpoint folder (or one file), by name, opened lazily per file."""
+
+    INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+    SINGLES = ("model.safetensors", "pytorch_model.bin")
+
+    def __init__(self, files: dict[str, Path], where: Path):
+        self.where = where
+        self._file_of = files  # key -> file path
+        self._open: dict[Path, object] = {}
+
+    @classmethod
+    def from_folder(cls, folder: Path, singles: Iterable[str] = SINGLES) -> "Checkpoint":
+        folder = Path(folder)
+        for name in cls.INDEXES:
+            index = folder / name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (ValueError, KeyError) as e:
+                    raise MGJaxError(f"{index}: not a valid index file ({e})") from None
+                missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+                if missing:
+                    raise MGJaxError(f"{index} lists shards that are missing from {folder}: {', '.join(missing)}")
+                ckpt = cls({k: folder / f for k, f in weight_map.items()}, folder)
+                ckpt._check_index()
+                return ckpt
+        for name in singles:
+            if (folder / name).is_file():
+                return cls.from_file(folder / name)
+        raise MGJaxError(f"{folder}: no weights found (looked for {', '.join(cls.INDEXES + tuple(singles))})")
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Checkpoint":
+        f = open_file(path)
+        ckpt = cls({k: Path(path) for k in f.keys()}, Path(path))
+        ckpt._open[Path(path)] = f
+        return ckpt
+
+    def _file(self, path: Path):
+        if path not in self._open:
+            self._open[path] = open_file(path)
+        return self._open[path]
+
+    def _check_index(self):
+        """Every key the index names must be in the shard it names (catches stale or mixed downloads)."""
+        by_file: dict[Path, list[str]] = {}
+        for k, p in self._file_of.items():
+            by_file.setdefault(p, []).append(k)
+        for p, keys in by_file.items():
+            have = set(self._file(p).keys())
+            lost = [k for k in keys if k not in have]
+            if lost:
+                raise MGJaxError(f"{p}: the index says it holds {len(lost)} tensors it does not have, "
+                                 f"e.g. {lost[:3]}; re-download the checkpoint")
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._file(self._file_of[key]).shape(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._file(self._file_of[key]).get(key)
+
+    def source(self, key: str) -> Path:
+        return self._file_of[key]
+
+
+class Renamed:
+    """A view of a checkpoint under other names: `prefixes` maps view prefix -> source prefix.
+    Keys outside the mapped prefixes are hidden (a tower file's heads and text towers)."""
+
+    def __init__(self, ckpt: Checkpoint, prefixes: dict[str, str]):
+        self.where = ckpt.where
+        self._ckpt = ckpt
+        self._map = {}
+        for k in ckpt.keys():
+            for view, src in prefixes.items():
+                if k.startswith(src):
+                    self._map[view + k[len(src):]] = k
+
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._map
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._ckpt.shape(self._map[key])
+
+    def get(self, key: str) -> np.ndarray:
+        return self._ckpt.get(self._map[key])
+
+    def source(self, key: str) -> Path:
+        return self._ckpt.source(self._map[key])

@@ -1,0 +1,1 @@
+"""Model inputs: image preprocessing, prompts and tokenization."""

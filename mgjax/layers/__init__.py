@@ -1,0 +1,1 @@
+"""Building blocks shared by the towers, the mining module and the LLMs."""

@@ -1,0 +1,98 @@
+"""Dense layers, norms and activations with logical axis names on every parameter."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def dense(features: int | Sequence[int], axes: Sequence[str | None], *, use_bias: bool, dtype: Dtype,
+          param_dtype: Dtype, name: str, in_axes: int = 1) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel carries the logical `axes` (in dims, then out dims).
+
+    The kernel layout is [*in, *out], i.e. the transpose of torch's Linear [out, in] reshaped.
+    """
+    features = tuple(features) if isinstance(features, Sequence) else (features,)
+    return nn.DenseGeneral(
+        features=features,
+        axis=tuple(range(-in_axes, 0)),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), tuple(axes)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes[in_axes:])),
+        name=name,
+    )
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, computed in float32 (torch `nn.LayerNorm` semantics)."""
+
+    eps: float
+    axis_name: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                           (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis_name,)),
+                          (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as HF Llama (x.to(dtype) * w) or Gemma ((x * (1 + w)).to(dtype), float32 inside)."""
+
+    eps: float
+    gemma: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros_init() if self.gemma else nn.initializers.ones_init()
+        w = self.param("scale", nn.with_logical_partitioning(init, ("embed",)), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        if self.gemma:
+            return (y * (1.0 + w.astype(jnp.float32))).astype(self.dtype)
+        return w.astype(self.dtype) * y.astype(self.dtype)
+
+
+def activation(name: str):
+    """`silu`, exact `gelu`, `gelu_tanh`, or CLIP's `quick_gelu`."""
+    return {
+        "silu": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    }[name]
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2, with biases (CLIP and ConvNeXt blocks)."""
+
+    hidden: int
+    act: str
+    axes: tuple[str, str]  # (model width, hidden width) logical names
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.hidden, self.axes, name="fc1", **kw)(x)
+        h = activation(self.act)(h)
+        return dense(x.shape[-1], self.axes[::-1], name="fc2", **kw)(h)

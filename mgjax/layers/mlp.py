@@ -1,0 +1,79 @@
+"""Gated feed-forward blocks: SwiGLU / GeGLU MLP and the Mixtral mixture of experts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mgjax.layers.common import activation, dense
+
+Dtype = Any
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), no biases (Llama family and Gemma)."""
+
+    hidden: int
+    act: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = dense(self.hidden, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = dense(self.hidden, ("embed", "mlp"), name="up_proj", **kw)(x)
+        return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(activation(self.act)(gate) * up)
+
+
+class Experts(nn.Module):
+    """Stacked expert weights: w1 (gate) and w3 (up) [E, D, F], w2 (down) [E, F, D]."""
+
+    num_experts: int
+    hidden: int
+    act: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, combine: jax.Array) -> jax.Array:
+        """Dense reference path: every expert on every token, mixed by `combine` [B, T, E].
+
+        Exact (unselected experts get weight 0) but E/top_k times the FLOPs of a dispatched MoE.
+        """
+        e, d, f = self.num_experts, x.shape[-1], self.hidden
+        init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        w_in = nn.with_logical_partitioning(init, ("expert", "embed", "mlp"))
+        w1 = self.param("w1", w_in, (e, d, f), self.param_dtype).astype(self.dtype)
+        w3 = self.param("w3", w_in, (e, d, f), self.param_dtype).astype(self.dtype)
+        w2 = self.param("w2", nn.with_logical_partitioning(init, ("expert", "mlp", "embed")),
+                        (e, f, d), self.param_dtype).astype(self.dtype)
+        x = x.astype(self.dtype)
+        h = activation(self.act)(jnp.einsum("btd,edf->btef", x, w1)) * jnp.einsum("btd,edf->btef", x, w3)
+        y = jnp.einsum("btef,efd->bted", h, w2)
+        return jnp.einsum("bted,bte->btd", y, combine)
+
+
+class MoE(nn.Module):
+    """Mixtral sparse MoE block, routed exactly as HF: softmax over all experts in float32,
+    top-k, renormalised over the chosen k, weights cast to the compute dtype."""
+
+    num_experts: int
+    top_k: int
+    hidden: int
+    act: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        logits = dense(self.num_experts, ("embed", None), use_bias=False, name="gate", **kw)(x)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        top_p, top_i = jax.lax.top_k(probs, self.top_k)
+        top_p = top_p / top_p.sum(-1, keepdims=True)
+        combine = jnp.einsum("btk,btke->bte", top_p, jax.nn.one_hot(top_i, self.num_experts, dtype=jnp.float32))
+        return Experts(self.num_experts, self.hidden, self.act, name="experts", **kw)(x, combine.astype(self.dtype))

@@ -1,0 +1,1 @@
+"""The language models: one decoder for the Llama family, Gemma and Mixtral."""

@@ -1,0 +1,94 @@
+"""One causal decoder for the Llama family (Vicuna, Llama-3, Yi), Gemma and Mixtral.
+
+Per-family switches (all from `LMConfig`): Gemma's (1 + w) RMSNorm, sqrt(hidden) input scaling,
+GeGLU and tied head; Mixtral's MoE feed-forward; GQA/MQA through `num_kv_heads`; RoPE theta.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mgjax.config import LMConfig
+from mgjax.layers.attention import Attention, causal_mask
+from mgjax.layers.common import RMSNorm, dense
+from mgjax.layers.mlp import GatedMLP, MoE
+from mgjax.layers.rope import rope_tables
+from mgjax.sharding import constrain
+
+Dtype = Any
+
+
+class DecoderLayer(nn.Module):
+    config: LMConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gemma = c.family == "gemma"
+        h = RMSNorm(c.norm_eps, gemma, name="input_layernorm", **kw)(x)
+        x = x + Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, name="self_attn", **kw)(
+            h, mask, rope)
+        h = RMSNorm(c.norm_eps, gemma, name="post_attention_layernorm", **kw)(x)
+        if c.num_experts:
+            x = x + MoE(c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.activation,
+                        name="block_sparse_moe", **kw)(h)
+        else:
+            x = x + GatedMLP(c.intermediate_size, c.activation, name="mlp", **kw)(h)
+        return constrain(x, ("act_batch", "act_len", "act_embed"))
+
+
+class Decoder(nn.Module):
+    """Token embedding, decoder layers, final norm and LM head.
+
+    `embed` and `__call__` are separate so that MGM can splice image features between them.
+    """
+
+    config: LMConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
+        self.layers = [DecoderLayer(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.norm_eps, c.family == "gemma", **kw)
+        if not c.tie_word_embeddings:
+            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """int [B, T] -> [B, T, D] (unscaled: Gemma's scaling happens in `__call__`)."""
+        return self.embed_tokens(ids)
+
+    def __call__(self, embeds: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+        """embeds [B, L, D], positions int [B, L], valid bool [B, L] -> float32 logits [B, L, V]."""
+        c = self.config
+        x = embeds.astype(self.dtype)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        mask = causal_mask(valid)
+        rope = rope_tables(positions, c.head_dim, c.rope_theta)
+        for layer in self.layers:
+            x = layer(x, mask, rope)
+        x = self.norm(x)
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("bld,vd->blv", x, self.embed_tokens.embedding.astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x)
+        return constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
+
+    def forward_ids(self, ids: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+        """A text-only forward: int ids [B, T] -> float32 logits [B, T, V]."""
+        return self(self.embed(ids), positions, valid)

@@ -1,0 +1,131 @@
+"""MGM: images -> towers -> patch info mining -> projector -> spliced into the LLM's embeddings."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mgjax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MGMConfig
+from mgjax.lm.decoder import Decoder
+from mgjax.mining import MLPProjector, UniProjector, visual_tokens
+from mgjax.vision.clip import CLIPVisionTower
+from mgjax.vision.convnext import ConvNextTrunk, multi_stage_map
+
+Dtype = Any
+
+
+class SplicePlan(NamedTuple):
+    """Where each position of the merged sequence [B, L] comes from.
+
+    token: index into the prompt ids [B, T]; image_row: row of the flattened image embeddings
+    [num_images * N, D]; is_image / valid: bool; positions: rotary positions (0.. per row).
+    """
+
+    token: jax.Array
+    image_row: jax.Array
+    is_image: jax.Array
+    valid: jax.Array
+    positions: jax.Array
+
+
+def merged_lengths(input_ids, attention_mask, tokens_per_image: int):
+    """Length of each row after expanding its placeholders (before truncation): int [B]."""
+    mask = attention_mask.astype(bool)
+    is_img = (input_ids == IMAGE_TOKEN_INDEX) & mask
+    return mask.sum(-1) + is_img.sum(-1) * (tokens_per_image - 1)
+
+
+def splice_plan(input_ids: jax.Array, attention_mask: jax.Array, tokens_per_image: int, length: int,
+                padding_side: str) -> SplicePlan:
+    """The original's `prepare_inputs_labels_for_multimodal` as fixed-shape index arithmetic.
+
+    Drops masked-out ids, expands each -200 into `tokens_per_image` rows of the next image (images are
+    consumed in order across the batch; a row without a placeholder still consumes one), truncates to
+    `length` and pads on `padding_side`. No Python loop over data: it traces once per shape.
+    """
+    mask = attention_mask.astype(bool)
+    is_img = (input_ids == IMAGE_TOKEN_INDEX) & mask
+    sizes = jnp.where(mask, jnp.where(is_img, tokens_per_image, 1), 0)
+    start = jnp.cumsum(sizes, axis=1) - sizes  # [B, T] first merged position of each id
+    total = jnp.minimum(sizes.sum(1), length)  # [B]
+    n_img = is_img.sum(1)
+    consumed = jnp.maximum(n_img, 1)
+    first_image = jnp.cumsum(consumed) - consumed  # [B] index of the row's first image
+    image_ord = jnp.cumsum(is_img, axis=1) - is_img  # [B, T] images before this id in its row
+
+    q = jnp.arange(length)[None, :]
+    if padding_side == "left":
+        q = q - (length - total)[:, None]
+    valid = (q >= 0) & (q < total[:, None])
+    # The last id whose span starts at or before q; zero-size (masked) ids never win a tie.
+    token = jax.vmap(lambda s, x: jnp.searchsorted(s, x, side="right"))(start, q) - 1
+    token = jnp.clip(token, 0, input_ids.shape[1] - 1)
+    take = lambda a: jnp.take_along_axis(a, token, axis=1)  # noqa: E731
+    is_image = take(is_img) & valid
+    image_row = (first_image[:, None] + take(image_ord)) * tokens_per_image + (q - take(start))
+    return SplicePlan(token, jnp.where(is_image, image_row, 0), is_image, valid, jnp.where(valid, q, 0))
+
+
+def splice_embeds(plan: SplicePlan, text: jax.Array, images: jax.Array) -> jax.Array:
+    """text [B, T, D] and images [num_images, N, D] -> merged [B, L, D], zeros at padding."""
+    flat = images.reshape(-1, images.shape[-1]).astype(text.dtype)
+    out = jnp.where(plan.is_image[..., None], flat[plan.image_row],
+                    jnp.take_along_axis(text, plan.token[..., None], axis=1))
+    return jnp.where(plan.valid[..., None], out, 0)
+
+
+def splice_labels(plan: SplicePlan, labels: jax.Array) -> jax.Array:
+    """labels [B, T] -> [B, L]: IGNORE_INDEX at visual tokens and padding."""
+    out = jnp.take_along_axis(labels, plan.token, axis=1)
+    return jnp.where(plan.valid & ~plan.is_image, out, IGNORE_INDEX)
+
+
+class MGM(nn.Module):
+    """The Mini-Gemini model. Parameter paths mirror the PyTorch names (see `mgjax.convert.names`)."""
+
+    config: MGMConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.vision_tower = CLIPVisionTower(c.vision, c.clip_layers_used, **kw)
+        self.vision_tower_aux = ConvNextTrunk(c.vision_aux, **kw)
+        self.vlm_uni_query_projector = UniProjector(c.mm_hidden_size, "vis_embed", **kw)
+        self.vlm_uni_aux_projector = UniProjector(c.mm_hidden_size, "conv_out", **kw)
+        self.vlm_uni_val_projector = UniProjector(c.mm_hidden_size, "conv_out", **kw)
+        self.mm_projector = MLPProjector(c.lm.hidden_size, **kw)
+        self.llm = Decoder(c.lm, **kw)
+
+    def encode_images(self, images: jax.Array, images_aux: jax.Array, deterministic: bool = True) -> jax.Array:
+        """images [n, h, w, 3] (HD: [n, V, h, w, 3], global view last), images_aux [n, S, S, 3]
+        -> visual tokens in the LLM's width [n, tokens_per_image, H]."""
+        c = self.config
+        views = images[:, None] if images.ndim == 4 else images
+        n, v = views.shape[:2]
+        feats = self.vision_tower(views.reshape(n * v, *views.shape[2:])).reshape(n, v, -1, c.mm_hidden_size)
+        stages = self.vision_tower_aux(images_aux, deterministic)
+        aux_map = multi_stage_map(stages).astype(feats.dtype)
+        tokens = visual_tokens(feats, aux_map, c.image_grid, c.image_global, self.vlm_uni_query_projector,
+                               self.vlm_uni_aux_projector, self.vlm_uni_val_projector)
+        embeds = self.mm_projector(tokens)
+        for name, value in (("clip_features", feats), ("aux_stages", tuple(stages)), ("aux_map", aux_map),
+                            ("projector_in", tokens), ("image_embeds", embeds)):
+            self.sow("intermediates", name, value)
+        return embeds
+
+    def __call__(self, input_ids: jax.Array, images: jax.Array, images_aux: jax.Array, attention_mask: jax.Array,
+                 length: int, deterministic: bool = True) -> tuple[jax.Array, SplicePlan]:
+        """input_ids int [B, T] with -200 placeholders, attention_mask [B, T] (1 = real token)
+        -> float32 logits [B, L, V] over the merged sequence of static `length` L, and its plan."""
+        c = self.config
+        image_embeds = self.encode_images(images, images_aux, deterministic)
+        plan = splice_plan(input_ids, attention_mask, c.tokens_per_image, length, c.padding_side)
+        text = self.llm.embed(jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids))
+        embeds = splice_embeds(plan, text, image_embeds)
+        self.sow("intermediates", "inputs_embeds", embeds)
+        return self.llm(embeds, plan.positions, plan.valid), plan

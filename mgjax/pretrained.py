@@ -1,0 +1,118 @@
+"""`load_pretrained` and `Pretrained`: a released MGM checkpoint, ready to run (DESIGN section 2)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mgjax.config import IMAGE_TOKEN_INDEX, MGMConfig
+from mgjax.convert.load import load_params, read_config
+from mgjax.data.image import preprocess_image
+from mgjax.data.tokenize import tokenize_with_images
+from mgjax.errors import MGJaxError
+from mgjax.model import MGM, merged_lengths
+
+
+def abstract_params(module: MGM) -> dict:
+    """The parameter tree as ShapeDtypeStructs, without allocating (logical boxes removed)."""
+    c = module.config
+    n, s = 1, c.image_size
+    images = jnp.zeros((n, s, s, 3) if c.num_views == 1 else (n, c.num_views, s, s, 3), jnp.float32)
+    aux = jnp.zeros((n, c.image_size_aux, c.image_size_aux, 3), jnp.float32)
+    ids = jnp.zeros((n, 1), jnp.int32)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, images, aux, ids, length=1))
+    return nn.unbox(variables["params"])
+
+
+@dataclass
+class Pretrained:
+    """A loaded MGM model: `config`, `params`, `module` (the linen module) and `tokenizer`."""
+
+    config: MGMConfig
+    params: Any
+    module: MGM
+    path: Path
+    _jitted: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path))
+        except (OSError, ValueError) as e:
+            raise MGJaxError(f"{self.path}: no usable tokenizer files ({e})") from None
+
+    def preprocess(self, image) -> tuple[np.ndarray, np.ndarray]:
+        """One PIL image -> (images, images_aux) NHWC without batch axis, as the original builds them."""
+        return preprocess_image(image, self.config)
+
+    def tokenize(self, prompt: str) -> np.ndarray:
+        """Prompt text with `<image>` markers -> int ids with -200 placeholders."""
+        return np.asarray(tokenize_with_images(self.tokenizer, prompt), np.int32)
+
+    def logits(self, input_ids, images, images_aux, attention_mask=None) -> jax.Array:
+        """float32 logits [B, L, V] over the merged (text + visual) sequence, padded on the
+        config's side like the original; L = the longest merged row, capped at `config.max_length`.
+
+        input_ids int [B, T] with -200 at image positions; images [n, h, w, 3] (HD: [n, V, h, w, 3],
+        global view last); images_aux [n, S, S, 3]; attention_mask [B, T], 1 = real token.
+        """
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise MGJaxError(f"input_ids must be an int array [B, T], got {ids.dtype} {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise MGJaxError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        images, images_aux = self._check_images(ids, mask, images, images_aux)
+        c = self.config
+        length = int(min(merged_lengths(ids, mask, c.tokens_per_image).max(), c.max_length))
+        if length not in self._jitted:
+            self._jitted[length] = jax.jit(
+                lambda p, i, im, aux, m: self.module.apply({"params": p}, i, im, aux, m, length=length)[0])
+        return self._jitted[length](self.params, jnp.asarray(ids, jnp.int32), images, images_aux,
+                                    jnp.asarray(mask, jnp.int32))
+
+    def _check_images(self, ids, mask, images, images_aux):
+        c = self.config
+        images, images_aux = jnp.asarray(images, jnp.float32), jnp.asarray(images_aux, jnp.float32)
+        s, sa = c.image_size, c.image_size_aux
+        want = (s, s, 3) if c.num_views == 1 else (c.num_views, s, s, 3)
+        if images.shape[1:] != want:
+            raise MGJaxError(f"images must be [n, {', '.join(map(str, want))}] (NHWC) for this model, "
+                             f"got {images.shape}")
+        if images_aux.shape[1:] != (sa, sa, 3) or images_aux.shape[0] != images.shape[0]:
+            raise MGJaxError(f"images_aux must be [{images.shape[0]}, {sa}, {sa}, 3], got {images_aux.shape}")
+        per_row = ((ids == IMAGE_TOKEN_INDEX) & (mask != 0)).sum(1)
+        needed = int(np.maximum(per_row, 1).sum())
+        if needed > images.shape[0]:
+            raise MGJaxError(f"the prompts need {needed} images (one per <image> marker, one per row without "
+                             f"a marker) but {images.shape[0]} were given")
+        return images, images_aux
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_tower: str | os.PathLike | None = None,
+                    vision_tower_aux: str | os.PathLike | None = None) -> Pretrained:
+    """Loads a released-layout MGM checkpoint folder (config.json + safetensors or .bin shards).
+
+    Tower weights come from the checkpoint when present, else from the tower folders named in
+    config.json (tried relative to the working directory and to the checkpoint's parent folder)
+    or given by `vision_tower` / `vision_tower_aux`. Every parameter is filled; any checkpoint
+    tensor that maps nowhere (beyond the documented ignore list) is an error.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise MGJaxError(f"{path}: checkpoint folder not found")
+    config, ckpt, towers = read_config(path, vision_tower, vision_tower_aux)
+    dt = jnp.dtype(dtype)
+    module = MGM(config, dtype=dt, param_dtype=dt)
+    params = load_params(config, abstract_params(module), ckpt, towers, dt)
+    return Pretrained(config, params, module, path)

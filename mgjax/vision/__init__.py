@@ -1,0 +1,1 @@
+"""The two vision towers: CLIP ViT (low resolution) and ConvNeXt (high resolution)."""
