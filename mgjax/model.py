@@ -56,7 +56,7 @@ def splice_plan(input_ids: jax.Array, attention_mask: jax.Array, tokens_per_imag
     first_image = jnp.cumsum(consumed) - consumed  # [B] index of the row's first image
     image_ord = jnp.cumsum(is_img, axis=1) - is_img  # [B, T] images before this id in its row
 
-    q = jnp.arange(length)[None, :]
+    q = jnp.broadcast_to(jnp.arange(length), (input_ids.shape[0], length))
     if padding_side == "left":
         q = q - (length - total)[:, None]
     valid = (q >= 0) & (q < total[:, None])

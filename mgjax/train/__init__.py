@@ -1,0 +1,1 @@
+"""Training: loss, state, optimizer, step and loop."""
