@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 from mgjax.config import IMAGE_TOKEN_INDEX, MGMConfig
 from mgjax.convert.load import load_params, read_config
 from mgjax.data.image import preprocess_image
+from mgjax.data.templates import build_prompt
 from mgjax.data.tokenize import tokenize_with_images
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, merged_lengths
@@ -44,16 +46,28 @@ class Pretrained:
 
     @functools.cached_property
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        import transformers
 
         try:
-            return AutoTokenizer.from_pretrained(str(self.path))
+            # transformers warns that model_type "mgm" is unknown to it: harmless for tokenizers.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                verbosity = transformers.logging.get_verbosity()
+                transformers.logging.set_verbosity_error()
+                try:
+                    return transformers.AutoTokenizer.from_pretrained(str(self.path))
+                finally:
+                    transformers.logging.set_verbosity(verbosity)
         except (OSError, ValueError) as e:
             raise MGJaxError(f"{self.path}: no usable tokenizer files ({e})") from None
 
     def preprocess(self, image) -> tuple[np.ndarray, np.ndarray]:
         """One PIL image -> (images, images_aux) NHWC without batch axis, as the original builds them."""
         return preprocess_image(image, self.config)
+
+    def build_prompt(self, question: str, template: str | None = None) -> str:
+        """A one-turn prompt for one image in the checkpoint's template (or `template`)."""
+        return build_prompt(question, template or self.config.template)
 
     def tokenize(self, prompt: str) -> np.ndarray:
         """Prompt text with `<image>` markers -> int ids with -200 placeholders."""

@@ -1,0 +1,69 @@
+"""The `mgjax` command. Exit codes: 0 success, 2 bad input (with a one-line reason)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mgjax.errors import MGJaxError
+
+
+def _add_tower_args(p: argparse.ArgumentParser):
+    p.add_argument("--vision-tower", help="CLIP tower folder (overrides config.json's mm_vision_tower)")
+    p.add_argument("--vision-tower-aux", help="OpenCLIP ConvNeXt folder (overrides mm_vision_tower_aux)")
+
+
+def cmd_predict(args) -> int:
+    """Next-token prediction for one image and question: the quickest end-to-end check of a checkpoint."""
+    import jax
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    import mgjax
+
+    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, vision_tower=args.vision_tower,
+                                  vision_tower_aux=args.vision_tower_aux)
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise MGJaxError(f"{args.image}: cannot open the image ({e})") from None
+    images, images_aux = model.preprocess(image)
+    prompt = model.build_prompt(args.question, args.template)
+    ids = model.tokenize(prompt)[None]
+    logits = np.asarray(model.logits(ids, images[None], images_aux[None]))[0, -1]
+    probs = np.asarray(jax.nn.softmax(logits))
+    top = np.argsort(-logits)[:args.top_k]
+    c = model.config
+    print(f"model: {c.lm.family}, {c.lm.num_layers} layers, hidden {c.lm.hidden_size}, template {c.template}; "
+          f"{ids.shape[1]} prompt ids -> {logits.shape[0]}-way logits at position "
+          f"{ids.shape[1] - 1 + c.tokens_per_image - 1}")
+    print(f"prompt: {prompt!r}")
+    print("next token:")
+    for i in top:
+        print(f"  {int(i):>7d}  p={probs[i]:.4f}  logit={logits[i]:+.4f}  {model.tokenizer.decode([int(i)])!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mgjax", description="Mini-Gemini (MGM) in JAX/Flax")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="next-token prediction for one image and question")
+    p.add_argument("checkpoint", help="released-layout MGM checkpoint folder")
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", default="What is unusual about this image?")
+    p.add_argument("--template", help="conversation template (default: the checkpoint's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--top-k", type=int, default=5)
+    _add_tower_args(p)
+    p.set_defaults(func=cmd_predict)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MGJaxError as e:
+        print(f"mgjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
