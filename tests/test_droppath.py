@@ -1,5 +1,6 @@
 """ConvNeXt stochastic depth: off at inference (deterministic), an option in training."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ def test_drop_path_only_when_not_deterministic():
     cfg = ConvNextConfig(depths=(1, 1, 2, 1), dims=(4, 8, 12, 16), drop_path_rate=0.5)
     trunk = ConvNextTrunk(cfg)
     x = jax.random.normal(jax.random.key(0), (8, 64, 64, 3))
-    params = trunk.init(jax.random.key(1), x)
+    params = nn.unbox(trunk.init(jax.random.key(1), x))
     # gamma is 1e-6 at init: make the residual branches matter so that dropping them shows.
     params = jax.tree_util.tree_map_with_path(
         lambda p, v: jnp.ones_like(v) if p[-1].key == "gamma" else v, params)
