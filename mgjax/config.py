@@ -80,12 +80,22 @@ CONVNEXT_TIMM = {
 }
 
 
-def convnext_from_open_clip(d: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]] | None) -> ConvNextConfig:
-    """ConvNeXt config from an `open_clip_config.json`, falling back to the weight shapes.
+def convnext_from_shapes(shapes: Mapping[str, tuple[int, ...]], drop_path_rate: float = 0.1) -> ConvNextConfig:
+    """The trunk's depths and dims from its weight shapes (trunk-relative names such as
+    `stages.2.blocks.5.gamma`): the shapes determine a ConvNeXt completely."""
+    depths, dims = [], []
+    for s in range(4):
+        blocks = {k.split(".")[3] for k in shapes if k.startswith(f"stages.{s}.blocks.")}
+        if not blocks:
+            raise MGJaxError(f"ConvNeXt weights have no blocks for stage {s} (looked for 'stages.{s}.blocks.*')")
+        depths.append(len(blocks))
+        dims.append(shapes[f"stages.{s}.blocks.0.gamma"][0])
+    return ConvNextConfig(depths=tuple(depths), dims=tuple(dims), drop_path_rate=drop_path_rate)
 
-    `shapes` maps trunk-relative names (`stem.0.weight`, `stages.2.blocks.5.gamma`, ...) to shapes;
-    it decides the architecture when the config names a timm model this table does not know.
-    """
+
+def convnext_from_open_clip(d: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]] | None) -> ConvNextConfig:
+    """ConvNeXt config from an `open_clip_config.json`, falling back to the weight shapes
+    (`convnext_from_shapes`) when the config names a timm model this table does not know."""
     vision = d.get("model_cfg", d).get("vision_cfg", {})
     name = vision.get("timm_model_name", "")
     drop = vision.get("timm_drop_path", 0.1) or 0.0
@@ -94,14 +104,7 @@ def convnext_from_open_clip(d: Mapping[str, Any], shapes: Mapping[str, tuple[int
     if not shapes:
         raise MGJaxError(f"open_clip_config.json names timm model {name!r}, which mgjax does not know, "
                          "and no tower weights were found to read its shape from")
-    depths, dims = [], []
-    for s in range(4):
-        blocks = {k.split(".")[3] for k in shapes if k.startswith(f"stages.{s}.blocks.")}
-        if not blocks:
-            raise MGJaxError(f"ConvNeXt weights have no blocks for stage {s} (looked for 'stages.{s}.blocks.*')")
-        depths.append(len(blocks))
-        dims.append(shapes[f"stages.{s}.blocks.0.gamma"][0])
-    return ConvNextConfig(depths=tuple(depths), dims=tuple(dims), drop_path_rate=drop)
+    return convnext_from_shapes(shapes, drop)
 
 
 @dataclass(frozen=True)
@@ -133,18 +136,24 @@ class LMConfig:
         if self.activation not in ACTIVATIONS:
             raise MGJaxError(f"LMConfig.activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.num_heads % self.num_kv_heads:
-            raise MGJaxError(f"LMConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise MGJaxError(f"LMConfig: num_heads {self.num_heads} is not a multiple of "
+                             f"num_kv_heads {self.num_kv_heads}")
         if (self.family == "mixtral") != (self.num_experts > 0):
             raise MGJaxError("LMConfig: num_experts must be > 0 exactly when family is 'mixtral'")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise MGJaxError(f"LMConfig: num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}")
+            raise MGJaxError(f"LMConfig: num_experts_per_tok {self.num_experts_per_tok} must be in "
+                             f"1..{self.num_experts}")
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "LMConfig":
         """From an HF LLM config (the LLM part of a released MGM `config.json`)."""
         family = family_of(d)
-        if d.get("rope_scaling"):
-            raise MGJaxError(f"config.json: rope_scaling {d['rope_scaling']!r} is not supported "
+        # transformers >= 5 writes RoPE settings as `rope_parameters` (theta and scaling in one dict);
+        # released MGM config.json files (transformers 4.x) have top-level `rope_theta` / `rope_scaling`.
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            raise MGJaxError(f"config.json: RoPE scaling {scaling!r} is not supported "
                              "(no released MGM model uses it)")
         hidden, heads = d["hidden_size"], d["num_attention_heads"]
         if family == "gemma":
@@ -163,7 +172,7 @@ class LMConfig:
             num_kv_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or hidden // heads,
             intermediate_size=d["intermediate_size"],
-            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
             norm_eps=float(d.get("rms_norm_eps", 1e-6 if family == "gemma" else 1e-5)),
             activation=act,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", family == "gemma")),

@@ -74,6 +74,14 @@ def test_gemma_gelu_choice():
         == "gelu_tanh"
 
 
+def test_rope_theta_from_transformers5_configs():
+    from transformers import LlamaConfig
+
+    d = LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                    rope_theta=5e5).to_dict()
+    assert LMConfig.from_hf(d).rope_theta == 5e5
+
+
 def test_families():
     assert family_of({"model_type": "mini_gemini"}) == "llama"
     assert family_of({"model_type": "mgm_mixtral"}) == "mixtral"
@@ -90,7 +98,7 @@ def test_invalid_configs_name_the_field():
         dataclasses.replace(c, image_global=True)
     with pytest.raises(MGJaxError, match="num_heads 32 is not a multiple of num_kv_heads 5"):
         dataclasses.replace(c.lm, num_kv_heads=5)
-    with pytest.raises(MGJaxError, match="rope_scaling"):
+    with pytest.raises(MGJaxError, match="RoPE scaling"):
         LMConfig.from_hf(dict(model_type="mgm", vocab_size=8, hidden_size=8, num_hidden_layers=1,
                               num_attention_heads=2, intermediate_size=16, rope_scaling={"type": "linear"}))
 

@@ -111,7 +111,8 @@ def test_padded_batch_of_two(side):
     logits, plan, _ = _forward(model, ids, nhwc(ref["batch_images"]), nhwc(ref["batch_images_aux"]), mask,
                                want_mask.shape[1], module=module)
     np.testing.assert_array_equal(plan.valid, want_mask.astype(bool))
-    np.testing.assert_array_equal(np.where(plan.valid, plan.positions, 0), ref[f"batch_{side}_posgiven_mm_position_ids"])
+    np.testing.assert_array_equal(np.where(plan.valid, plan.positions, 0),
+                                  ref[f"batch_{side}_posgiven_mm_position_ids"])
     last = want_mask.shape[1] - 1 - np.argmax(want_mask[:, ::-1], axis=1)
     assert_close(np.asarray(logits)[np.arange(2), last], ref[f"batch_{side}_posgiven_last_logits"],
                  what=f"{side}-padded last-token logits")

@@ -32,7 +32,8 @@ def reference(images_feats, aux, grid, use_global, q, k, v, proj):
         patch_num = int(images.shape[1] ** 0.5)
         patch_size = images_aux.shape[-1] // patch_num
         images_aux = images_aux.permute(0, 2, 3, 1)
-        images_aux = images_aux.reshape(len(images_aux), patch_num, patch_size, patch_num, patch_size, images_aux.shape[-1])
+        images_aux = images_aux.reshape(len(images_aux), patch_num, patch_size, patch_num, patch_size,
+                                        images_aux.shape[-1])
         images_aux = images_aux.permute(0, 1, 3, 2, 4, 5)
         images_aux = images_aux.reshape(len(images_aux), patch_num**2, patch_size**2, images_aux.shape[-1])
         eq, ea, ev = q(images), k(images_aux), v(images_aux)

@@ -8,6 +8,7 @@ to the DenseGeneral shape, e.g. q_proj [D, heads, head_dim]); Conv2d [O, I, kh, 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -44,6 +45,19 @@ class ParamSpec:
 
     path: tuple[str, ...]
     torch_keys: tuple[str, ...]  # one, or one per expert (stacked)
+
+    def torch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape each PyTorch tensor must have for the mgjax parameter of `shape`."""
+        if len(self.torch_keys) > 1:  # one expert's Linear [out, in] of the stacked [E, in, out]
+            return (shape[2], shape[1])
+        if self.path[-1] == "kernel":
+            if len(shape) == 4:  # Conv2d
+                return (shape[3], shape[2], shape[0], shape[1])
+            n_in = 2 if self.path[-2] in ("o_proj", "out_proj") else 1  # [heads, head_dim, D] kernels
+            return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+        if self.path[-1] == "bias":
+            return (math.prod(shape),)
+        return tuple(shape)
 
     def to_flax(self, tensors: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         """PyTorch layout -> mgjax layout of `shape` (a view or a small copy, dtype unchanged)."""
