@@ -4,13 +4,12 @@ with random weights, for grid 1 and HD (2x2 tiles + global). Tolerance: 1e-5 x o
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 
 from mgjax.mining import MLPProjector, UniProjector, visual_tokens
-from helpers import assert_close
 
 C, CA, H = 16, 24, 32  # CLIP width, aux channels, LLM width
 P, M = 4, 8  # CLIP grid and window side: stage-0 map side = P * M per view
@@ -73,8 +72,8 @@ class Head(nn.Module):
 
 
 def _params(q, k, v, proj):
-    t = lambda x: jnp.asarray(x.detach().numpy())  # noqa: E731
-    uni = lambda s: {"0": {"scale": t(s[0].weight), "bias": t(s[0].bias)},  # noqa: E731
+    t = lambda x: jnp.asarray(x.detach().numpy())
+    uni = lambda s: {"0": {"scale": t(s[0].weight), "bias": t(s[0].bias)},
                      "1": {"kernel": t(s[1].weight).T, "bias": t(s[1].bias)}}
     return {"vlm_uni_query_projector": uni(q), "vlm_uni_aux_projector": uni(k), "vlm_uni_val_projector": uni(v),
             "mm_projector": {"0": {"kernel": t(proj[0].weight).T, "bias": t(proj[0].bias)},
