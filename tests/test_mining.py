@@ -71,10 +71,16 @@ class Head(nn.Module):
         return MLPProjector(H, name="mm_projector")(visual_tokens(feats, aux_map, self.grid, self.use_global, q, k, v))
 
 
+def _t(x):
+    return jnp.asarray(x.detach().numpy())
+
+
 def _params(q, k, v, proj):
-    t = lambda x: jnp.asarray(x.detach().numpy())
-    uni = lambda s: {"0": {"scale": t(s[0].weight), "bias": t(s[0].bias)},
-                     "1": {"kernel": t(s[1].weight).T, "bias": t(s[1].bias)}}
+    t = _t
+
+    def uni(s):
+        return {"0": {"scale": t(s[0].weight), "bias": t(s[0].bias)}, "1": {"kernel": t(s[1].weight).T, "bias": t(s[1].bias)}}
+
     return {"vlm_uni_query_projector": uni(q), "vlm_uni_aux_projector": uni(k), "vlm_uni_val_projector": uni(v),
             "mm_projector": {"0": {"kernel": t(proj[0].weight).T, "bias": t(proj[0].bias)},
                              "2": {"kernel": t(proj[2].weight).T, "bias": t(proj[2].bias)}}}
