@@ -79,7 +79,8 @@ def _params(q, k, v, proj):
     t = _t
 
     def uni(s):
-        return {"0": {"scale": t(s[0].weight), "bias": t(s[0].bias)}, "1": {"kernel": t(s[1].weight).T, "bias": t(s[1].bias)}}
+        return {"0": {"scale": t(s[0].weight), "bias": t(s[0].bias)},
+                "1": {"kernel": t(s[1].weight).T, "bias": t(s[1].bias)}}
 
     return {"vlm_uni_query_projector": uni(q), "vlm_uni_aux_projector": uni(k), "vlm_uni_val_projector": uni(v),
             "mm_projector": {"0": {"kernel": t(proj[0].weight).T, "bias": t(proj[0].bias)},
