@@ -129,6 +129,9 @@ class LMConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     max_position_embeddings: int = 4096
+    # Layout, not architecture: decoder layers under one `nn.scan` with parameters stacked on a leading
+    # `layers` axis (`llm/layers/...`) instead of `llm/layers_{i}/...`. Checkpoints record it.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -301,6 +304,23 @@ class MGMConfig:
             vision_tower=d.get("mm_vision_tower", ""),
             vision_tower_aux=d.get("mm_vision_tower_aux", ""),
         )
+
+
+def config_to_dict(config: MGMConfig) -> dict:
+    """A JSON-ready dict (`mgjax_config.json`); `config_from_dict` inverts it."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> MGMConfig:
+    try:
+        fields = dict(d)
+        fields["lm"] = LMConfig(**fields["lm"])
+        fields["vision"] = CLIPConfig(**fields["vision"])
+        aux = dict(fields["vision_aux"])
+        fields["vision_aux"] = ConvNextConfig(**{**aux, "depths": tuple(aux["depths"]), "dims": tuple(aux["dims"])})
+        return MGMConfig(**fields)
+    except (KeyError, TypeError) as e:
+        raise MGJaxError(f"mgjax_config.json: not a config this version of mgjax can read ({e})") from None
 
 
 def guess_template(lm: LMConfig) -> str:

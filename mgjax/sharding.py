@@ -26,6 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("expert", "expert"),
+    ("layers", None),
     ("vis_embed", "fsdp"),
     ("vis_heads", "tensor"),
     ("vis_mlp", "tensor"),

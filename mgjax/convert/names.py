@@ -41,34 +41,65 @@ _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One mgjax parameter and the PyTorch tensor(s) it is made of."""
+    """One mgjax parameter and the PyTorch tensor(s) it is made of.
+
+    `stack` gives the leading axes that stack several PyTorch tensors: () for one tensor, (E,) for
+    Mixtral's experts, (L,) for a scanned layer parameter, (L, E) for scanned experts; `torch_keys`
+    lists them row-major over those axes.
+    """
 
     path: tuple[str, ...]
-    torch_keys: tuple[str, ...]  # one, or one per expert (stacked)
+    torch_keys: tuple[str, ...]
+    stack: tuple[int, ...] = ()
+
+    def _is_conv(self, inner: tuple[int, ...]) -> bool:
+        return self.path[-1] == "kernel" and len(inner) == 4
+
+    def _n_in(self) -> int:
+        """Input dims of a dense kernel: 2 for the attention output ([heads, head_dim, D])."""
+        return 2 if self.path[-2] in ("o_proj", "out_proj") else 1
 
     def torch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape each PyTorch tensor must have for the mgjax parameter of `shape`."""
-        if len(self.torch_keys) > 1:  # one expert's Linear [out, in] of the stacked [E, in, out]
-            return (shape[2], shape[1])
-        if self.path[-1] == "kernel":
-            if len(shape) == 4:  # Conv2d
-                return (shape[3], shape[2], shape[0], shape[1])
-            n_in = 2 if self.path[-2] in ("o_proj", "out_proj") else 1  # [heads, head_dim, D] kernels
-            return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+        inner = tuple(shape[len(self.stack):])
+        if self._is_conv(inner):  # Conv2d [O, I, kh, kw]
+            return (inner[3], inner[2], inner[0], inner[1])
+        if self.path[-1] == "kernel" or self.path[-2] == "experts":  # Linear [out, in]
+            n_in = self._n_in()
+            return (math.prod(inner[n_in:]), math.prod(inner[:n_in]))
         if self.path[-1] == "bias":
-            return (math.prod(shape),)
-        return tuple(shape)
+            return (math.prod(inner),)
+        return inner
 
     def to_flax(self, tensors: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-        """PyTorch layout -> mgjax layout of `shape` (a view or a small copy, dtype unchanged)."""
-        t = tensors[0]
-        if len(tensors) > 1:  # stacked experts: each [out, in]
-            return np.stack([x.T for x in tensors]).reshape(shape)
-        if self.path[-1] == "kernel":
-            if t.ndim == 4:  # Conv2d [O, I, kh, kw] -> [kh, kw, I, O]
+        """PyTorch layout -> mgjax layout of `shape` (dtype unchanged; shapes checked by the caller)."""
+        inner = tuple(shape[len(self.stack):])
+
+        def one(t):
+            if self._is_conv(inner):
                 return t.transpose(2, 3, 1, 0)
-            return t.T.reshape(shape)
-        return t.reshape(shape)
+            if self.path[-1] == "kernel" or self.path[-2] == "experts":
+                return t.T.reshape(inner)
+            return t.reshape(inner)
+
+        if not self.stack:
+            return one(tensors[0])
+        return np.stack([one(t) for t in tensors]).reshape(shape)
+
+    def to_torch(self, value: np.ndarray) -> list[np.ndarray]:
+        """mgjax layout -> the PyTorch tensors, in `torch_keys` order (contiguous copies)."""
+        inner = tuple(value.shape[len(self.stack):])
+        want = self.torch_shape(value.shape)
+        out = []
+        for v in value.reshape((-1, *inner)):
+            if self._is_conv(inner):
+                t = v.transpose(3, 2, 0, 1)
+            elif self.path[-1] == "kernel" or self.path[-2] == "experts":
+                t = v.reshape(want[::-1]).T
+            else:
+                t = v.reshape(want)
+            out.append(np.ascontiguousarray(t))
+        return out
 
 
 def torch_key(path: Sequence[str]) -> str:
@@ -87,21 +118,27 @@ def torch_key(path: Sequence[str]) -> str:
 
 
 def param_specs(shapes: dict, config: MGMConfig) -> list[ParamSpec]:
-    """A spec for every leaf of the (unboxed) mgjax parameter tree `shapes`."""
+    """A spec for every leaf of the (unboxed) mgjax parameter tree `shapes`, either layout."""
     specs = []
+    n_layers, n_experts = config.lm.num_layers, config.lm.num_experts
+
+    def keys(p):
+        if "experts" in p:  # llm/layers_i/block_sparse_moe/experts/w{1,2,3}
+            base = torch_key(p[:-2])
+            return [f"{base}.experts.{e}.{p[-1]}.weight" for e in range(n_experts)]
+        return [torch_key(p)]
 
     def walk(tree, path):
         for k, v in tree.items():
-            if isinstance(v, dict):
-                walk(v, path + (k,))
-                continue
             p = path + (k,)
-            if "experts" in p:  # llm/layers_i/block_sparse_moe/experts/w{1,2,3}
-                base = torch_key(p[:-2])
-                keys = tuple(f"{base}.experts.{e}.{p[-1]}.weight" for e in range(config.lm.num_experts))
+            if isinstance(v, dict):
+                walk(v, p)
+            elif p[:2] == ("llm", "layers"):  # scanned: one leaf for all layers
+                per_layer = [keys(("llm", f"layers_{i}") + p[2:]) for i in range(n_layers)]
+                stack = (n_layers, n_experts) if "experts" in p else (n_layers,)
+                specs.append(ParamSpec(p, tuple(k for ks in per_layer for k in ks), stack))
             else:
-                keys = (torch_key(p),)
-            specs.append(ParamSpec(p, keys))
+                specs.append(ParamSpec(p, tuple(keys(p)), (n_experts,) if "experts" in p else ()))
 
     walk(shapes, ())
     return specs

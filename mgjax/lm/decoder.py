@@ -27,9 +27,10 @@ class DecoderLayer(nn.Module):
     config: LMConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scanned: bool = False  # under nn.scan the layer returns (carry, None)
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array]):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gemma = c.family == "gemma"
@@ -42,7 +43,8 @@ class DecoderLayer(nn.Module):
                         name="block_sparse_moe", **kw)(h)
         else:
             x = x + GatedMLP(c.intermediate_size, c.activation, name="mlp", **kw)(h)
-        return constrain(x, ("act_batch", "act_len", "act_embed"))
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        return (x, None) if self.scanned else x
 
 
 class Decoder(nn.Module):
@@ -61,7 +63,12 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
-        self.layers = [DecoderLayer(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
+        if c.scan_layers:
+            self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(c, scanned=True, name="layers", **kw)
+        else:
+            self.layers = [DecoderLayer(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
         self.norm = RMSNorm(c.norm_eps, c.family == "gemma", **kw)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
@@ -79,8 +86,11 @@ class Decoder(nn.Module):
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         mask = causal_mask(valid)
         rope = rope_tables(positions, c.head_dim, c.rope_theta)
-        for layer in self.layers:
-            x = layer(x, mask, rope)
+        if c.scan_layers:
+            x, _ = self.layers(x, mask, rope)
+        else:
+            for layer in self.layers:
+                x = layer(x, mask, rope)
         x = self.norm(x)
         if c.tie_word_embeddings:
             logits = jnp.einsum("bld,vd->blv", x, self.embed_tokens.embedding.astype(self.dtype),
