@@ -45,6 +45,32 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """Released PyTorch layout (or stage-1 release + base LLM) -> mgjax (Orbax) checkpoint folder."""
+    import time
+
+    from mgjax.convert.orbax import convert
+
+    t = time.time()
+    out = convert(args.src, args.out, dtype=args.dtype, vision_tower=args.vision_tower,
+                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm, scan_layers=args.scan_layers)
+    print(f"converted {args.src} -> {out} ({args.dtype}, {'scanned' if args.scan_layers else 'per-layer'} "
+          f"layout) in {time.time() - t:.1f} s")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """mgjax checkpoint folder -> released layout (config.json, indexed safetensors, tokenizer)."""
+    import time
+
+    from mgjax.convert.orbax import export
+
+    t = time.time()
+    out = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"exported {args.ckpt} -> {out} in {time.time() - t:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mgjax", description="Mini-Gemini (MGM) in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     _add_tower_args(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert", help="released MGM checkpoint -> mgjax Orbax checkpoint (streaming)")
+    p.add_argument("src", help="released-layout checkpoint folder, or a stage-1 folder with mm_projector.bin")
+    p.add_argument("out", help="new output folder")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--scan-layers", action="store_true", help="stack decoder layers for nn.scan")
+    p.add_argument("--base-llm", help="base LLM checkpoint folder, for a stage-1 release")
+    _add_tower_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="mgjax checkpoint -> released PyTorch layout (indexed safetensors)")
+    p.add_argument("ckpt", help="folder written by `mgjax convert` (or by training)")
+    p.add_argument("out", help="new output folder")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

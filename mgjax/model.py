@@ -129,3 +129,14 @@ class MGM(nn.Module):
         embeds = splice_embeds(plan, text, image_embeds)
         self.sow("intermediates", "inputs_embeds", embeds)
         return self.llm(embeds, plan.positions, plan.valid), plan
+
+
+def abstract_params(module: MGM) -> dict:
+    """The parameter tree as ShapeDtypeStructs, without allocating (logical boxes removed)."""
+    c = module.config
+    n, s = 1, c.image_size
+    images = jnp.zeros((n, s, s, 3) if c.num_views == 1 else (n, c.num_views, s, s, 3), jnp.float32)
+    aux = jnp.zeros((n, c.image_size_aux, c.image_size_aux, 3), jnp.float32)
+    ids = jnp.zeros((n, 1), jnp.int32)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, images, aux, ids, length=1))
+    return nn.unbox(variables["params"])

@@ -9,29 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mgjax.config import IMAGE_TOKEN_INDEX, MGMConfig
-from mgjax.convert.load import load_params, read_config
+from mgjax.convert import orbax as mgjax_ckpt
+from mgjax.convert.load import load_params, open_source
 from mgjax.data.image import preprocess_image
 from mgjax.data.templates import build_prompt
 from mgjax.data.tokenize import tokenize_with_images
 from mgjax.errors import MGJaxError
-from mgjax.model import MGM, merged_lengths
-
-
-def abstract_params(module: MGM) -> dict:
-    """The parameter tree as ShapeDtypeStructs, without allocating (logical boxes removed)."""
-    c = module.config
-    n, s = 1, c.image_size
-    images = jnp.zeros((n, s, s, 3) if c.num_views == 1 else (n, c.num_views, s, s, 3), jnp.float32)
-    aux = jnp.zeros((n, c.image_size_aux, c.image_size_aux, 3), jnp.float32)
-    ids = jnp.zeros((n, 1), jnp.int32)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, images, aux, ids, length=1))
-    return nn.unbox(variables["params"])
+from mgjax.model import MGM, abstract_params, merged_lengths
 
 
 @dataclass
@@ -42,6 +31,7 @@ class Pretrained:
     params: Any
     module: MGM
     path: Path
+    tokenizer_path: Path | None = None  # where the tokenizer files are, when not in `path`
     _jitted: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
@@ -55,11 +45,11 @@ class Pretrained:
                 verbosity = transformers.logging.get_verbosity()
                 transformers.logging.set_verbosity_error()
                 try:
-                    return transformers.AutoTokenizer.from_pretrained(str(self.path))
+                    return transformers.AutoTokenizer.from_pretrained(str(self.tokenizer_path or self.path))
                 finally:
                     transformers.logging.set_verbosity(verbosity)
         except (OSError, ValueError) as e:
-            raise MGJaxError(f"{self.path}: no usable tokenizer files ({e})") from None
+            raise MGJaxError(f"{self.tokenizer_path or self.path}: no usable tokenizer files ({e})") from None
 
     def preprocess(self, image) -> tuple[np.ndarray, np.ndarray]:
         """One PIL image -> (images, images_aux) NHWC without batch axis, as the original builds them."""
@@ -114,19 +104,26 @@ class Pretrained:
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_tower: str | os.PathLike | None = None,
-                    vision_tower_aux: str | os.PathLike | None = None) -> Pretrained:
-    """Loads a released-layout MGM checkpoint folder (config.json + safetensors or .bin shards).
+                    vision_tower_aux: str | os.PathLike | None = None,
+                    base_llm: str | os.PathLike | None = None) -> Pretrained:
+    """Loads an MGM checkpoint folder: the released layout (config.json plus safetensors or .bin
+    shards), a stage-1 release (`mm_projector.bin`, with `base_llm` = the base LLM checkpoint folder),
+    or a folder written by `mgjax convert`.
 
-    Tower weights come from the checkpoint when present, else from the tower folders named in
-    config.json (tried relative to the working directory and to the checkpoint's parent folder)
-    or given by `vision_tower` / `vision_tower_aux`. Every parameter is filled; any checkpoint
-    tensor that maps nowhere (beyond the documented ignore list) is an error.
+    Released layout: tower weights come from the checkpoint when present, else from the tower
+    folders named in config.json (tried relative to the working directory and to the checkpoint's
+    parent folder) or given by `vision_tower` / `vision_tower_aux`. Every parameter is filled; any
+    checkpoint tensor that maps nowhere (beyond the documented ignore list) is an error.
     """
     path = Path(path)
     if not path.is_dir():
         raise MGJaxError(f"{path}: checkpoint folder not found")
-    config, ckpt, towers = read_config(path, vision_tower, vision_tower_aux)
     dt = jnp.dtype(dtype)
-    module = MGM(config, dtype=dt, param_dtype=dt)
-    params = load_params(config, abstract_params(module), ckpt, towers, dt)
-    return Pretrained(config, params, module, path)
+    if mgjax_ckpt.is_mgjax_checkpoint(path):
+        config, _ = mgjax_ckpt.read_meta(path)
+        params = mgjax_ckpt.load_params(path, config, dt)
+        return Pretrained(config, params, MGM(config, dtype=dt, param_dtype=dt), path)
+    source = open_source(path, vision_tower, vision_tower_aux, base_llm)
+    module = MGM(source.config, dtype=dt, param_dtype=dt)
+    params = load_params(source.config, abstract_params(module), source.ckpt, source.towers, dt)
+    return Pretrained(source.config, params, module, path, tokenizer_path=source.tokenizer_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 
 from mgjax.config import CLIPConfig, ConvNextConfig, MGMConfig, convnext_from_open_clip, convnext_from_shapes
 from mgjax.convert.names import (CLIP_FOLDER_PREFIXES, CLIP_PREFIX, CONVNEXT_FOLDER_PREFIXES, CONVNEXT_PREFIX,
-                                 ignored, param_specs)
+                                 ParamSpec, ignored, param_specs)
 from mgjax.convert.readers import Checkpoint, Renamed
 from mgjax.errors import MGJaxError
 
@@ -77,19 +78,131 @@ def _has(ckpt: Checkpoint, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in ckpt.keys())
 
 
-def read_config(ckpt_dir: Path, vision_tower=None, vision_tower_aux=None):
-    """config.json + towers -> (MGMConfig, checkpoint, tower readers {prefix: reader})."""
+def read_hf_config(ckpt_dir: Path) -> dict:
     cfg_file = ckpt_dir / "config.json"
     if not cfg_file.is_file():
         raise MGJaxError(f"{ckpt_dir}: no config.json: not a released MGM checkpoint folder")
     try:
-        hf = json.loads(cfg_file.read_text())
+        return json.loads(cfg_file.read_text())
     except ValueError as e:
         raise MGJaxError(f"{cfg_file}: invalid JSON ({e})") from None
+
+
+STAGE1_FILE = "mm_projector.bin"
+
+
+def open_weights(ckpt_dir: Path, base_llm: str | os.PathLike | None):
+    """The checkpoint's tensors. A stage-1 release (`mm_projector.bin`: projector, mining and tower
+    weights) is combined with the LLM of `base_llm`, a plain HF LLM checkpoint folder."""
+    stage1 = ckpt_dir / STAGE1_FILE
+    has_full = any((ckpt_dir / n).is_file() for n in Checkpoint.INDEXES + Checkpoint.SINGLES)
+    if not stage1.is_file() or has_full:
+        if base_llm is not None:
+            raise MGJaxError(f"base_llm is only for stage-1 releases ({STAGE1_FILE}); {ckpt_dir} is a full checkpoint")
+        return Checkpoint.from_folder(ckpt_dir)
+    if base_llm is None:
+        raise MGJaxError(f"{ckpt_dir} is a stage-1 release ({STAGE1_FILE} holds only the projector, mining and "
+                         "tower weights): pass base_llm=PATH (CLI: --base-llm PATH) with the base LLM checkpoint "
+                         "it was trained on")
+    return Merged([Checkpoint.from_file(stage1), Checkpoint.from_folder(Path(base_llm))])
+
+
+class Merged:
+    """Several readers as one; a tensor name present in two of them is an error."""
+
+    def __init__(self, readers):
+        self.where = readers[0].where
+        self._of = {}
+        for r in readers:
+            for k in r.keys():
+                if k in self._of:
+                    raise MGJaxError(f"tensor {k!r} is in both {self._of[k].source(k)} and {r.source(k)}")
+                self._of[k] = r
+
+    def keys(self):
+        return list(self._of)
+
+    def __contains__(self, key):
+        return key in self._of
+
+    def shape(self, key):
+        return self._of[key].shape(key)
+
+    def get(self, key):
+        return self._of[key].get(key)
+
+    def source(self, key):
+        return self._of[key].source(key)
+
+
+@dataclass
+class Source:
+    """Everything a released-layout model is made of: its config, its tensors and the tower readers.
+
+    Tower tensors come from the checkpoint when it has them, else from the tower folders (`towers`
+    maps a name prefix to the folder's reader).
+    """
+
+    config: MGMConfig
+    hf_config: dict
+    ckpt: Checkpoint | Merged
+    towers: dict
+    tokenizer_dir: Path
+
+    def reader(self, key: str):
+        for prefix, r in self.towers.items():
+            if key.startswith(prefix):
+                return r
+        return self.ckpt
+
+    def plan(self, shapes: dict) -> list[ParamSpec]:
+        """The spec of every parameter of `shapes`, after checking that every tensor exists with the
+        right shape and that no checkpoint tensor is left over (beyond `names.ignored`)."""
+        specs = param_specs(shapes, self.config)
+        missing = [k for s in specs for k in s.torch_keys if k not in self.reader(k)]
+        if missing:
+            hint = ""
+            if any(k.startswith(("model.vision_tower", "model.vlm_uni", "model.mm_projector")) for k in missing):
+                hint = " (a stage-1 or LLM-only checkpoint lacks the towers or the mining weights)"
+            raise MGJaxError(f"{self.ckpt.where}: {len(missing)} tensor(s) the model needs are missing{hint}: "
+                             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; the download may be "
+                             "incomplete (re-download it), or config.json is not from this checkpoint")
+        used = {k for s in specs for k in s.torch_keys}
+        unexpected = [k for k in self.ckpt.keys() if k not in used and not ignored(k, self.config)]
+        if unexpected:
+            raise MGJaxError(f"{self.ckpt.where}: {len(unexpected)} tensors do not map to any mgjax parameter: "
+                             f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}; "
+                             "is config.json from the same model?")
+        for s in specs:
+            shape = _get(shapes, s.path).shape
+            want = s.torch_shape(shape)
+            for k in s.torch_keys:
+                got = tuple(self.reader(k).shape(k))
+                if got != want:
+                    raise MGJaxError(f"{self.reader(k).source(k)}: tensor {k!r} has shape {got}, expected {want} "
+                                     f"for mgjax parameter {'/'.join(s.path)} {shape}; is config.json (or the "
+                                     "tower folder's config) from the same model?")
+        return specs
+
+    def unused(self, specs: list[ParamSpec]) -> list[str]:
+        """Checkpoint tensors on the ignore list (kept by `convert` so `export` writes them back)."""
+        used = {k for s in specs for k in s.torch_keys}
+        return [k for k in self.ckpt.keys() if k not in used]
+
+    def array(self, spec: ParamSpec, shape: tuple[int, ...], dtype) -> np.ndarray:
+        tensors = [self.reader(k).get(k) for k in spec.torch_keys]
+        return np.asarray(spec.to_flax(tensors, shape), dtype=dtype)
+
+
+def open_source(ckpt_dir: str | os.PathLike, vision_tower=None, vision_tower_aux=None, base_llm=None) -> Source:
+    """Reads config.json, opens the weights and resolves the towers of a released-layout checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    hf = read_hf_config(ckpt_dir)
     if "mm_hidden_size" not in hf:
-        raise MGJaxError(f"{cfg_file} has no 'mm_hidden_size': this is a plain LLM config, not an MGM checkpoint; "
-                         "point load_pretrained at the MGM checkpoint folder (its config.json has the mm_* keys)")
-    ckpt = Checkpoint.from_folder(ckpt_dir)
+        raise MGJaxError(f"{ckpt_dir / 'config.json'} has no 'mm_hidden_size': this is a plain LLM config, not an "
+                         "MGM checkpoint; point load_pretrained at the MGM checkpoint folder (its config.json has "
+                         "the mm_* keys)")
+    ckpt = open_weights(ckpt_dir, base_llm)
     towers = {}
     vision, vision_aux = None, None
     for prefix, key, arg, override, opener in (
@@ -113,51 +226,16 @@ def read_config(ckpt_dir: Path, vision_tower=None, vision_tower_aux=None):
             vision = tower_cfg
         else:
             vision_aux = tower_cfg
-    return MGMConfig.from_hf(hf, vision, vision_aux), ckpt, towers
+    tokenizer_dir = ckpt_dir if base_llm is None else Path(base_llm)
+    return Source(MGMConfig.from_hf(hf, vision, vision_aux), hf, ckpt, towers, tokenizer_dir)
 
 
-def load_params(config: MGMConfig, shapes: dict, ckpt: Checkpoint, towers: dict, dtype) -> dict:
-    """Every parameter of `shapes` (a tree of ShapeDtypeStructs) read, checked and cast to `dtype`.
-
-    Tower tensors come from the checkpoint when it has them, else from the tower folder readers.
-    Missing tensors, unexpected tensors and shape mismatches are errors naming the keys.
-    """
-    specs = param_specs(shapes, config)
-
-    def source(key):
-        for prefix, reader in towers.items():
-            if key.startswith(prefix):
-                return reader
-        return ckpt
-
-    missing = [k for s in specs for k in s.torch_keys if k not in source(k)]
-    if missing:
-        hint = ""
-        if any(k.startswith(("model.vision_tower", "model.vlm_uni", "model.mm_projector")) for k in missing):
-            hint = " (a stage-1 or LLM-only checkpoint lacks the towers or the mining weights)"
-        raise MGJaxError(f"{ckpt.where}: {len(missing)} tensor(s) the model needs are missing{hint}: "
-                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; the download may be "
-                         "incomplete (re-download it), or config.json is not from this checkpoint")
-    used = {k for s in specs for k in s.torch_keys}
-    unexpected = [k for k in ckpt.keys() if k not in used and not ignored(k, config)]
-    if unexpected:
-        raise MGJaxError(f"{ckpt.where}: {len(unexpected)} tensors do not map to any mgjax parameter: "
-                         f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}; "
-                         "is config.json from the same model?")
-
-    for s in specs:
-        shape = _get(shapes, s.path).shape
-        want = s.torch_shape(shape)
-        for k in s.torch_keys:
-            if tuple(source(k).shape(k)) != want:
-                raise MGJaxError(f"{source(k).source(k)}: tensor {k!r} has shape {tuple(source(k).shape(k))}, "
-                                 f"expected {want} for mgjax parameter {'/'.join(s.path)} {shape}; "
-                                 "is config.json (or the tower folder's config) from the same model?")
-    flat = {}
-    for s in specs:
-        tensors = [source(k).get(k) for k in s.torch_keys]
-        flat[s.path] = np.asarray(s.to_flax(tensors, _get(shapes, s.path).shape), dtype=dtype)
-    return _unflatten(flat)
+def load_params(config: MGMConfig, shapes: dict, ckpt, towers: dict, dtype) -> dict:
+    """Every parameter of `shapes` (a tree of ShapeDtypeStructs) read from `ckpt` (and the tower
+    readers), checked (see `Source.plan`) and cast to `dtype`."""
+    source = Source(config, {}, ckpt, towers, Path())
+    flat = {s.path: source.array(s, _get(shapes, s.path).shape, dtype) for s in source.plan(shapes)}
+    return unflatten(flat)
 
 
 def _get(tree, path):
@@ -166,7 +244,8 @@ def _get(tree, path):
     return tree
 
 
-def _unflatten(flat: dict) -> dict:
+def unflatten(flat: dict) -> dict:
+    """{path tuple: array} -> nested dict of jax arrays."""
     out: dict = {}
     for path, v in flat.items():
         d = out

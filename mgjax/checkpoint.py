@@ -1,0 +1,53 @@
+"""Orbax checkpoints of parameter trees (the `orbax.checkpoint` v1 API, used everywhere in mgjax).
+
+`save_streaming` writes a tree group by group with Orbax's partial save, so a converter never holds
+more than one group in host memory; `restore` reads all of a tree or, with `partial=True`, the
+leaves named by the abstract tree it is given.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint.experimental.v1 as ocp
+
+from mgjax.errors import MGJaxError
+
+
+def save_streaming(path: str | os.PathLike, groups: Iterable[dict]) -> None:
+    """Writes the union of the (disjoint) trees in `groups` as one checkpoint at `path`.
+
+    Leaves become jax arrays first: on CPU that is zero-copy for NumPy buffers, and Orbax then
+    stages one copy while writing (a NumPy leaf would cost two).
+    """
+    path = Path(path)
+    if path.exists():
+        raise MGJaxError(f"{path} already exists; remove it or choose another output folder")
+    for group in groups:
+        ocp.partial.save(path, jax.tree.map(jnp.asarray, group))
+    ocp.partial.finalize(path)
+
+
+def saved_shapes(path: str | os.PathLike) -> dict:
+    """The saved tree as ShapeDtypeStructs (no data read)."""
+    try:
+        meta = ocp.pytree_metadata(Path(path)).metadata
+    except Exception as e:  # Orbax raises several types for missing or damaged checkpoints
+        raise MGJaxError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from None
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta)
+
+
+def restore(path: str | os.PathLike, abstract: dict, partial: bool = False) -> dict:
+    """Reads the leaves of `abstract` (ShapeDtypeStructs, optionally with shardings) from `path`."""
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = partial
+    try:
+        with ctx:
+            return ocp.load_pytree(Path(path), abstract)
+    except Exception as e:
+        raise MGJaxError(f"{path}: cannot restore the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "it may be incomplete or from another model") from None

@@ -1,0 +1,227 @@
+"""`mgjax convert` (released PyTorch layout -> Orbax) and `mgjax export` (Orbax -> released layout).
+
+An mgjax checkpoint folder holds:
+  params/             Orbax checkpoint of {"params": <mgjax tree>, "unused": <tensors on the ignore list>}
+  mgjax_config.json   the MGMConfig (parameter layout included), dtype, and the source config.json
+  tokenizer files     and generation_config.json, copied from the source
+
+Both directions stream: one parameter group is in host memory at a time. `unused` keeps the tensors
+that mgjax never reads (CLIP's last layer, ...) so that `export` gives back every source tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from mgjax.checkpoint import restore, save_streaming, saved_shapes
+from mgjax.config import MGMConfig, config_from_dict, config_to_dict
+from mgjax.convert.load import Source, open_source, unflatten
+from mgjax.convert.names import ParamSpec, param_specs
+from mgjax.errors import MGJaxError
+from mgjax.model import MGM, abstract_params
+
+MGJAX_CONFIG = "mgjax_config.json"
+PARAMS = "params"
+FORMAT_VERSION = 1
+SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
+
+
+def is_mgjax_checkpoint(path: Path) -> bool:
+    return (Path(path) / MGJAX_CONFIG).is_file()
+
+
+def read_meta(path: Path) -> tuple[MGMConfig, dict]:
+    f = Path(path) / MGJAX_CONFIG
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise MGJaxError(f"{f}: unreadable ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MGJaxError(f"{f}: format_version {meta.get('format_version')!r}; this mgjax reads {FORMAT_VERSION}")
+    return config_from_dict(meta["config"]), meta
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict:
+    """{"a.b.c": x} -> {"a": {"b": {"c": x}}} (Orbax trees are nested dicts)."""
+    return unflatten({tuple(k.split(".")): v for k, v in flat.items()})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(v, name) if isinstance(v, dict) else {name: v})
+    return out
+
+
+def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype) -> Iterator[dict]:
+    """Parameter groups of a few tensors each (a sub-layer, or one stacked leaf), then the unused."""
+    def get(path):
+        t = shapes
+        for p in path:
+            t = t[p]
+        return t.shape
+
+    key, flat = None, {}
+    for s in specs:
+        k = s.path if s.stack else s.path[:3]
+        if k != key and flat:
+            yield {"params": unflatten(flat)}
+            flat = {}
+        key = k
+        flat[s.path] = source.array(s, get(s.path), dtype)
+    if flat:
+        yield {"params": unflatten(flat)}
+    unused = source.unused(specs)
+    if unused:
+        yield {"unused": _nest({k: np.asarray(source.ckpt.get(k), dtype) for k in unused})}
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16", vision_tower=None,
+            vision_tower_aux=None, base_llm=None, scan_layers: bool = False) -> Path:
+    """Released-layout MGM checkpoint (or stage-1 release + `base_llm`) -> mgjax checkpoint folder."""
+    src, out = Path(src), Path(out)
+    source = open_source(src, vision_tower, vision_tower_aux, base_llm)
+    config = dataclasses.replace(source.config, lm=dataclasses.replace(source.config.lm, scan_layers=scan_layers))
+    source.config = config
+    dt = jnp.dtype(dtype)
+    shapes = abstract_params(MGM(config, dtype=dt, param_dtype=dt))
+    specs = source.plan(shapes)
+    if out.exists() and any(out.iterdir()):
+        raise MGJaxError(f"{out} exists and is not empty; choose a new output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    save_streaming(out / PARAMS, _groups(source, specs, shapes, dt))
+    for name in SIDE_FILES:
+        for folder in (src, source.tokenizer_dir):
+            if (folder / name).is_file() and not (out / name).exists():
+                shutil.copy2(folder / name, out / name)
+    meta = {"format": "mgjax", "format_version": FORMAT_VERSION, "dtype": dt.name,
+            "config": config_to_dict(config), "hf_config": source.hf_config, "source": str(src)}
+    (out / MGJAX_CONFIG).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load_params(path: Path, config: MGMConfig, dtype) -> dict:
+    """The parameter tree of an mgjax checkpoint folder, cast to `dtype`."""
+    shapes = abstract_params(MGM(config, dtype=dtype, param_dtype=dtype))
+    return restore(Path(path) / PARAMS, {"params": shapes}, partial=True)["params"]
+
+
+# --- export -------------------------------------------------------------------------------------
+
+_ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
+
+
+def _export_order(spec: ParamSpec) -> int:
+    """Towers, mining and projector first: the original loader needs CLIP's tensors in the shard
+    that holds `vlm_uni_*` (it strict-loads CLIP from the shards that contain a vlm_uni key)."""
+    return 1 if spec.path[0] == "llm" else 0
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
+           max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """mgjax checkpoint folder -> released layout: config.json, indexed safetensors, tokenizer files."""
+    ckpt, out = Path(ckpt), Path(out)
+    config, meta = read_meta(ckpt)
+    saved = saved_shapes(ckpt / PARAMS)
+    dt = np.dtype(dtype or meta["dtype"])
+    if dt not in _ST_NAMES:
+        raise MGJaxError(f"export dtype {dt.name} is not one of float32, float16, bfloat16")
+    specs = sorted(param_specs(saved["params"], config), key=_export_order)
+    unused = sorted(_flatten(saved.get("unused", {})).items())
+
+    def shape_of(path):
+        t = saved["params"]
+        for p in path:
+            t = t[p]
+        return t.shape
+
+    # Units are written whole into one shard: a parameter (all its stacked tensors) or an unused tensor.
+    units = [("param", s, [(k, s.torch_shape(shape_of(s.path))) for k in s.torch_keys]) for s in specs]
+    units += [("unused", k, [(k, tuple(a.shape))]) for k, a in unused]
+    shards: list[list] = [[]]
+    size = 0
+    for u in units:
+        nbytes = sum(int(np.prod(shape)) for _, shape in u[2]) * dt.itemsize
+        first_shard_unit = u[0] == "unused" or _export_order(u[1]) == 0
+        if shards[-1] and size + nbytes > max_shard_bytes and not first_shard_unit:
+            shards.append([])
+            size = 0
+        shards[-1].append(u)
+        size += nbytes
+
+    if out.exists() and any(out.iterdir()):
+        raise MGJaxError(f"{out} exists and is not empty; choose a new output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        entries = [(k, shape) for u in shard for k, shape in u[2]]
+        total += _write_safetensors(out / name, entries, dt, _tensors(ckpt, shard, saved, dt))
+        weight_map.update({k: name for k, _ in entries})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf = dict(meta["hf_config"])
+    hf["torch_dtype"] = dt.name
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    for name in SIDE_FILES:
+        if (ckpt / name).is_file():
+            shutil.copy2(ckpt / name, out / name)
+    return out
+
+
+def _tensors(ckpt: Path, shard: list, saved: dict, dt) -> Iterator[np.ndarray]:
+    """The shard's tensors in order, restoring one parameter at a time."""
+    for kind, what, _ in shard:
+        if kind == "param":
+            leaf = {"params": unflatten({what.path: np.zeros(())})}
+            abstract = _abstract_like(leaf, saved, dt)
+            value = restore(ckpt / PARAMS, abstract, partial=True)["params"]
+            for p in what.path:
+                value = value[p]
+            yield from what.to_torch(np.asarray(value))
+        else:
+            abstract = _abstract_like({"unused": _nest({what: np.zeros(())})}, saved, dt)
+            value = restore(ckpt / PARAMS, abstract, partial=True)["unused"]
+            for p in what.split("."):
+                value = value[p]
+            yield np.asarray(value)
+
+
+def _abstract_like(tree: dict, saved: dict, dt) -> dict:
+    """The ShapeDtypeStructs of `saved` at the leaves present in `tree`, with dtype `dt`."""
+    out = {}
+    for k, v in tree.items():
+        out[k] = _abstract_like(v, saved[k], dt) if isinstance(v, dict) else \
+            type(saved[k])(saved[k].shape, dt)
+    return out
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, tuple]], dt, tensors: Iterator[np.ndarray]) -> int:
+    """Streams `tensors` (in `entries` order) into a safetensors file; returns the data size."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k, shape in entries:
+        n = int(np.prod(shape)) * dt.itemsize
+        header[k] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (k, shape), t in zip(entries, tensors, strict=True):
+            if tuple(t.shape) != tuple(shape):
+                raise MGJaxError(f"export: tensor {k} has shape {t.shape}, planned {shape}")
+            f.write(np.ascontiguousarray(t, dtype=dt).tobytes())
+    return offset
