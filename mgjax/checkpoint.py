@@ -42,7 +42,11 @@ def saved_shapes(path: str | os.PathLike) -> dict:
 
 
 def restore(path: str | os.PathLike, abstract: dict, partial: bool = False) -> dict:
-    """Reads the leaves of `abstract` (ShapeDtypeStructs, optionally with shardings) from `path`."""
+    """Reads the leaves of `abstract` (ShapeDtypeStructs; without a sharding a leaf lands on the first
+    device) from `path`."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None else
+                            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = partial
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mgjax.config import CLIPConfig, ConvNextConfig, MGMConfig, convnext_from_open_clip, convnext_from_shapes
+from mgjax.config import (CLIPConfig, ConvNextConfig, MGMConfig, convnext_from_open_clip, convnext_from_shapes,
+                          family_of)
 from mgjax.convert.names import (CLIP_FOLDER_PREFIXES, CLIP_PREFIX, CONVNEXT_FOLDER_PREFIXES, CONVNEXT_PREFIX,
                                  ParamSpec, ignored, param_specs)
 from mgjax.convert.readers import Checkpoint, Renamed
@@ -202,6 +203,7 @@ def open_source(ckpt_dir: str | os.PathLike, vision_tower=None, vision_tower_aux
         raise MGJaxError(f"{ckpt_dir / 'config.json'} has no 'mm_hidden_size': this is a plain LLM config, not an "
                          "MGM checkpoint; point load_pretrained at the MGM checkpoint folder (its config.json has "
                          "the mm_* keys)")
+    family_of(hf)  # an unknown model type fails before any weights or towers are looked for
     ckpt = open_weights(ckpt_dir, base_llm)
     towers = {}
     vision, vision_aux = None, None

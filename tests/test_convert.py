@@ -1,0 +1,154 @@
+"""Conversion to Orbax and back, stage-1 releases, and the convert/export CLI.
+
+Checks: convert -> load gives the logits of the released folder (1e-5 x scale, as the golden tests;
+here they are in fact identical programs on identical numbers); export gives back every source
+tensor bit for bit (names, dtypes, values), for both parameter layouts and for bfloat16.
+"""
+
+import functools
+import json
+import os
+import shutil
+import stat
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import mgjax
+from mgjax.cli import main
+from mgjax.convert.orbax import convert, export
+from mgjax.convert.readers import Checkpoint
+from mgjax.errors import MGJaxError
+from helpers import GOLDEN, assert_close, nhwc
+
+CASE = GOLDEN / "llama_vicuna"
+SRC = CASE / "MGM-7B-tiny"
+CLIP_TOWER = CASE / "model_zoo/OpenAI/clip-vit-large-patch14-336-tiny"
+MM_PREFIXES = ("model.mm_projector", "model.vlm_uni", "model.vision_tower")
+
+
+@functools.cache
+def reference():
+    ref = np.load(CASE / "expected.npz")
+    return (ref["input_ids"], nhwc(ref["images"]), nhwc(ref["images_aux"])), ref["logits"]
+
+
+def logits_of(model):
+    inputs, _ = reference()
+    return np.asarray(model.logits(*inputs))
+
+
+def same_tensors(a_dir, b_dir, cast=None):
+    a, b = Checkpoint.from_folder(a_dir), Checkpoint.from_folder(b_dir)
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        x, y = a.get(k), b.get(k)
+        x = x.astype(cast) if cast is not None else x
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["per-layer", "scanned"])
+def test_convert_load_export_round_trip(tmp_path, scan):
+    out = convert(SRC, tmp_path / "orbax", dtype="float32", scan_layers=scan)
+    meta = json.loads((out / "mgjax_config.json").read_text())
+    assert meta["config"]["lm"]["scan_layers"] is scan  # the layout is recorded
+    model = mgjax.load_pretrained(out)
+    assert model.config.lm.scan_layers is scan
+    if scan:
+        assert model.params["llm"]["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 64, 128)
+    assert_close(logits_of(model), reference()[1], what="logits after convert")
+    assert model.tokenizer.bos_token_id == 1  # tokenizer files travel with the checkpoint
+    # Export next to the tower folders so that config.json's relative tower paths resolve for the
+    # original code (and for mgjax, whose CLIP architecture comes from that folder).
+    case = tmp_path / "case"
+    shutil.copytree(CASE / "model_zoo", case / "model_zoo")
+    exported = export(out, case / "exported")
+    same_tensors(SRC, exported)
+    index = json.loads((exported / "model.safetensors.index.json").read_text())
+    shards = {index["weight_map"][k] for k in index["weight_map"] if k.startswith(MM_PREFIXES)}
+    assert len(shards) == 1  # CLIP sits in the shard with vlm_uni_*, as the original loader needs
+    np.testing.assert_array_equal(logits_of(mgjax.load_pretrained(exported)), logits_of(model))
+
+
+def test_bfloat16_round_trip_and_sharding(tmp_path):
+    out = convert(SRC, tmp_path / "orbax", dtype="bfloat16")
+    model = mgjax.load_pretrained(out, dtype="bfloat16")
+    assert model.params["llm"]["norm"]["scale"].dtype == ml_dtypes.bfloat16
+    exported = export(out, tmp_path / "exported", max_shard_bytes=100_000)
+    same_tensors(SRC, exported, cast=ml_dtypes.bfloat16)
+    assert len(list(exported.glob("model-*-of-*.safetensors"))) > 2  # the LLM spread over small shards
+    # bf16 weights, f32 compute would drift; bf16 end to end stays near the f32 reference
+    assert np.abs(logits_of(model) - reference()[1]).max() < 0.15
+
+
+def _writable_copy(src, dst):
+    shutil.copytree(src, dst)
+    for p in dst.rglob("*"):
+        os.chmod(p, p.stat().st_mode | stat.S_IWUSR)
+    return dst
+
+
+def _stage1_release(tmp_path):
+    """Case A split the way the releases are: a stage-1 folder (config.json + mm_projector.bin with
+    the projector, mining and tower weights) and a plain HF LLM folder."""
+    tensors = {}
+    for shard in SRC.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    stage1, base = tmp_path / "MGM-7B-Pretrain", tmp_path / "vicuna-7b-tiny"
+    stage1.mkdir()
+    base.mkdir()
+    in_stage1 = MM_PREFIXES + ("model.vision_tower_aux",)
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items() if k.startswith(in_stage1)},
+               stage1 / "mm_projector.bin")
+    shutil.copy(SRC / "config.json", stage1 / "config.json")
+    save_file({k: v for k, v in tensors.items() if not k.startswith(in_stage1)},
+              base / "model.safetensors")
+    hf = json.loads((SRC / "config.json").read_text())
+    llm_cfg = {k: v for k, v in hf.items() if not k.startswith(("mm_", "image_", "tokenizer_", "optimize_"))}
+    llm_cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (base / "config.json").write_text(json.dumps(llm_cfg))
+    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(SRC / f, base / f)
+    shutil.copytree(CASE / "model_zoo", tmp_path / "model_zoo")
+    return stage1, base
+
+
+def test_stage1_release_on_a_base_llm(tmp_path):
+    stage1, base = _stage1_release(tmp_path)
+    with pytest.raises(MGJaxError, match="stage-1 release.*base_llm"):
+        mgjax.load_pretrained(stage1)
+    model = mgjax.load_pretrained(stage1, base_llm=base)
+    assert_close(logits_of(model), reference()[1], what="stage-1 + base logits")
+    assert model.tokenizer.bos_token_id == 1  # from the base LLM folder
+    out = convert(stage1, tmp_path / "orbax", dtype="float32", base_llm=base)
+    np.testing.assert_array_equal(logits_of(mgjax.load_pretrained(out)), logits_of(model))
+
+
+def test_cli_convert_export_and_errors(tmp_path, capsys):
+    assert main(["convert", str(SRC), str(tmp_path / "o"), "--dtype", "float32"]) == 0
+    assert main(["export", str(tmp_path / "o"), str(tmp_path / "e")]) == 0
+    same_tensors(SRC, tmp_path / "e")
+    capsys.readouterr()
+    # exit code 2 with a one-line reason naming the file, key or folder
+    assert main(["convert", str(SRC), str(tmp_path / "o")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    bad = _writable_copy(SRC, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "bert", "architectures": ["BertModel"]}))
+    assert main(["convert", str(bad), str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model_type 'bert'" in err and "\n" not in err
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "e2")]) == 2
+    assert "mgjax_config.json" in capsys.readouterr().err
+
+
+def test_truncated_orbax_checkpoint(tmp_path):
+    out = convert(SRC, tmp_path / "orbax", dtype="float32")
+    for f in (out / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 10_000:
+            f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(MGJaxError, match="cannot restore the checkpoint"):
+        mgjax.load_pretrained(out)
