@@ -439,20 +439,16 @@ def main(argv=None) -> int:
         print(f"{args.shape:<10} {r['layout']:<10} {r['wall_s']:>7.1f} {r['peak_rss_gb']:>12.2f} "
               f"{r['peak_anon_gb']:>8.2f} {r['peak_file_gb']:>8.2f} {r['output_gb']:>10.2f} "
               f"{r['throughput_gb_s']:>6.3f}")
-    import jax
-    import ml_dtypes
-    import numpy as np
-    import orbax.checkpoint
-    import tensorstore
+    from importlib.metadata import version
 
     result = {
         "benchmark": "convert_memory", "shape": args.shape, "dtype": args.dtype,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": [sys.executable, *sys.argv],
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
                  "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)},
-        "versions": {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__,
-                     "orbax": orbax.checkpoint.__version__, "tensorstore": tensorstore.__version__,
-                     "ml_dtypes": ml_dtypes.__version__},
+        "versions": {"python": platform.python_version(),
+                     **{m: version(m) for m in ("jax", "jaxlib", "numpy", "orbax-checkpoint", "tensorstore",
+                                                "ml_dtypes")}},
         "source": {k: info[k] for k in ("total_bytes", "tensors", "shards", "generate_s")},
         "rows": rows,
     }

@@ -8,6 +8,7 @@ A released MGM `config.json` is the base LLM's HF config plus the `mm_*` / `imag
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -304,6 +305,39 @@ class MGMConfig:
             vision_tower=d.get("mm_vision_tower", ""),
             vision_tower_aux=d.get("mm_vision_tower_aux", ""),
         )
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes for the axes (data, fsdp, tensor, expert); one of them may be -1 (the rest)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    expert: int = 1
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor, self.expert]
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise MGJaxError(f"mesh {self}: sizes must be positive, with at most one -1")
+        fixed = math.prod(s for s in sizes if s != -1)
+        if num_devices % fixed:
+            raise MGJaxError(f"mesh {self} needs a multiple of {fixed} devices, there are {num_devices}")
+        sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+        if math.prod(sizes) != num_devices:
+            raise MGJaxError(f"mesh {self} covers {math.prod(sizes)} devices, there are {num_devices}")
+        return tuple(sizes)
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """`"fsdp=-1,tensor=2"` -> MeshConfig(data=1, fsdp=-1, tensor=2, expert=1); unnamed axes are 1."""
+        sizes = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
+        for part in filter(None, text.replace(" ", "").split(",")):
+            name, _, value = part.partition("=")
+            if name not in sizes or not value.lstrip("-").isdigit():
+                raise MGJaxError(f"mesh {text!r}: expected NAME=SIZE,... with NAME in data, fsdp, tensor, expert")
+            sizes[name] = int(value)
+        return cls(**sizes)
 
 
 def config_to_dict(config: MGMConfig) -> dict:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from mgjax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MGMConfig
 from mgjax.lm.decoder import Decoder
 from mgjax.mining import MLPProjector, UniProjector, visual_tokens
+from mgjax.sharding import DEFAULT_RULES, param_shardings
 from mgjax.vision.clip import CLIPVisionTower
 from mgjax.vision.convnext import ConvNextTrunk, multi_stage_map
 
@@ -131,12 +132,30 @@ class MGM(nn.Module):
         return self.llm(embeds, plan.positions, plan.valid), plan
 
 
-def abstract_params(module: MGM) -> dict:
-    """The parameter tree as ShapeDtypeStructs, without allocating (logical boxes removed)."""
+def _init_fn(module: MGM):
+    """rng -> boxed (logically partitioned) parameters, from dummy inputs of the config's shapes."""
     c = module.config
-    n, s = 1, c.image_size
-    images = jnp.zeros((n, s, s, 3) if c.num_views == 1 else (n, c.num_views, s, s, 3), jnp.float32)
-    aux = jnp.zeros((n, c.image_size_aux, c.image_size_aux, 3), jnp.float32)
-    ids = jnp.zeros((n, 1), jnp.int32)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), ids, images, aux, ids, length=1))
-    return nn.unbox(variables["params"])
+    s = c.image_size
+    images = jnp.zeros((1, s, s, 3) if c.num_views == 1 else (1, c.num_views, s, s, 3), jnp.float32)
+    aux = jnp.zeros((1, c.image_size_aux, c.image_size_aux, 3), jnp.float32)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return lambda rng: module.init(rng, ids, images, aux, ids, length=1)["params"]
+
+
+def abstract_params(module: MGM, boxed: bool = False) -> dict:
+    """The parameter tree as ShapeDtypeStructs, without allocating; `boxed` keeps the logical axis
+    names (`nn.LogicallyPartitioned` leaves) that sharding rules read."""
+    tree = jax.eval_shape(_init_fn(module), jax.random.key(0))
+    return tree if boxed else nn.unbox(tree)
+
+
+def init_params(module: MGM, rng: jax.Array, mesh=None, rules=None) -> dict:
+    """Fresh parameters; with a mesh, created directly in their shards (jit with out_shardings from
+    `eval_shape`), so no device ever holds a full copy."""
+    init = _init_fn(module)
+    if mesh is None:
+        return nn.unbox(jax.jit(init)(rng))
+    shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules or DEFAULT_RULES)
+    # Not under `activate`: flax's DenseGeneral reshapes a multi-axis kernel after its boxed init, and a
+    # logical constraint on the flat intermediate would fail; out_shardings alone places the result.
+    return nn.unbox(jax.jit(init, out_shardings=shardings)(rng))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mgjax.config import IMAGE_TOKEN_INDEX, MGMConfig
 from mgjax.convert import orbax as mgjax_ckpt
@@ -21,6 +23,7 @@ from mgjax.data.templates import build_prompt
 from mgjax.data.tokenize import tokenize_with_images
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params, merged_lengths
+from mgjax.sharding import BATCH_AXES, DEFAULT_RULES, Rules, activate, batch_sharding, param_shardings
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Pretrained:
     module: MGM
     path: Path
     tokenizer_path: Path | None = None  # where the tokenizer files are, when not in `path`
+    mesh: Mesh | None = None
+    rules: Rules = DEFAULT_RULES
     _jitted: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
@@ -82,12 +87,22 @@ class Pretrained:
         if length not in self._jitted:
             self._jitted[length] = jax.jit(
                 lambda p, i, im, aux, m: self.module.apply({"params": p}, i, im, aux, m, length=length)[0])
-        return self._jitted[length](self.params, jnp.asarray(ids, jnp.int32), images, images_aux,
-                                    jnp.asarray(mask, jnp.int32))
+        inputs = (np.asarray(ids, np.int32), images, images_aux, np.asarray(mask, np.int32))
+        if self.mesh is None:
+            return self._jitted[length](self.params, *inputs)
+        with activate(self.mesh, self.rules):
+            return self._jitted[length](self.params, *(self._place(x) for x in inputs))
+
+    def _place(self, x):
+        """A batch array onto the mesh: split like `act_batch` when the batch divides, else replicated."""
+        s = batch_sharding(self.mesh, x.ndim, self.rules)
+        if x.shape[0] % math.prod(self.mesh.shape[a] for a in BATCH_AXES):
+            s = NamedSharding(self.mesh, PartitionSpec())
+        return jax.device_put(x, s)
 
     def _check_images(self, ids, mask, images, images_aux):
         c = self.config
-        images, images_aux = jnp.asarray(images, jnp.float32), jnp.asarray(images_aux, jnp.float32)
+        images, images_aux = np.asarray(images, np.float32), np.asarray(images_aux, np.float32)
         s, sa = c.image_size, c.image_size_aux
         want = (s, s, 3) if c.num_views == 1 else (c.num_views, s, s, 3)
         if images.shape[1:] != want:
@@ -104,8 +119,8 @@ class Pretrained:
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_tower: str | os.PathLike | None = None,
-                    vision_tower_aux: str | os.PathLike | None = None,
-                    base_llm: str | os.PathLike | None = None) -> Pretrained:
+                    vision_tower_aux: str | os.PathLike | None = None, base_llm: str | os.PathLike | None = None,
+                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Pretrained:
     """Loads an MGM checkpoint folder: the released layout (config.json plus safetensors or .bin
     shards), a stage-1 release (`mm_projector.bin`, with `base_llm` = the base LLM checkpoint folder),
     or a folder written by `mgjax convert`.
@@ -114,6 +129,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
     folders named in config.json (tried relative to the working directory and to the checkpoint's
     parent folder) or given by `vision_tower` / `vision_tower_aux`. Every parameter is filled; any
     checkpoint tensor that maps nowhere (beyond the documented ignore list) is an error.
+
+    With a `mesh`, every parameter goes straight into its shards (laid out by `rules`), and
+    `logits` runs sharded over that mesh.
     """
     path = Path(path)
     if not path.is_dir():
@@ -121,9 +139,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
     dt = jnp.dtype(dtype)
     if mgjax_ckpt.is_mgjax_checkpoint(path):
         config, _ = mgjax_ckpt.read_meta(path)
-        params = mgjax_ckpt.load_params(path, config, dt)
-        return Pretrained(config, params, MGM(config, dtype=dt, param_dtype=dt), path)
-    source = open_source(path, vision_tower, vision_tower_aux, base_llm)
-    module = MGM(source.config, dtype=dt, param_dtype=dt)
-    params = load_params(source.config, abstract_params(module), source.ckpt, source.towers, dt)
-    return Pretrained(source.config, params, module, path, tokenizer_path=source.tokenizer_dir)
+        source, tokenizer_path = None, None
+    else:
+        source = open_source(path, vision_tower, vision_tower_aux, base_llm)
+        config, tokenizer_path = source.config, source.tokenizer_dir
+    module = MGM(config, dtype=dt, param_dtype=dt)
+    shardings = None if mesh is None else param_shardings(abstract_params(module, boxed=True), mesh, rules)
+    if source is None:
+        params = mgjax_ckpt.load_params(path, config, dt, shardings)
+    else:
+        params = load_params(config, abstract_params(module), source.ckpt, source.towers, dt, shardings)
+    return Pretrained(config, params, module, path, tokenizer_path=tokenizer_path, mesh=mesh, rules=rules)

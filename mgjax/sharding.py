@@ -1,40 +1,133 @@
-"""Logical axis names -> mesh axes: the only module that knows mesh axis names.
+"""Meshes and logical axis rules: the only module that knows mesh axis names.
 
 Modules annotate parameters with logical names (`nn.with_logical_partitioning`) and constrain large
-activations with `constrain`; which mesh axis each logical name lands on is decided here alone.
-Without an active mesh and rules, `constrain` is the identity, so single-device code runs unchanged.
+activations with `constrain`; which mesh axis each logical name lands on is decided by one rule
+table here. Changing a parallelism layout changes only the table. Without an active mesh and rules,
+`constrain` is the identity, so single-device code runs unchanged.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+from typing import Any, Sequence
+
 import flax.linen as nn
 import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+from mgjax.config import MeshConfig
+from mgjax.errors import MGJaxError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")  # every axis that does not split a weight's math splits the batch
 
-# FSDP + tensor parallelism; a preset of [shard] builds on this table.
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("act_batch", ("data", "fsdp")),
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+_ACTIVATIONS: Rules = (
+    ("act_batch", BATCH_AXES),
     ("act_len", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("expert", "expert"),
-    ("layers", None),
-    ("vis_embed", "fsdp"),
-    ("vis_heads", "tensor"),
-    ("vis_mlp", "tensor"),
-    ("conv_in", None),
-    ("conv_out", "fsdp"),
+    ("act_expert", None),
 )
+# Weights. The ConvNeXt tower (`conv_*`) stays replicated: it is small (0.2B), frozen, and its
+# channel counts (192 ... 1536) do not divide large FSDP axes.
+_FSDP: Rules = (("embed", "fsdp"), ("vis_embed", "fsdp"), ("conv_in", None), ("conv_out", None))
+_TENSOR: Rules = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+                  ("vis_heads", "tensor"), ("vis_mlp", "tensor"))
+_OTHER: Rules = (("head_dim", None), ("layers", None))
+
+
+def _replicated(rules: Rules) -> Rules:
+    return tuple((name, None) for name, _ in rules)
+
+
+RULE_PRESETS: dict[str, Rules] = {
+    # pure data parallelism: weights replicated, the batch split over every axis
+    "dp": _ACTIVATIONS + _replicated(_FSDP + _TENSOR) + (("expert", None),) + _OTHER,
+    "fsdp": _ACTIVATIONS + _FSDP + _replicated(_TENSOR) + (("expert", None),) + _OTHER,
+    "fsdp_tp": _ACTIVATIONS + _FSDP + _TENSOR + (("expert", None),) + _OTHER,
+    # + Mixtral's experts over the `expert` axis
+    "fsdp_tp_ep": _ACTIVATIONS + _FSDP + _TENSOR + (("expert", "expert"),) + _OTHER,
+}
+DEFAULT_RULES = RULE_PRESETS["fsdp_tp_ep"]
+
+
+def rules_for(preset: str) -> Rules:
+    try:
+        return RULE_PRESETS[preset]
+    except KeyError:
+        raise MGJaxError(f"no sharding rule preset {preset!r}; known: {', '.join(RULE_PRESETS)}") from None
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, expert), Auto axis types (linen's logical constraints)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = config.resolve(len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def abstract_mesh(config: MeshConfig, num_devices: int) -> jax.sharding.AbstractMesh:
+    """A device-less mesh of `num_devices` for planning shardings and memory without the hardware."""
+    return jax.sharding.AbstractMesh(config.resolve(num_devices), MESH_AXES,
+                                     axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextmanager
+def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """The context under which jitted model code sees the mesh and the rule table."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pins an activation's layout by logical names; a no-op outside a mesh + rules context."""
     return nn.with_logical_constraint(x, names)
+
+
+def _mesh_axes(names: Sequence[str | None], rules: Rules) -> list[tuple[str, ...]]:
+    spec = nn.logical_to_mesh_axes(names, rules)
+    out = []
+    for a in tuple(spec) + (None,) * (len(names) - len(spec)):
+        out.append(() if a is None else (a,) if isinstance(a, str) else tuple(a))
+    return out
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_shardings(boxed: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of boxed (logically partitioned) parameters or their abstract
+    values, after checking that every sharded dimension divides its mesh axes."""
+    def one(path, leaf):
+        names = leaf.names
+        shape = leaf.value.shape
+        for d, axes in enumerate(_mesh_axes(names, rules)):
+            n = math.prod(mesh.shape[a] for a in axes)
+            if shape[d] % n:
+                raise MGJaxError(f"parameter {_path(path)} {tuple(shape)}: dimension {d} ('{names[d]}', size "
+                                 f"{shape[d]}) does not divide over mesh axes {axes} ({n} devices); choose a mesh "
+                                 f"whose {'x'.join(axes)} size divides {shape[d]}, or a rule preset that does not "
+                                 f"shard '{names[d]}'")
+        return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
+
+    return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a batch array [B, ...]: the batch axis split like `act_batch`."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), rules))
+
+
+def bytes_per_device(abstract: Any, shardings: Any) -> int:
+    """Bytes each device holds of a tree of ShapeDtypeStructs laid out by `shardings`."""
+    total = 0
+    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        shard = s.shard_shape(a.shape)
+        total += int(np.prod(shard)) * np.dtype(a.dtype).itemsize
+    return total

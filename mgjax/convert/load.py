@@ -232,11 +232,18 @@ def open_source(ckpt_dir: str | os.PathLike, vision_tower=None, vision_tower_aux
     return Source(MGMConfig.from_hf(hf, vision, vision_aux), hf, ckpt, towers, tokenizer_dir)
 
 
-def load_params(config: MGMConfig, shapes: dict, ckpt, towers: dict, dtype) -> dict:
+def load_params(config: MGMConfig, shapes: dict, ckpt, towers: dict, dtype, shardings: dict | None = None) -> dict:
     """Every parameter of `shapes` (a tree of ShapeDtypeStructs) read from `ckpt` (and the tower
-    readers), checked (see `Source.plan`) and cast to `dtype`."""
+    readers), checked (see `Source.plan`), cast to `dtype` and placed: on the default device, or by
+    `shardings` (a matching tree of NamedShardings; each process reads only what its devices hold)."""
     source = Source(config, {}, ckpt, towers, Path())
-    flat = {s.path: source.array(s, _get(shapes, s.path).shape, dtype) for s in source.plan(shapes)}
+    flat = {}
+    for s in source.plan(shapes):
+        host = source.array(s, _get(shapes, s.path).shape, dtype)
+        if shardings is None:
+            flat[s.path] = jax.numpy.asarray(host)
+        else:
+            flat[s.path] = jax.make_array_from_callback(host.shape, _get(shardings, s.path), lambda i: host[i])
     return unflatten(flat)
 
 
@@ -247,11 +254,11 @@ def _get(tree, path):
 
 
 def unflatten(flat: dict) -> dict:
-    """{path tuple: array} -> nested dict of jax arrays."""
+    """{path tuple: leaf} -> nested dict."""
     out: dict = {}
     for path, v in flat.items():
         d = out
         for p in path[:-1]:
             d = d.setdefault(p, {})
-        d[path[-1]] = jax.numpy.asarray(v)
+        d[path[-1]] = v
     return out

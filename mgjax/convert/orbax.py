@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -112,9 +113,12 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     return out
 
 
-def load_params(path: Path, config: MGMConfig, dtype) -> dict:
-    """The parameter tree of an mgjax checkpoint folder, cast to `dtype`."""
+def load_params(path: Path, config: MGMConfig, dtype, shardings: dict | None = None) -> dict:
+    """The parameter tree of an mgjax checkpoint folder, cast to `dtype`; with `shardings` each
+    process reads only its shards, whatever mesh the checkpoint was saved from."""
     shapes = abstract_params(MGM(config, dtype=dtype, param_dtype=dtype))
+    if shardings is not None:
+        shapes = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
     return restore(Path(path) / PARAMS, {"params": shapes}, partial=True)["params"]
 
 

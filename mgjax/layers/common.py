@@ -11,23 +11,41 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-def dense(features: int | Sequence[int], axes: Sequence[str | None], *, use_bias: bool, dtype: Dtype,
-          param_dtype: Dtype, name: str, in_axes: int = 1) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel carries the logical `axes` (in dims, then out dims).
+class Dense(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `in_axes` dims of x; kernel [*in, *features].
 
-    The kernel layout is [*in, *out], i.e. the transpose of torch's Linear [out, in] reshaped.
+    The kernel is created in its final shape with logical `axes` (in dims, then out dims): the
+    transpose of torch's Linear [out, in], reshaped. (flax's DenseGeneral creates multi-axis kernels
+    flat and reshapes them, which breaks logical constraints under a mesh.)
     """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    use_bias: bool
+    in_axes: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = self.in_axes, len(self.features)
+        init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                            (*x.shape[-n_in:], *self.features), self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[n_in:]),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(features: int | Sequence[int], axes: Sequence[str | None], *, use_bias: bool, dtype: Dtype,
+          param_dtype: Dtype, name: str, in_axes: int = 1) -> Dense:
+    """A `Dense` with logical `axes` (in dims, then out dims)."""
     features = tuple(features) if isinstance(features, Sequence) else (features,)
-    return nn.DenseGeneral(
-        features=features,
-        axis=tuple(range(-in_axes, 0)),
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), tuple(axes)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes[in_axes:])),
-        name=name,
-    )
+    return Dense(features, tuple(axes), use_bias, in_axes, dtype, param_dtype, name=name)
 
 
 class LayerNorm(nn.Module):

@@ -16,12 +16,41 @@ from mgjax.sharding import constrain
 Dtype = Any
 
 
-def _conv(features: int, k: int, stride: int, groups: int, padding, dtype, param_dtype, name: str) -> nn.Conv:
-    axes = (None, None, None if groups > 1 else "conv_in", "conv_out")
-    return nn.Conv(features, (k, k), strides=stride, padding=padding, feature_group_count=groups,
-                   dtype=dtype, param_dtype=param_dtype, name=name,
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+def _conv(features: int, k: int, stride: int, dtype, param_dtype, name: str) -> nn.Conv:
+    """A k x k convolution with stride k ("patchify": the stem and the downsamples), VALID padding."""
+    return nn.Conv(features, (k, k), strides=stride, padding="VALID", dtype=dtype, param_dtype=param_dtype, name=name,
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                            (None, None, "conv_in", "conv_out")),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+class DepthwiseConv(nn.Module):
+    """k x k depthwise convolution, stride 1, "same" padding, as a sum of k*k shifted products.
+
+    Same parameters as a grouped `nn.Conv` (kernel [k, k, 1, C], bias [C]). XLA's SPMD partitioner
+    mis-scales the kernel gradient of a grouped convolution when a mesh axis replicates it (seen on
+    CPU: exactly x2 with tensor=2); the shifted sum has no such gradient and fuses into one loop.
+    """
+
+    features: int
+    kernel_size: int = 7
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c = self.kernel_size, self.features
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(
+            in_axis=(0, 1, 2), out_axis=3), (None, None, None, "conv_out")), (k, k, 1, c), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+                          (c,), self.param_dtype)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        h, w = x.shape[1:3]
+        p = k // 2
+        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        y = sum(xp[:, i:i + h, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
+        return y + bias.astype(self.dtype)
 
 
 class ConvNextBlock(nn.Module):
@@ -36,7 +65,7 @@ class ConvNextBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _conv(self.dim, 7, 1, self.dim, ((3, 3), (3, 3)), name="conv_dw", **kw)(x)
+        h = DepthwiseConv(self.dim, name="conv_dw", **kw)(x)
         h = LayerNorm(self.eps, "conv_out", name="norm", **kw)(h)
         h = MLP(4 * self.dim, "gelu", ("conv_out", "vis_mlp"), name="mlp", **kw)(h)
         gamma = self.param("gamma", nn.with_logical_partitioning(nn.initializers.constant(1e-6), ("conv_out",)),
@@ -64,7 +93,7 @@ class ConvNextStage(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.downsample:
             x = LayerNorm(self.eps, "conv_out", name="downsample_0", **kw)(x)
-            x = _conv(self.dim, 2, 2, 1, "VALID", name="downsample_1", **kw)(x)
+            x = _conv(self.dim, 2, 2, name="downsample_1", **kw)(x)
         for j in range(self.depth):
             x = ConvNextBlock(self.dim, self.eps, self.drop_rates[j], name=f"blocks_{j}", **kw)(x, deterministic)
         return constrain(x, ("act_batch", None, None, "act_embed"))
@@ -81,7 +110,7 @@ class ConvNextTrunk(nn.Module):
     def __call__(self, pixels: jax.Array, deterministic: bool = True) -> list[jax.Array]:
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = _conv(c.dims[0], 4, 4, 1, "VALID", name="vision_stem_0", **kw)(pixels.astype(self.dtype))
+        x = _conv(c.dims[0], 4, 4, name="vision_stem_0", **kw)(pixels.astype(self.dtype))
         x = LayerNorm(c.norm_eps, "conv_out", name="vision_stem_1", **kw)(x)
         # timm: drop-path rates rise linearly over all blocks of all stages.
         rates = np.linspace(0.0, c.drop_path_rate, sum(c.depths)).tolist()
