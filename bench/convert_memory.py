@@ -27,11 +27,11 @@ Sizes are GB = 1e9 bytes. Needs ~2x the checkpoint size of free disk under --wor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import platform
-import resource
 import shutil
 import struct
 import subprocess
@@ -271,11 +271,12 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool) -> dict:
-    if trace:
+def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool, variant: str = "",
+                batch_mb: int = 0) -> dict:
+    if trace or variant:
         trace_file = out.parent / f"{out.name}.trace.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "_child", str(src), str(out), dtype,
-               "scan" if scan else "per-layer", str(trace_file)]
+               "scan" if scan else "per-layer", str(trace_file), variant, str(batch_mb), "1" if trace else "0"]
     else:
         trace_file = None
         cmd = [sys.executable, "-m", "mgjax.cli", "convert", str(src), str(out), "--dtype", dtype]
@@ -297,9 +298,16 @@ def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool) -> di
         print(log)
         raise SystemExit(f"convert failed with exit code {proc.returncode}")
     print("  " + log.strip().replace("\n", "\n  "), flush=True)
+    traced = {}
+    if trace_file is not None and trace_file.is_file():
+        traced = json.loads(trace_file.read_text())
+        trace_file.unlink()
+    # ru_maxrss, unless the traced child reset its high-water mark (then its own record of the peak).
+    peak = max(usage.ru_maxrss * 1024, traced.get("peak_hwm", 0), sampler.peak.get("VmRSS", 0))
     row = {
-        "layout": "scan" if scan else "per-layer", "command": cmd, "wall_s": round(wall, 1),
-        "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
+        "layout": "scan" if scan else "per-layer", "variant": variant or "baseline", "command": cmd,
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(peak / GB, 3), "ru_maxrss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
         "peak_anon_gb": round(sampler.peak.get("RssAnon", 0) / GB, 3),
         "peak_file_gb": round(sampler.peak.get("RssFile", 0) / GB, 3),
         "peak_rss_sampled_gb": round(sampler.peak.get("VmRSS", 0) / GB, 3),
@@ -307,24 +315,165 @@ def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool) -> di
         "major_faults": usage.ru_majflt, "output_gb": round(folder_bytes(out) / GB, 3),
         "rss_series_s_anon_file": sampler.series,
     }
-    if trace_file is not None and trace_file.is_file():
-        row["groups"] = json.loads(trace_file.read_text())
-        trace_file.unlink()
+    if trace:
+        row["groups"] = traced.get("groups", [])
     return row
 
 
-def child(src: str, out: str, dtype: str, layout: str, trace_file: str) -> None:
-    """`_child`: mgjax's convert with a per-group memory trace (reads /proc/self only)."""
+# --- variants: candidate fixes, applied by monkeypatching in the child only ------------------------
+# Each is the body proposed for mgjax (see bench/README.md); `--variant a,b` measures them without
+# editing mgjax. "fix" = mmap,device_put,free,prealloc.
+
+def _patch_mmap():
+    """readers.SafetensorsFile.get: one mapping per tensor instead of one cached per file, so the
+    mapped pages leave the process (RssFile) when the caller drops the array."""
+    import numpy as np
+
+    from mgjax.convert import readers
+    from mgjax.errors import MGJaxError
+
+    def get(self, key):
+        e = self._entries[key]
+        if e["dtype"] not in readers._ST_DTYPES:
+            raise MGJaxError(f"{self.path}: tensor {key!r} has unsupported dtype {e['dtype']}")
+        dtype = readers._ST_DTYPES[e["dtype"]]
+        start, end = e["data_offsets"]
+        if end == start:
+            return np.zeros(e["shape"], dtype)
+        buf = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._base + start, shape=(end - start,))
+        return buf.view(dtype).reshape(e["shape"])
+
+    readers.SafetensorsFile.get = get
+
+
+def _patch_device_put(conv):
+    """orbax._groups: each leaf becomes a jax array as soon as it is read, with `jax.device_put`
+    (one copy; `jnp.asarray` of a NumPy array makes two and keeps both alive), so the NumPy
+    intermediate is freed before the next tensor is read."""
+    import jax
+    import numpy as np
+
+    def _groups(source, specs, shapes, dtype):
+        def get(path):
+            t = shapes
+            for p in path:
+                t = t[p]
+            return t.shape
+
+        key, flat = None, {}
+        for s in specs:
+            k = s.path if s.stack else s.path[:3]
+            if k != key and flat:
+                yield {"params": conv.unflatten(flat)}
+                flat = {}
+            key = k
+            flat[s.path] = jax.device_put(source.array(s, get(s.path), dtype))
+        if flat:
+            yield {"params": conv.unflatten(flat)}
+        unused = source.unused(specs)
+        if unused:
+            yield {"unused": conv._nest({k: jax.device_put(np.asarray(source.ckpt.get(k), dtype)) for k in unused})}
+
+    conv._groups = _groups
+
+
+def _patch_free(conv, batch_bytes: int = 0):
+    """checkpoint.save_streaming: drop each group once saved (the loop variable kept the previous
+    group alive while the next one was built); with batch_bytes > 0, merge consecutive groups up to
+    that size into one `ocp.partial.save` (each partial save re-reads the metadata of all earlier ones)."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    from mgjax.errors import MGJaxError
+
+    def merge(into, tree):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                merge(into.setdefault(k, {}), v)
+            else:
+                into[k] = v
+
+    def save_streaming(path, groups):
+        path = Path(path)
+        if path.exists():
+            raise MGJaxError(f"{path} already exists; remove it or choose another output folder")
+        batch, size = {}, 0
+        for group in groups:
+            merge(batch, group)
+            size += sum(x.nbytes for x in jax.tree.leaves(group))
+            del group
+            if size >= batch_bytes:
+                ocp.partial.save(path, jax.tree.map(jnp.asarray, batch))
+                batch, size = {}, 0
+        if batch:
+            ocp.partial.save(path, jax.tree.map(jnp.asarray, batch))
+        del batch
+        ocp.partial.finalize(path)
+
+    conv.save_streaming = save_streaming
+
+
+def _patch_prealloc():
+    """names.ParamSpec.to_flax: a stacked (scanned) parameter is filled in place instead of
+    `np.stack` of a list of per-layer copies (1x instead of up to 2x the stacked size)."""
+    import numpy as np
+
+    from mgjax.convert import names
+
+    orig = names.ParamSpec.to_flax
+
+    def to_flax(self, tensors, shape):
+        if not self.stack:
+            return orig(self, tensors, shape)
+        inner = tuple(shape[len(self.stack):])
+        out = np.empty((len(tensors), *inner), tensors[0].dtype)
+        for i, t in enumerate(tensors):
+            out[i] = orig(dataclasses.replace(self, stack=()), [t], inner)
+        return out.reshape(shape)
+
+    names.ParamSpec.to_flax = to_flax
+
+
+VARIANTS = ("mmap", "device_put", "free", "prealloc", "batch")
+
+
+def apply_variants(conv, variants: list[str], batch_mb: int) -> None:
+    if "fix" in variants:
+        variants = [v for v in variants if v != "fix"] + ["mmap", "device_put", "free", "prealloc"]
+    if "mmap" in variants:
+        _patch_mmap()
+    if "device_put" in variants:
+        _patch_device_put(conv)
+    if "free" in variants or "batch" in variants:
+        _patch_free(conv, batch_mb * 10**6 if "batch" in variants else 0)
+    if "prealloc" in variants:
+        _patch_prealloc()
+
+
+def child(src: str, out: str, dtype: str, layout: str, trace_file: str, variant: str = "", batch_mb: str = "0",
+          trace: str = "1") -> None:
+    """`_child`: mgjax's convert after applying the `variant` patches (none by default), recording
+    RSS around every parameter group; with `trace` "1" also the peak within each group (VmHWM)."""
     import mgjax.convert.orbax as conv
 
+    trace_groups = trace == "1"
+
+    apply_variants(conv, [v for v in variant.split(",") if v], int(batch_mb))
     records, groups = [], conv._groups
     clear = Path("/proc/self/clear_refs")
 
+    top = {"hwm": 0}
+
     def reset_hwm():
-        try:
-            clear.write_text("5")  # resets VmHWM to the current RSS
-        except OSError:
-            pass
+        """Per-group peaks: VmHWM back to the current RSS. This also resets the ru_maxrss the parent
+        reads, so the overall peak is kept here and reported in the trace file."""
+        top["hwm"] = max(top["hwm"], (_status(os.getpid()) or {}).get("VmHWM", 0))
+        if trace_groups:
+            try:
+                clear.write_text("5")
+            except OSError:
+                pass
 
     def names(tree, prefix=""):
         for k, v in tree.items():
@@ -359,7 +508,60 @@ def child(src: str, out: str, dtype: str, layout: str, trace_file: str) -> None:
         conv.convert(src, out, dtype=dtype, scan_layers=layout == "scan")
         print(f"converted {src} -> {out} ({dtype}, {layout} layout, traced) in {time.time() - t:.1f} s")
     finally:
-        Path(trace_file).write_text(json.dumps(records))
+        reset_hwm()
+        Path(trace_file).write_text(json.dumps({"groups": records, "peak_hwm": top["hwm"]}))
+
+
+def verify(src: str, out: str, n: str = "16") -> None:
+    """`_verify`: restores about `n` parameters (spread over the model, plus the smallest stacked
+    ones and one unused tensor) from OUT and compares them bit for bit with the source tensors."""
+    import numpy as np
+
+    from mgjax.checkpoint import restore, saved_shapes
+    from mgjax.convert.load import open_source
+    from mgjax.convert.names import param_specs
+    from mgjax.convert.orbax import PARAMS, read_meta
+
+    config, _ = read_meta(Path(out))
+    source = open_source(src)
+    source.config = config
+    saved = saved_shapes(Path(out) / PARAMS)
+
+    def leaf(tree, path):
+        for p in path:
+            tree = tree[p]
+        return tree
+
+    def nest(path, value):
+        for p in reversed(path):
+            value = {p: value}
+        return value
+
+    specs = param_specs(saved["params"], config)
+    step = max(1, len(specs) // int(n))
+    pick = {s.path: s for s in specs[::step] + [specs[-1]]}
+    if any(s.stack for s in specs):  # a few whole stacked parameters too, small and large
+        stacked = sorted((s for s in specs if s.stack), key=lambda s: math.prod(leaf(saved["params"], s.path).shape))
+        pick.update({s.path: s for s in (stacked[0], stacked[len(stacked) // 2])})
+    checked = []
+    for s in pick.values():
+        sds = leaf(saved["params"], s.path)
+        got = restore(Path(out) / PARAMS, {"params": nest(s.path, sds)}, partial=True)["params"]
+        got = np.asarray(leaf(got, s.path))
+        want = source.array(s, tuple(sds.shape), got.dtype)
+        if got.shape != want.shape or not np.array_equal(got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8)):
+            raise SystemExit(f"verify: {'/'.join(s.path)} differs from the source")
+        checked.append("/".join(s.path))
+    unused = source.unused(specs)
+    if unused:
+        k = unused[len(unused) // 2]
+        u = leaf(saved["unused"], k.split("."))
+        got = restore(Path(out) / PARAMS, {"unused": nest(tuple(k.split(".")), u)}, partial=True)["unused"]
+        got = np.asarray(leaf(got, k.split(".")))
+        if not np.array_equal(got.view(np.uint8), np.ascontiguousarray(source.ckpt.get(k)).view(np.uint8)):
+            raise SystemExit(f"verify: unused tensor {k} differs from the source")
+        checked.append(k)
+    print(f"verified {len(checked)} tensors bit for bit")
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -370,14 +572,22 @@ def main(argv=None) -> int:
     if argv[:1] == ["_child"]:
         child(*argv[1:])
         return 0
+    if argv[:1] == ["_verify"]:
+        verify(*argv[1:])
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="MGM-7B", help="preset whose released checkpoint to imitate (mgjax.config.PRESETS)")
+    p.add_argument("--shape", default="MGM-7B",
+                   help="preset whose released checkpoint to imitate (mgjax.config.PRESETS)")
     p.add_argument("--workdir", help="folder for the synthetic checkpoint and outputs (default: a new /tmp folder)")
     p.add_argument("--reuse", action="store_true", help="keep a complete synthetic checkpoint found in --workdir")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the outputs")
     p.add_argument("--skip-scan", action="store_true", help="measure only the per-layer layout")
     p.add_argument("--skip-per-layer", action="store_true", help="measure only the scanned layout")
     p.add_argument("--trace", action="store_true", help="record memory around every parameter group")
+    p.add_argument("--variant", default="", help=f"comma list of candidate fixes to apply in the child: "
+                   f"{', '.join(VARIANTS)}, or fix (= mmap,device_put,free,prealloc); default none (the CLI)")
+    p.add_argument("--batch-mb", type=int, default=1000, help="group merge size for --variant batch (1e6 B)")
+    p.add_argument("--no-verify", action="store_true", help="skip the bit-for-bit check of sampled outputs")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--shard-gb", type=float, default=5.0, help="shard size limit of the synthetic checkpoint (1e9 B)")
     p.add_argument("--seed", type=int, default=0)
@@ -417,8 +627,18 @@ def main(argv=None) -> int:
             if shutil.disk_usage(work).free < need:
                 sys.exit(f"{work}: not enough free disk for the output ({need / GB:.1f} GB)")
             print(f"converting ({'scan' if scan else 'per-layer'} layout)", flush=True)
-            row = run_convert(src, out, scan, args.dtype, args.trace)
+            row = run_convert(src, out, scan, args.dtype, args.trace, args.variant,
+                              args.batch_mb if "batch" in args.variant else 0)
             row["throughput_gb_s"] = round(info["total_bytes"] / GB / row["wall_s"], 3)
+            if not args.no_verify:
+                v = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_verify", str(src), str(out)],
+                                   check=False, cwd=ROOT, capture_output=True, text=True,
+                                   env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")))
+                if v.returncode:
+                    print(v.stdout + v.stderr)
+                    raise SystemExit("verification failed")
+                row["verified"] = v.stdout.strip().splitlines()[-1]
+                print("  " + row["verified"], flush=True)
             rows.append(row)
             if not args.keep:
                 shutil.rmtree(out)
@@ -430,19 +650,20 @@ def main(argv=None) -> int:
             if made_workdir:
                 shutil.rmtree(work, ignore_errors=True)
 
-    head = f"{'config':<10} {'layout':<10} {'wall s':>7} {'peak RSS GB':>12} {'anon GB':>8} {'file GB':>8} " \
-           f"{'output GB':>10} {'GB/s':>6}"
+    head = (f"{'config':<10} {'layout':<10} {'variant':<12} {'wall s':>7} {'peak RSS GB':>12} {'anon GB':>8} "
+            f"{'file GB':>8} {'output GB':>10} {'GB/s':>6}")
     print()
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{args.shape:<10} {r['layout']:<10} {r['wall_s']:>7.1f} {r['peak_rss_gb']:>12.2f} "
+        print(f"{args.shape:<10} {r['layout']:<10} {r['variant'][:12]:<12} {r['wall_s']:>7.1f} "
+              f"{r['peak_rss_gb']:>12.2f} "
               f"{r['peak_anon_gb']:>8.2f} {r['peak_file_gb']:>8.2f} {r['output_gb']:>10.2f} "
               f"{r['throughput_gb_s']:>6.3f}")
     from importlib.metadata import version
 
     result = {
-        "benchmark": "convert_memory", "shape": args.shape, "dtype": args.dtype,
+        "benchmark": "convert_memory", "shape": args.shape, "dtype": args.dtype, "variant": args.variant or "baseline",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": [sys.executable, *sys.argv],
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
                  "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)},

@@ -16,18 +16,19 @@ Dtype = Any
 
 
 class UniProjector(nn.Module):
-    """`vlm_uni_*_projector`: LayerNorm (index 0, eps 1e-5) then Linear (index 1)."""
+    """`vlm_uni_*_projector`: LayerNorm (index 0, eps 1e-5) then Linear (index 1); `axes` are the
+    Linear's logical (in, out) names."""
 
     features: int
-    in_axis: str
+    axes: tuple[str, str]
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = LayerNorm(1e-5, self.in_axis, name="0", **kw)(x)
-        return dense(self.features, (self.in_axis, "vis_mlp"), use_bias=True, name="1", **kw)(x)
+        x = LayerNorm(1e-5, self.axes[0], name="0", **kw)(x)
+        return dense(self.features, self.axes, use_bias=True, name="1", **kw)(x)
 
 
 class MLPProjector(nn.Module):

@@ -96,9 +96,10 @@ class MGM(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.vision_tower = CLIPVisionTower(c.vision, c.clip_layers_used, **kw)
         self.vision_tower_aux = ConvNextTrunk(c.vision_aux, **kw)
-        self.vlm_uni_query_projector = UniProjector(c.mm_hidden_size, "vis_embed", **kw)
-        self.vlm_uni_aux_projector = UniProjector(c.mm_hidden_size, "conv_out", **kw)
-        self.vlm_uni_val_projector = UniProjector(c.mm_hidden_size, "conv_out", **kw)
+        self.vlm_uni_query_projector = UniProjector(c.mm_hidden_size, ("vis_embed", "vis_mlp"), **kw)
+        # in: the 2880 concatenated ConvNeXt channels (replicated like the tower); out: split by FSDP
+        self.vlm_uni_aux_projector = UniProjector(c.mm_hidden_size, ("conv_out", "vis_embed"), **kw)
+        self.vlm_uni_val_projector = UniProjector(c.mm_hidden_size, ("conv_out", "vis_embed"), **kw)
         self.mm_projector = MLPProjector(c.lm.hidden_size, **kw)
         self.llm = Decoder(c.lm, **kw)
 

@@ -65,9 +65,9 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, feats, aux_map):
-        q = UniProjector(C, "vis_embed", name="vlm_uni_query_projector")
-        k = UniProjector(C, "conv_out", name="vlm_uni_aux_projector")
-        v = UniProjector(C, "conv_out", name="vlm_uni_val_projector")
+        q = UniProjector(C, ("vis_embed", "vis_mlp"), name="vlm_uni_query_projector")
+        k = UniProjector(C, ("conv_out", "vis_embed"), name="vlm_uni_aux_projector")
+        v = UniProjector(C, ("conv_out", "vis_embed"), name="vlm_uni_val_projector")
         return MLPProjector(H, name="mm_projector")(visual_tokens(feats, aux_map, self.grid, self.use_global, q, k, v))
 
 
