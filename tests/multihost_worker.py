@@ -1,0 +1,49 @@
+"""One training step over 8 CPU devices, run as 1 process with 8 devices or as 2 processes with 4
+each (gloo collectives, loopback coordinator). tests/test_multihost.py compares the losses.
+
+Usage: python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json
+"""
+
+import json
+import sys
+
+from mgjax import distributed
+
+
+def main(pid: int, nproc: int, port: int, out: str):
+    if nproc > 1:
+        distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mgjax.config import MeshConfig, MGMConfig
+    from mgjax.model import MGM, init_params
+    from mgjax.sharding import activate, make_mesh, rules_for
+    from mgjax.train.step import TrainState, make_train_step
+    from sharded_worker import LLAMA, TOWERS, B, T, batch
+
+    assert jax.device_count() == 8, jax.device_count()
+    config = MGMConfig(lm=LLAMA, **TOWERS)
+    module = MGM(config)
+    mesh = make_mesh(MeshConfig(2, 2, 2, 1))
+    rules = rules_for("fsdp_tp")
+    params = init_params(module, jax.random.key(0), mesh, rules)
+    tx = optax.adamw(1e-3)
+    full = batch(config)
+    rows = B // nproc
+    local = {k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}
+    data = distributed.global_batch(local, mesh, rules)
+    step = make_train_step(module, tx, T - 1 + config.tokens_per_image)
+    with activate(mesh, rules):
+        state, metrics = jax.jit(step)(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), data)
+        # a second step: the first one's update must be the same everywhere too
+        state, metrics2 = jax.jit(step)(state, data)
+    if distributed.is_main_process():
+        with open(out, "w") as f:
+            json.dump({"loss": float(metrics["loss"]), "loss2": float(metrics2["loss"]),
+                       "processes": jax.process_count()}, f)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
