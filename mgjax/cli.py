@@ -71,6 +71,46 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _config_arg(text: str):
+    """A preset name, an mgjax checkpoint folder, or a released folder (its config.json)."""
+    import json
+    from pathlib import Path
+
+    from mgjax.config import PRESETS, MGMConfig
+    from mgjax.convert.orbax import is_mgjax_checkpoint, read_meta
+
+    if text in PRESETS:
+        return PRESETS[text]
+    p = Path(text)
+    if is_mgjax_checkpoint(p):
+        return read_meta(p)[0]
+    if (p / "config.json").is_file():
+        return MGMConfig.from_hf(json.loads((p / "config.json").read_text()))
+    raise MGJaxError(f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder")
+
+
+def cmd_plan(args) -> int:
+    """Per-device memory of a training job on a mesh, from eval_shape and the rule table."""
+    import math
+
+    from mgjax.config import MeshConfig
+    from mgjax.plan import format_plan, job_for, plan
+    from mgjax.sharding import rules_for
+
+    config = _config_arg(args.config)
+    mesh = MeshConfig.parse(args.mesh)
+    sizes = (mesh.data, mesh.fsdp, mesh.tensor, mesh.expert)
+    devices = args.devices or (math.prod(sizes) if -1 not in sizes else None)
+    if devices is None:
+        raise MGJaxError("the mesh has a -1 axis: pass --devices N")
+    overrides = {k: v for k, v in dict(stage=args.stage, global_batch=args.batch, seq_len=args.seq,
+                                       grad_accum=args.accum, remat=args.remat).items() if v is not None}
+    job = job_for(config, **overrides)
+    p = plan(config, mesh, devices, job, rules_for(args.rules), args.chip)
+    print(format_plan(args.config, p, mesh.resolve(devices), job, args.chip))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mgjax", description="Mini-Gemini (MGM) in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("plan", help="per-device memory of a training job on a mesh (nothing is allocated)")
+    p.add_argument("config", help="preset name (e.g. MGM-34B-HD) or checkpoint folder")
+    p.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=64,tensor=2 (axes data, fsdp, tensor, expert)")
+    p.add_argument("--devices", type=int, help="device count (needed when an axis is -1)")
+    p.add_argument("--chip", help="v4, v5e, v5p, v6e, a100-40g, a100-80g, h100, h200: say whether it fits")
+    p.add_argument("--rules", default="fsdp_tp_ep", help="sharding rule preset: dp, fsdp, fsdp_tp, fsdp_tp_ep")
+    p.add_argument("--stage", type=int, choices=[1, 2])
+    p.add_argument("--batch", type=int, help="global batch (default: the recipe's, 256 / 128)")
+    p.add_argument("--seq", type=int, help="merged sequence length (default: tokenizer_model_max_length)")
+    p.add_argument("--accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--remat", choices=["full", "dots", "none"])
+    p.set_defaults(func=cmd_plan)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,145 @@
+"""Memory planner: per-device bytes of a training job on a mesh, without allocating anything.
+
+Parameters, gradients and optimizer state come exactly from `eval_shape` and the sharding rule
+table. Activations are an estimate from the shapes (see `activation_bytes`): the saved layer
+inputs (or more, by remat policy) plus the largest transient working set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from mgjax.config import MeshConfig, MGMConfig
+from mgjax.errors import MGJaxError
+from mgjax.model import MGM, abstract_params
+from mgjax.sharding import BATCH_AXES, Rules, abstract_mesh, param_shardings
+
+GiB = 1024**3
+# Usable accelerator memory per chip (HBM), GiB.
+CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100-40g": 40, "a100-80g": 80, "h100": 80, "h200": 141}
+# What trains in each stage of the recipe (MGM_SPEC section 9); the towers are frozen in both.
+TRAINABLE = {1: ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"),
+             2: ("llm", "mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector")}
+REMAT = ("full", "dots", "none")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the planner needs to know about a training job."""
+
+    global_batch: int = 128
+    seq_len: int = 2048  # merged length (text + visual tokens), i.e. tokenizer_model_max_length
+    grad_accum: int = 1
+    stage: int = 2
+    remat: str = "full"
+    param_bytes: int = 4  # float32 master weights of trainable parameters
+    frozen_bytes: int = 2  # frozen towers kept in bfloat16
+    compute_bytes: int = 2  # bfloat16 activations
+
+
+@dataclass
+class Plan:
+    rows: dict[str, float]  # bytes per device
+    total: float
+    chip_bytes: float | None
+    micro_batch: int
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.chip_bytes is None else self.total <= self.chip_bytes
+
+
+def activation_bytes(config: MGMConfig, job: Job, b: int, tp: int) -> dict[str, float]:
+    """Estimated activation bytes per device for a micro-batch of `b` samples per device.
+
+    LLM, per layer: remat "full" keeps the layer input [b, L, D]; "dots" also the matmul outputs
+    (q, k, v, attention output, gate, up, down); "none" everything including the attention
+    probabilities. The transient peak is one layer's recomputation (scores and probabilities in
+    float32 [b, H/tp, L, L], the MLP's [b, L, F/tp] tensors) plus the float32 logits and their
+    gradient [b, L, V/tp]. Vision (frozen, forward only): the largest transient per image is
+    ConvNeXt's concatenated map [S/4, S/4, 2880] and its first stage's 4C MLP.
+    """
+    lm, s = config.lm, job.compute_bytes
+    # mgjax's MoE runs its dense reference path: every expert on every token
+    L, D, F = job.seq_len, lm.hidden_size, lm.intermediate_size * max(1, lm.num_experts)
+    H, KV, hd = lm.num_heads, lm.num_kv_heads, lm.head_dim
+    qkv_o = b * L * (2 * H + 2 * KV) * hd / tp
+    mlp = 3 * b * L * F / tp
+    scores = b * H / tp * L * L
+    per_layer = {"full": b * L * D * s,
+                 "dots": b * L * D * s + (qkv_o + mlp) * s,
+                 "none": b * L * D * s * 4 + (qkv_o + mlp) * s * 2 + scores * (4 + s)}[job.remat]
+    saved = per_layer * lm.num_layers
+    transient = scores * 8 + mlp * s * 2 + 2 * b * L * lm.vocab_size / tp * 4
+    side = job.compute_bytes * (config.image_size_aux // 4) ** 2
+    vision = b * side * (config.mm_hidden_size_aux + 4 * config.vision_aux.dims[0]) * 2
+    return {"activations (saved)": saved, "activations (peak transient)": transient, "vision (transient)": vision}
+
+
+def plan(config: MGMConfig, mesh: MeshConfig, num_devices: int, job: Job, rules: Rules,
+         chip: str | None = None) -> Plan:
+    if job.remat not in REMAT:
+        raise MGJaxError(f"remat {job.remat!r} is not one of {REMAT}")
+    if job.stage not in TRAINABLE:
+        raise MGJaxError(f"stage {job.stage} is not 1 or 2")
+    amesh = abstract_mesh(mesh, num_devices)
+    module = MGM(config)
+    boxed = abstract_params(module, boxed=True)
+    shapes = abstract_params(module)
+    shardings = param_shardings(boxed, amesh, rules)
+
+    def per_device(top_keys, itemsize, negate=False):
+        total = 0
+        for key in shapes:
+            if (key in top_keys) != negate:
+                for a, sh in zip(jax.tree.leaves(shapes[key]), jax.tree.leaves(shardings[key])):
+                    total += int(np.prod(sh.shard_shape(a.shape))) * itemsize
+        return total
+
+    trainable = TRAINABLE[job.stage]
+    batch_shards = int(np.prod([amesh.shape[a] for a in BATCH_AXES]))
+    if job.global_batch % (batch_shards * job.grad_accum):
+        raise MGJaxError(f"global batch {job.global_batch} does not split into {job.grad_accum} accumulation steps "
+                         f"over {batch_shards} batch shards (mesh axes {', '.join(BATCH_AXES)})")
+    b = job.global_batch // batch_shards // job.grad_accum
+    rows = {
+        "params (trainable)": per_device(trainable, job.param_bytes),
+        "params (frozen)": per_device(trainable, job.frozen_bytes, negate=True),
+        "gradients": per_device(trainable, 4),
+        "optimizer (AdamW m, v)": per_device(trainable, 8),
+    }
+    if job.grad_accum > 1:
+        rows["gradient accumulator"] = per_device(trainable, 4)
+    rows.update(activation_bytes(config, job, b, amesh.shape["tensor"]))
+    total = sum(rows.values())
+    chip_bytes = None
+    if chip is not None:
+        if chip not in CHIPS:
+            raise MGJaxError(f"unknown chip {chip!r}; known: {', '.join(CHIPS)}")
+        chip_bytes = CHIPS[chip] * GiB
+    return Plan(rows, total, chip_bytes, b)
+
+
+def format_plan(name: str, p: Plan, mesh_shape: tuple, job: Job, chip: str | None) -> str:
+    lines = [f"{name}: stage {job.stage}, global batch {job.global_batch} (micro-batch {p.micro_batch} per device, "
+             f"{job.grad_accum} accumulation steps), length {job.seq_len}, remat {job.remat}",
+             f"mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} tensor={mesh_shape[2]} expert={mesh_shape[3]} "
+             f"({int(np.prod(mesh_shape))} devices)", "", f"{'per device':<32}{'GiB':>10}"]
+    lines += [f"{k:<32}{v / GiB:>10.2f}" for k, v in p.rows.items()]
+    lines.append(f"{'total':<32}{p.total / GiB:>10.2f}")
+    if chip is not None:
+        verdict = "fits" if p.fits else "DOES NOT FIT"
+        lines.append(f"{chip} HBM {p.chip_bytes / GiB:.0f} GiB: {verdict} ({p.total / p.chip_bytes:.0%} used)")
+    return "\n".join(lines)
+
+
+def job_for(config: MGMConfig, **overrides) -> Job:
+    """The released recipe's job for this model (MGM_SPEC section 9), with overrides."""
+    stage = overrides.get("stage", 2)
+    defaults = dict(global_batch=256 if stage == 1 else 128, seq_len=config.max_length)
+    return dataclasses.replace(Job(**defaults), **overrides)
+

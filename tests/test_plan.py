@@ -1,0 +1,43 @@
+"""The memory planner on full-size configs (abstract meshes: nothing is allocated)."""
+
+import pytest
+
+from mgjax.cli import main
+from mgjax.config import MeshConfig, preset
+from mgjax.plan import GiB, job_for, plan
+from mgjax.sharding import rules_for
+
+
+@pytest.mark.parametrize("name,mesh", [("MGM-34B-HD", "fsdp=64,tensor=2"), ("MGM-8x7B-HD", "fsdp=16,tensor=2,expert=4")])
+def test_plan_full_size_on_v5p_128(name, mesh, capsys):
+    assert main(["plan", name, "--mesh", mesh, "--chip", "v5p"]) == 0
+    out = capsys.readouterr().out
+    assert "128 devices" in out and "fits" in out and "micro-batch 2 per device" in out
+
+
+def test_parameter_bytes_are_exact():
+    c = preset("MGM-34B-HD")
+    p = plan(c, MeshConfig(1, 64, 2, 1), 128, job_for(c), rules_for("fsdp_tp"), "v5p")
+    n_llm = 34_388_917_248  # Yi-34B's published parameter count
+    lm = c.lm
+    per_layer = (lm.hidden_size * (lm.num_heads + 2 * lm.num_kv_heads) * lm.head_dim
+                 + lm.num_heads * lm.head_dim * lm.hidden_size + 3 * lm.hidden_size * lm.intermediate_size
+                 + 2 * lm.hidden_size)
+    n = lm.num_layers * per_layer + 2 * lm.vocab_size * lm.hidden_size + lm.hidden_size
+    assert n == n_llm
+    trainable = p.rows["params (trainable)"]
+    # the LLM in float32 over 128 devices, plus the small projector and mining (also float32)
+    assert n * 4 / 128 <= trainable <= n * 4 / 128 + 0.05 * GiB
+    assert p.rows["optimizer (AdamW m, v)"] == 2 * p.rows["gradients"] == 2 * trainable
+
+
+def test_a_plan_that_does_not_fit(capsys):
+    assert main(["plan", "MGM-34B-HD", "--mesh", "fsdp=8", "--chip", "v5e", "--batch", "16"]) == 0
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_bad_plans_exit_2(capsys):
+    assert main(["plan", "MGM-2B", "--mesh", "fsdp=4,tensor=2", "--rules", "fsdp_tp"]) == 2  # MQA: 1 kv head
+    assert "kv_heads" in capsys.readouterr().err
+    assert main(["plan", "MGM-7B", "--mesh", "fsdp=-1"]) == 2
+    assert "--devices" in capsys.readouterr().err
