@@ -8,7 +8,8 @@ from mgjax.plan import GiB, job_for, plan
 from mgjax.sharding import rules_for
 
 
-@pytest.mark.parametrize("name,mesh", [("MGM-34B-HD", "fsdp=64,tensor=2"), ("MGM-8x7B-HD", "fsdp=16,tensor=2,expert=4")])
+@pytest.mark.parametrize("name,mesh", [("MGM-34B-HD", "fsdp=64,tensor=2"),
+                                       ("MGM-8x7B-HD", "fsdp=16,tensor=2,expert=4")])
 def test_plan_full_size_on_v5p_128(name, mesh, capsys):
     assert main(["plan", name, "--mesh", mesh, "--chip", "v5p"]) == 0
     out = capsys.readouterr().out
