@@ -111,6 +111,28 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_check_cluster(args) -> int:
+    """Joins the job (see mgjax.distributed.initialize) and checks an all-reduce over every device."""
+    from mgjax import distributed
+
+    distributed.initialize()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mgjax.config import MeshConfig
+    from mgjax.sharding import make_mesh
+
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1))
+    ones = distributed.global_batch({"x": np.ones((jax.local_device_count(), 1), np.float32)}, mesh)["x"]
+    total = float(jax.jit(jnp.sum)(ones))
+    distributed.main_print(f"{jax.process_count()} processes, {jax.device_count()} devices "
+                           f"({jax.devices()[0].device_kind}); all-reduce over all devices: {total:.0f}")
+    if total != jax.device_count():
+        raise MGJaxError(f"all-reduce gave {total}, expected {jax.device_count()}: collectives are broken")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mgjax", description="Mini-Gemini (MGM) in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accum", type=int, help="gradient accumulation steps")
     p.add_argument("--remat", choices=["full", "dots", "none"])
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("check-cluster", help="join a multi-host job and check collectives over every device")
+    p.set_defaults(func=cmd_check_cluster)
 
     args = parser.parse_args(argv)
     try:

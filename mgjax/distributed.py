@@ -24,7 +24,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     Explicit arguments win, then the environment (MGJAX_COORDINATOR=host:port, MGJAX_NUM_PROCESSES,
     MGJAX_PROCESS_ID), then JAX's own detection (TPU pods, SLURM, Open MPI). A job of one process
-    needs no call. CPU processes use gloo collectives.
+    needs no call (and this call is then a no-op). CPU processes use gloo collectives.
     """
     coordinator_address = coordinator_address or os.environ.get("MGJAX_COORDINATOR")
     if num_processes is None and "MGJAX_NUM_PROCESSES" in os.environ:
@@ -40,7 +40,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if all(given):
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     else:
-        jax.distributed.initialize()  # TPU / SLURM / MPI auto-detection
+        try:
+            jax.distributed.initialize()  # TPU / SLURM / MPI auto-detection
+        except ValueError as e:
+            if "coordinator_address" not in str(e):
+                raise
+            # no cluster environment found: this is a single-process job
 
 
 def is_main_process() -> bool:

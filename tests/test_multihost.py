@@ -37,3 +37,19 @@ def test_two_processes_equal_one(tmp_path):
     for k in ("loss", "loss2"):
         assert abs(two[k] - one[k]) <= 1e-5 * abs(one[k]), (k, one, two)
     assert one["loss2"] < one["loss"]  # the step did something
+
+
+def test_check_cluster_with_environment_variables():
+    """`mgjax check-cluster` as the launchers run it: two processes configured by MGJAX_* variables."""
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+               "MGJAX_COORDINATOR": f"127.0.0.1:{port}", "MGJAX_NUM_PROCESSES": "2", "MGJAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "mgjax.cli", "check-cluster"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    ours = [[line for line in o[0].splitlines() if not line.startswith("[Gloo]")] for o in outs]  # gloo's own
+    assert ours[0] == ["2 processes, 4 devices (cpu); all-reduce over all devices: 4"]
+    assert ours[1] == []  # only the main process prints

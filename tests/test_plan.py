@@ -8,12 +8,12 @@ from mgjax.plan import GiB, job_for, plan
 from mgjax.sharding import rules_for
 
 
-@pytest.mark.parametrize("name,mesh", [("MGM-34B-HD", "fsdp=64,tensor=2"),
-                                       ("MGM-8x7B-HD", "fsdp=16,tensor=2,expert=4")])
+@pytest.mark.parametrize("name,mesh", [("MGM-34B-HD", "fsdp=32,tensor=2"), ("MGM-8x7B-HD", "fsdp=16,expert=4")])
 def test_plan_full_size_on_v5p_128(name, mesh, capsys):
+    """v5p-128 is 64 chips (JAX devices)."""
     assert main(["plan", name, "--mesh", mesh, "--chip", "v5p"]) == 0
     out = capsys.readouterr().out
-    assert "128 devices" in out and "fits" in out and "micro-batch 2 per device" in out
+    assert "(64 devices)" in out and "v5p HBM 95 GiB: fits" in out
 
 
 def test_parameter_bytes_are_exact():
