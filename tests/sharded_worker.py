@@ -116,6 +116,16 @@ def main(out_path):
     results["restore/on_mesh_b"] = all(p.sharding == s for p, s in zip(jax.tree.leaves(params_b),
                                                                        jax.tree.leaves(shard_b)))
 
+    # A released checkpoint loaded straight onto a mesh, run through the public API.
+    import mgjax
+    from helpers import GOLDEN, nhwc
+
+    ref = np.load(GOLDEN / "llama_vicuna" / "expected.npz")
+    model = mgjax.load_pretrained(GOLDEN / "llama_vicuna" / "MGM-7B-tiny", mesh=make_mesh(MeshConfig(1, 4, 2, 1)))
+    kernel = model.params["llm"]["layers_0"]["mlp"]["gate_proj"]["kernel"]
+    results["load/gate_proj_spec"] = str(kernel.sharding.spec)
+    results["load/logits"] = rel(model.logits(ref["input_ids"], nhwc(ref["images"]), nhwc(ref["images_aux"])),
+                                 ref["logits"])
     Path(out_path).write_text(json.dumps(results, indent=1))
 
 

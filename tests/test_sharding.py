@@ -28,7 +28,8 @@ WORKER = Path(__file__).parent / "sharded_worker.py"
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded") / "results.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -48,6 +49,12 @@ def test_sharded_init_and_cross_mesh_restore(sharded):
     assert sharded["init/up_proj_shard_shape"] == [16, 64]  # [64, 128] over fsdp=4, tensor=2
     assert sharded["init/equals_unsharded"] == 0.0
     assert sharded["restore/values"] == 0.0 and sharded["restore/on_mesh_b"]
+
+
+def test_released_checkpoint_loaded_onto_a_mesh(sharded):
+    """load_pretrained(..., mesh=) + Pretrained.logits on the golden case A (1e-5 x scale)."""
+    assert sharded["load/gate_proj_spec"] == "P('fsdp', 'tensor')"
+    assert sharded["load/logits"] <= 1e-5
 
 
 def _specs(name, mesh, rules):
