@@ -1,5 +1,6 @@
-"""One training step over 8 CPU devices, run as 1 process with 8 devices or as 2 processes with 4
-each (gloo collectives, loopback coordinator). tests/test_multihost.py compares the losses.
+"""Training steps over 8 CPU devices as 2 processes with 4 devices each (gloo collectives, loopback
+coordinator). tests/sharded_worker.py runs the same steps as 1 process with 8 devices;
+tests/test_multihost.py compares the losses.
 
 Usage: python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json
 """
@@ -10,9 +11,9 @@ import sys
 from mgjax import distributed
 
 
-def main(pid: int, nproc: int, port: int, out: str):
-    if nproc > 1:
-        distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
+def train_two_steps(pid: int, nproc: int) -> dict:
+    """Two AdamW steps of the tiny model on a (2, 2, 2, 1) mesh over all 8 devices of the job; this
+    process feeds its share of the batch rows."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -32,17 +33,21 @@ def main(pid: int, nproc: int, port: int, out: str):
     tx = optax.adamw(1e-3)
     full = batch(config)
     rows = B // nproc
-    local = {k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}
-    data = distributed.global_batch(local, mesh, rules)
-    step = make_train_step(module, tx, T - 1 + config.tokens_per_image)
+    data = distributed.global_batch({k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}, mesh, rules)
+    step = jax.jit(make_train_step(module, tx, T - 1 + config.tokens_per_image))
     with activate(mesh, rules):
-        state, metrics = jax.jit(step)(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), data)
+        state, metrics = step(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), data)
         # a second step: the first one's update must be the same everywhere too
-        state, metrics2 = jax.jit(step)(state, data)
+        state, metrics2 = step(state, data)
+    return {"loss": float(metrics["loss"]), "loss2": float(metrics2["loss"]), "processes": jax.process_count()}
+
+
+def main(pid: int, nproc: int, port: int, out: str):
+    distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
+    result = train_two_steps(pid, nproc)
     if distributed.is_main_process():
         with open(out, "w") as f:
-            json.dump({"loss": float(metrics["loss"]), "loss2": float(metrics2["loss"]),
-                       "processes": jax.process_count()}, f)
+            json.dump(result, f)
 
 
 if __name__ == "__main__":

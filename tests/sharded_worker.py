@@ -126,6 +126,10 @@ def main(out_path):
     results["load/gate_proj_spec"] = str(kernel.sharding.spec)
     results["load/logits"] = rel(model.logits(ref["input_ids"], nhwc(ref["images"]), nhwc(ref["images_aux"])),
                                  ref["logits"])
+    # The training steps that tests/multihost_worker.py runs as two processes, as one process here.
+    from multihost_worker import train_two_steps
+
+    results.update({f"train/{k}": v for k, v in train_two_steps(0, 1).items()})
     Path(out_path).write_text(json.dumps(results, indent=1))
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import FAST_XLA
+
 WORKER = Path(__file__).parent / "multihost_worker.py"
 
 
@@ -18,8 +20,8 @@ def _free_port():
 
 
 def _run(nproc, devices, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_XLA}",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parent)}
     out = tmp_path / f"{nproc}.json"
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(pid), str(nproc), str(port), str(out)], env=env,
@@ -30,8 +32,8 @@ def _run(nproc, devices, tmp_path):
     return json.loads(out.read_text())
 
 
-def test_two_processes_equal_one(tmp_path):
-    one = _run(1, 8, tmp_path)
+def test_two_processes_equal_one(tmp_path, sharded):
+    one = {k.split("/", 1)[1]: v for k, v in sharded.items() if k.startswith("train/")}  # 1 process, 8 devices
     two = _run(2, 4, tmp_path)
     assert (one["processes"], two["processes"]) == (1, 2)
     for k in ("loss", "loss2"):
@@ -44,8 +46,9 @@ def test_check_cluster_with_environment_variables():
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-               "MGJAX_COORDINATOR": f"127.0.0.1:{port}", "MGJAX_NUM_PROCESSES": "2", "MGJAX_PROCESS_ID": str(pid)}
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_XLA}",
+               "JAX_PLATFORMS": "cpu", "MGJAX_COORDINATOR": f"127.0.0.1:{port}", "MGJAX_NUM_PROCESSES": "2",
+               "MGJAX_PROCESS_ID": str(pid)}
         procs.append(subprocess.Popen([sys.executable, "-m", "mgjax.cli", "check-cluster"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]

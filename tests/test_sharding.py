@@ -6,11 +6,6 @@ Tolerance for sharded vs single-device logits, loss and gradients: relative erro
 the sharded programs sum in another order).
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -21,20 +16,6 @@ from mgjax.config import MeshConfig, preset
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params
 from mgjax.sharding import abstract_mesh, param_shardings, rules_for
-
-WORKER = Path(__file__).parent / "sharded_worker.py"
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded") / "results.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(Path(__file__).parent)}
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
-
 
 @pytest.mark.parametrize("case", ["llama/8,1,1,1", "llama/2,2,2,1", "llama/1,4,2,1", "mixtral/2,1,1,4"])
 def test_sharded_equals_single_device(sharded, case):
