@@ -191,8 +191,15 @@ class Source:
         return [k for k in self.ckpt.keys() if k not in used]
 
     def array(self, spec: ParamSpec, shape: tuple[int, ...], dtype) -> np.ndarray:
-        tensors = [self.reader(k).get(k) for k in spec.torch_keys]
-        return np.asarray(spec.to_flax(tensors, shape), dtype=dtype)
+        """The parameter in mgjax layout and `dtype`; stacked ones are filled one tensor at a time."""
+        if not spec.stack:
+            k = spec.torch_keys[0]
+            return np.asarray(spec.one_to_flax(self.reader(k).get(k), shape), dtype=dtype)
+        out = np.empty(shape, dtype)
+        slices = out.reshape(-1, *shape[len(spec.stack):])
+        for i, k in enumerate(spec.torch_keys):
+            slices[i] = spec.one_to_flax(self.reader(k).get(k), shape)
+        return out
 
 
 def open_source(ckpt_dir: str | os.PathLike, vision_tower=None, vision_tower_aux=None, base_llm=None) -> Source:

@@ -71,20 +71,15 @@ class ParamSpec:
             return (math.prod(inner),)
         return inner
 
-    def to_flax(self, tensors: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-        """PyTorch layout -> mgjax layout of `shape` (dtype unchanged; shapes checked by the caller)."""
+    def one_to_flax(self, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """One PyTorch tensor -> its mgjax layout (one slice of a stacked parameter); `shape` is the
+        whole parameter's shape. Shapes are checked by the caller (`torch_shape`)."""
         inner = tuple(shape[len(self.stack):])
-
-        def one(t):
-            if self._is_conv(inner):
-                return t.transpose(2, 3, 1, 0)
-            if self.path[-1] == "kernel" or self.path[-2] == "experts":
-                return t.T.reshape(inner)
-            return t.reshape(inner)
-
-        if not self.stack:
-            return one(tensors[0])
-        return np.stack([one(t) for t in tensors]).reshape(shape)
+        if self._is_conv(inner):
+            return t.transpose(2, 3, 1, 0)
+        if self.path[-1] == "kernel" or self.path[-2] == "experts":
+            return t.T.reshape(inner)
+        return t.reshape(inner)
 
     def to_torch(self, value: np.ndarray) -> list[np.ndarray]:
         """mgjax layout -> the PyTorch tensors, in `torch_keys` order (contiguous copies)."""

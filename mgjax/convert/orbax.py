@@ -66,22 +66,29 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype) -> Iterator[dict]:
-    """Parameter groups of a few tensors each (a sub-layer, or one stacked leaf), then the unused."""
+GROUP_BYTES = 512 * 1024**2
+
+
+def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype,
+            group_bytes: int = GROUP_BYTES) -> Iterator[dict]:
+    """Parameters in groups of about `group_bytes` (a stacked parameter may be larger), then the
+    unused tensors. Each Orbax partial save has a fixed cost, so groups should not be tiny; host
+    memory holds one group (and Orbax's copy of it while it writes)."""
     def get(path):
         t = shapes
         for p in path:
             t = t[p]
         return t.shape
 
-    key, flat = None, {}
+    flat, size = {}, 0
     for s in specs:
-        k = s.path if s.stack else s.path[:3]
-        if k != key and flat:
+        shape = get(s.path)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if flat and size + nbytes > group_bytes:
             yield {"params": unflatten(flat)}
-            flat = {}
-        key = k
-        flat[s.path] = source.array(s, get(s.path), dtype)
+            flat, size = {}, 0
+        flat[s.path] = source.array(s, shape, dtype)
+        size += nbytes
     if flat:
         yield {"params": unflatten(flat)}
     unused = source.unused(specs)

@@ -1,8 +1,8 @@
 """Lazy tensor readers for safetensors (single or indexed) and torch `.bin` files.
 
 Tensors are read one at a time as NumPy arrays (bfloat16 through `ml_dtypes`), so a loader never
-holds more than one tensor beyond what it keeps. Safetensors files are memory-mapped and checked
-against their header, so a truncated download fails with the file's name instead of bad numbers.
+holds more than one tensor beyond what it keeps. Safetensors files are checked against their
+header when opened, so a truncated download fails with the file's name instead of bad numbers.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ class SafetensorsFile:
         if self._base + end > size:
             raise MGJaxError(f"{self.path}: truncated: its header needs {self._base + end} bytes, the file has "
                              f"{size}; re-download it")
-        self._mm = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -60,10 +59,14 @@ class SafetensorsFile:
         e = self._entries[key]
         if e["dtype"] not in _ST_DTYPES:
             raise MGJaxError(f"{self.path}: tensor {key!r} has unsupported dtype {e['dtype']}")
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, end = e["data_offsets"]
-        buf = self._mm[self._base + start:self._base + end]
+        # A private buffer per tensor, not a view of a memory map: mapped pages of the file would stay in
+        # this process's resident set (a 7B checkpoint's 14 GB) until the map is dropped.
+        buf = np.empty(end - start, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(memoryview(buf)) != end - start:
+                raise MGJaxError(f"{self.path}: tensor {key!r} is cut short; re-download the file")
         return buf.view(_ST_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
