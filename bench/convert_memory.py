@@ -284,6 +284,7 @@ def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool, varia
             cmd.append("--scan-layers")
     print("  $ " + " ".join(cmd), flush=True)
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    load = os.getloadavg()[0]  # other work on the machine skews wall times (recorded in the JSON)
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = Sampler(proc.pid)
@@ -306,7 +307,7 @@ def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool, varia
     peak = max(usage.ru_maxrss * 1024, traced.get("peak_hwm", 0), sampler.peak.get("VmRSS", 0))
     row = {
         "layout": "scan" if scan else "per-layer", "variant": variant or "baseline", "command": cmd,
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 1), "loadavg_1min_before": round(load, 2),
         "peak_rss_gb": round(peak / GB, 3), "ru_maxrss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
         "peak_anon_gb": round(sampler.peak.get("RssAnon", 0) / GB, 3),
         "peak_file_gb": round(sampler.peak.get("RssFile", 0) / GB, 3),
@@ -569,6 +570,8 @@ def verify(src: str, out: str, n: str = "16") -> None:
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    # The mgjax of this checkout (what `python -m mgjax.cli` with cwd=ROOT runs), not an installed one.
+    sys.path.insert(0, str(ROOT))
     if argv[:1] == ["_child"]:
         child(*argv[1:])
         return 0

@@ -27,8 +27,12 @@ def save_streaming(path: str | os.PathLike, groups: Iterable[dict]) -> None:
     path = Path(path)
     if path.exists():
         raise MGJaxError(f"{path} already exists; remove it or choose another output folder")
-    for group in groups:
-        ocp.partial.save(path, jax.tree.map(jnp.asarray, group))
+    groups = iter(groups)
+    # Not a for loop: its variable would keep the last group alive while the next one is built.
+    while (group := next(groups, None)) is not None:
+        group = jax.tree.map(jnp.asarray, group)
+        ocp.partial.save(path, group)
+        del group
     ocp.partial.finalize(path)
 
 
