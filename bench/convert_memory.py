@@ -27,7 +27,6 @@ Sizes are GB = 1e9 bytes. Needs ~2x the checkpoint size of free disk under --wor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -271,12 +270,11 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool, variant: str = "",
-                batch_mb: int = 0) -> dict:
-    if trace or variant:
+def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool) -> dict:
+    if trace:
         trace_file = out.parent / f"{out.name}.trace.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "_child", str(src), str(out), dtype,
-               "scan" if scan else "per-layer", str(trace_file), variant, str(batch_mb), "1" if trace else "0"]
+               "scan" if scan else "per-layer", str(trace_file)]
     else:
         trace_file = None
         cmd = [sys.executable, "-m", "mgjax.cli", "convert", str(src), str(out), "--dtype", dtype]
@@ -306,7 +304,7 @@ def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool, varia
     # ru_maxrss, unless the traced child reset its high-water mark (then its own record of the peak).
     peak = max(usage.ru_maxrss * 1024, traced.get("peak_hwm", 0), sampler.peak.get("VmRSS", 0))
     row = {
-        "layout": "scan" if scan else "per-layer", "variant": variant or "baseline", "command": cmd,
+        "layout": "scan" if scan else "per-layer", "command": cmd,
         "wall_s": round(wall, 1), "loadavg_1min_before": round(load, 2),
         "peak_rss_gb": round(peak / GB, 3), "ru_maxrss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
         "peak_anon_gb": round(sampler.peak.get("RssAnon", 0) / GB, 3),
@@ -321,146 +319,11 @@ def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool, varia
     return row
 
 
-# --- variants: candidate fixes, applied by monkeypatching in the child only ------------------------
-# Each is the body proposed for mgjax (see bench/README.md); `--variant a,b` measures them without
-# editing mgjax. "fix" = mmap,device_put,free,prealloc.
-
-def _patch_mmap():
-    """readers.SafetensorsFile.get: one mapping per tensor instead of one cached per file, so the
-    mapped pages leave the process (RssFile) when the caller drops the array."""
-    import numpy as np
-
-    from mgjax.convert import readers
-    from mgjax.errors import MGJaxError
-
-    def get(self, key):
-        e = self._entries[key]
-        if e["dtype"] not in readers._ST_DTYPES:
-            raise MGJaxError(f"{self.path}: tensor {key!r} has unsupported dtype {e['dtype']}")
-        dtype = readers._ST_DTYPES[e["dtype"]]
-        start, end = e["data_offsets"]
-        if end == start:
-            return np.zeros(e["shape"], dtype)
-        buf = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._base + start, shape=(end - start,))
-        return buf.view(dtype).reshape(e["shape"])
-
-    readers.SafetensorsFile.get = get
-
-
-def _patch_device_put(conv):
-    """orbax._groups: each leaf becomes a jax array as soon as it is read, with `jax.device_put`
-    (one copy; `jnp.asarray` of a NumPy array makes two and keeps both alive), so the NumPy
-    intermediate is freed before the next tensor is read."""
-    import jax
-    import numpy as np
-
-    def _groups(source, specs, shapes, dtype):
-        def get(path):
-            t = shapes
-            for p in path:
-                t = t[p]
-            return t.shape
-
-        key, flat = None, {}
-        for s in specs:
-            k = s.path if s.stack else s.path[:3]
-            if k != key and flat:
-                yield {"params": conv.unflatten(flat)}
-                flat = {}
-            key = k
-            flat[s.path] = jax.device_put(source.array(s, get(s.path), dtype))
-        if flat:
-            yield {"params": conv.unflatten(flat)}
-        unused = source.unused(specs)
-        if unused:
-            yield {"unused": conv._nest({k: jax.device_put(np.asarray(source.ckpt.get(k), dtype)) for k in unused})}
-
-    conv._groups = _groups
-
-
-def _patch_free(conv, batch_bytes: int = 0):
-    """checkpoint.save_streaming: drop each group once saved (the loop variable kept the previous
-    group alive while the next one was built); with batch_bytes > 0, merge consecutive groups up to
-    that size into one `ocp.partial.save` (each partial save re-reads the metadata of all earlier ones)."""
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint.experimental.v1 as ocp
-
-    from mgjax.errors import MGJaxError
-
-    def merge(into, tree):
-        for k, v in tree.items():
-            if isinstance(v, dict):
-                merge(into.setdefault(k, {}), v)
-            else:
-                into[k] = v
-
-    def save_streaming(path, groups):
-        path = Path(path)
-        if path.exists():
-            raise MGJaxError(f"{path} already exists; remove it or choose another output folder")
-        batch, size = {}, 0
-        for group in groups:
-            merge(batch, group)
-            size += sum(x.nbytes for x in jax.tree.leaves(group))
-            del group
-            if size >= batch_bytes:
-                ocp.partial.save(path, jax.tree.map(jnp.asarray, batch))
-                batch, size = {}, 0
-        if batch:
-            ocp.partial.save(path, jax.tree.map(jnp.asarray, batch))
-        del batch
-        ocp.partial.finalize(path)
-
-    conv.save_streaming = save_streaming
-
-
-def _patch_prealloc():
-    """names.ParamSpec.to_flax: a stacked (scanned) parameter is filled in place instead of
-    `np.stack` of a list of per-layer copies (1x instead of up to 2x the stacked size)."""
-    import numpy as np
-
-    from mgjax.convert import names
-
-    orig = names.ParamSpec.to_flax
-
-    def to_flax(self, tensors, shape):
-        if not self.stack:
-            return orig(self, tensors, shape)
-        inner = tuple(shape[len(self.stack):])
-        out = np.empty((len(tensors), *inner), tensors[0].dtype)
-        for i, t in enumerate(tensors):
-            out[i] = orig(dataclasses.replace(self, stack=()), [t], inner)
-        return out.reshape(shape)
-
-    names.ParamSpec.to_flax = to_flax
-
-
-VARIANTS = ("mmap", "device_put", "free", "prealloc", "batch")
-
-
-def apply_variants(conv, variants: list[str], batch_mb: int) -> None:
-    if "fix" in variants:
-        variants = [v for v in variants if v != "fix"] + ["mmap", "device_put", "free", "prealloc"]
-    if "mmap" in variants:
-        _patch_mmap()
-    if "device_put" in variants:
-        _patch_device_put(conv)
-    if "free" in variants or "batch" in variants:
-        _patch_free(conv, batch_mb * 10**6 if "batch" in variants else 0)
-    if "prealloc" in variants:
-        _patch_prealloc()
-
-
-def child(src: str, out: str, dtype: str, layout: str, trace_file: str, variant: str = "", batch_mb: str = "0",
-          trace: str = "1") -> None:
-    """`_child`: mgjax's convert after applying the `variant` patches (none by default), recording
-    RSS around every parameter group; with `trace` "1" also the peak within each group (VmHWM)."""
+def child(src: str, out: str, dtype: str, layout: str, trace_file: str) -> None:
+    """`_child`: mgjax's convert, recording RSS around every parameter group and the peak within
+    each group (VmHWM)."""
     import mgjax.convert.orbax as conv
 
-    trace_groups = trace == "1"
-
-    apply_variants(conv, [v for v in variant.split(",") if v], int(batch_mb))
     records, groups = [], conv._groups
     clear = Path("/proc/self/clear_refs")
 
@@ -470,11 +333,10 @@ def child(src: str, out: str, dtype: str, layout: str, trace_file: str, variant:
         """Per-group peaks: VmHWM back to the current RSS. This also resets the ru_maxrss the parent
         reads, so the overall peak is kept here and reported in the trace file."""
         top["hwm"] = max(top["hwm"], (_status(os.getpid()) or {}).get("VmHWM", 0))
-        if trace_groups:
-            try:
-                clear.write_text("5")
-            except OSError:
-                pass
+        try:
+            clear.write_text("5")
+        except OSError:
+            pass
 
     def names(tree, prefix=""):
         for k, v in tree.items():
@@ -587,9 +449,6 @@ def main(argv=None) -> int:
     p.add_argument("--skip-scan", action="store_true", help="measure only the per-layer layout")
     p.add_argument("--skip-per-layer", action="store_true", help="measure only the scanned layout")
     p.add_argument("--trace", action="store_true", help="record memory around every parameter group")
-    p.add_argument("--variant", default="", help=f"comma list of candidate fixes to apply in the child: "
-                   f"{', '.join(VARIANTS)}, or fix (= mmap,device_put,free,prealloc); default none (the CLI)")
-    p.add_argument("--batch-mb", type=int, default=1000, help="group merge size for --variant batch (1e6 B)")
     p.add_argument("--no-verify", action="store_true", help="skip the bit-for-bit check of sampled outputs")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--shard-gb", type=float, default=5.0, help="shard size limit of the synthetic checkpoint (1e9 B)")
@@ -630,8 +489,7 @@ def main(argv=None) -> int:
             if shutil.disk_usage(work).free < need:
                 sys.exit(f"{work}: not enough free disk for the output ({need / GB:.1f} GB)")
             print(f"converting ({'scan' if scan else 'per-layer'} layout)", flush=True)
-            row = run_convert(src, out, scan, args.dtype, args.trace, args.variant,
-                              args.batch_mb if "batch" in args.variant else 0)
+            row = run_convert(src, out, scan, args.dtype, args.trace)
             row["throughput_gb_s"] = round(info["total_bytes"] / GB / row["wall_s"], 3)
             if not args.no_verify:
                 v = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_verify", str(src), str(out)],
@@ -653,20 +511,20 @@ def main(argv=None) -> int:
             if made_workdir:
                 shutil.rmtree(work, ignore_errors=True)
 
-    head = (f"{'config':<10} {'layout':<10} {'variant':<12} {'wall s':>7} {'peak RSS GB':>12} {'anon GB':>8} "
+    head = (f"{'config':<10} {'layout':<10} {'wall s':>7} {'peak RSS GB':>12} {'anon GB':>8} "
             f"{'file GB':>8} {'output GB':>10} {'GB/s':>6}")
     print()
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{args.shape:<10} {r['layout']:<10} {r['variant'][:12]:<12} {r['wall_s']:>7.1f} "
+        print(f"{args.shape:<10} {r['layout']:<10} {r['wall_s']:>7.1f} "
               f"{r['peak_rss_gb']:>12.2f} "
               f"{r['peak_anon_gb']:>8.2f} {r['peak_file_gb']:>8.2f} {r['output_gb']:>10.2f} "
               f"{r['throughput_gb_s']:>6.3f}")
     from importlib.metadata import version
 
     result = {
-        "benchmark": "convert_memory", "shape": args.shape, "dtype": args.dtype, "variant": args.variant or "baseline",
+        "benchmark": "convert_memory", "shape": args.shape, "dtype": args.dtype,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": [sys.executable, *sys.argv],
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
                  "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB, 1)},
