@@ -248,7 +248,7 @@ def load_params(config: MGMConfig, shapes: dict, ckpt, towers: dict, dtype, shar
     for s in source.plan(shapes):
         host = source.array(s, _get(shapes, s.path).shape, dtype)
         if shardings is None:
-            flat[s.path] = jax.numpy.asarray(host)
+            flat[s.path] = jax.device_put(host)  # one copy (jnp.asarray makes two)
         else:
             flat[s.path] = jax.make_array_from_callback(host.shape, _get(shardings, s.path), lambda i: host[i])
     return unflatten(flat)

@@ -73,7 +73,7 @@ def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype,
             group_bytes: int = GROUP_BYTES) -> Iterator[dict]:
     """Parameters in groups of about `group_bytes` (a stacked parameter may be larger), then the
     unused tensors. Each Orbax partial save has a fixed cost, so groups should not be tiny; host
-    memory holds one group (and Orbax's copy of it while it writes)."""
+    memory holds one group as jax arrays, plus the NumPy array of the parameter being read."""
     def get(path):
         t = shapes
         for p in path:
@@ -87,13 +87,16 @@ def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype,
         if flat and size + nbytes > group_bytes:
             yield {"params": unflatten(flat)}
             flat, size = {}, 0
-        flat[s.path] = source.array(s, shape, dtype)
+        # A jax array at once (one copy, waited for): a group of NumPy arrays converted only when saved
+        # peaks higher (7B scanned layout: 8.3 GB instead of 6.1 GB).
+        flat[s.path] = jax.block_until_ready(jax.device_put(source.array(s, shape, dtype)))
         size += nbytes
     if flat:
         yield {"params": unflatten(flat)}
     unused = source.unused(specs)
     if unused:
-        yield {"unused": _nest({k: np.asarray(source.ckpt.get(k), dtype) for k in unused})}
+        yield {"unused": _nest({k: jax.block_until_ready(jax.device_put(np.asarray(source.ckpt.get(k), dtype)))
+                                for k in unused})}
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16", vision_tower=None,
