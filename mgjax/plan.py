@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import jax
 import numpy as np
 
 from mgjax.config import MeshConfig, MGMConfig
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params
-from mgjax.sharding import BATCH_AXES, Rules, abstract_mesh, param_shardings
+from mgjax.sharding import BATCH_AXES, Rules, abstract_mesh, bytes_per_device, param_shardings
 
 GiB = 1024**3
 # Usable accelerator memory per chip (HBM), GiB.
@@ -93,12 +92,7 @@ def plan(config: MGMConfig, mesh: MeshConfig, num_devices: int, job: Job, rules:
     shardings = param_shardings(boxed, amesh, rules)
 
     def per_device(top_keys, itemsize, negate=False):
-        total = 0
-        for key in shapes:
-            if (key in top_keys) != negate:
-                for a, sh in zip(jax.tree.leaves(shapes[key]), jax.tree.leaves(shardings[key])):
-                    total += int(np.prod(sh.shard_shape(a.shape))) * itemsize
-        return total
+        return sum(bytes_per_device(shapes[k], shardings[k], itemsize) for k in shapes if (k in top_keys) != negate)
 
     trainable = TRAINABLE[job.stage]
     batch_shards = int(np.prod([amesh.shape[a] for a in BATCH_AXES]))

@@ -124,10 +124,11 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), rules))
 
 
-def bytes_per_device(abstract: Any, shardings: Any) -> int:
-    """Bytes each device holds of a tree of ShapeDtypeStructs laid out by `shardings`."""
+def bytes_per_device(abstract: Any, shardings: Any, itemsize: int | None = None) -> int:
+    """Bytes each device holds of a tree of ShapeDtypeStructs laid out by `shardings`, at the
+    leaves' dtypes or at `itemsize` bytes per element."""
     total = 0
     for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
         shard = s.shard_shape(a.shape)
-        total += int(np.prod(shard)) * np.dtype(a.dtype).itemsize
+        total += int(np.prod(shard)) * (itemsize or np.dtype(a.dtype).itemsize)
     return total
