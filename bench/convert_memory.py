@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args(argv)
 
-    from mgjax.config import preset
+    from mgjax.presets import preset
 
     config = preset(args.shape)
     if config.lm.scan_layers:

@@ -1,6 +1,7 @@
 """mgjax: Mini-Gemini (MGM) in JAX/Flax."""
 
-from mgjax.config import CLIPConfig, ConvNextConfig, LMConfig, MGMConfig, PRESETS, preset
+from mgjax.config import CLIPConfig, ConvNextConfig, LMConfig, MGMConfig
+from mgjax.presets import PRESETS, preset
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM
 from mgjax.pretrained import Pretrained, load_pretrained

@@ -9,35 +9,53 @@ from mgjax.errors import MGJaxError
 
 
 def _add_tower_args(p: argparse.ArgumentParser):
-    p.add_argument("--vision-tower", help="CLIP tower folder (overrides config.json's mm_vision_tower)")
-    p.add_argument("--vision-tower-aux", help="OpenCLIP ConvNeXt folder (overrides mm_vision_tower_aux)")
+    p.add_argument("--vision-tower", metavar="DIR",
+                   help="CLIP tower folder (overrides config.json's mm_vision_tower; only needed when the "
+                        "checkpoint lacks the tower weights)")
+    p.add_argument("--vision-tower-aux", metavar="DIR",
+                   help="OpenCLIP ConvNeXt tower folder (overrides config.json's mm_vision_tower_aux)")
+    p.add_argument("--base-llm", metavar="DIR",
+                   help="base LLM checkpoint folder, for a stage-1 release (mm_projector.bin)")
+
+
+def _add_template_arg(p: argparse.ArgumentParser):
+    from mgjax.data.templates import TEMPLATES
+
+    p.add_argument("--template", choices=list(TEMPLATES),
+                   help="conversation template (default: read from the checkpoint: tokenizer special tokens, "
+                        "model family, folder name)")
 
 
 def cmd_predict(args) -> int:
     """Next-token prediction for one image and question: the quickest end-to-end check of a checkpoint."""
+    from pathlib import Path
+
     import jax
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
     import mgjax
+    from mgjax.data.image import load_image
+    from mgjax.data.tokenize import load_tokenizer
+    from mgjax.model import merged_lengths
 
+    # The cheap checks first: a bad image or missing tokenizer must not wait for the weights to load.
+    if not Path(args.checkpoint).is_dir():
+        raise MGJaxError(f"{args.checkpoint}: checkpoint folder not found")
+    image = load_image(args.image)
+    load_tokenizer(args.base_llm or args.checkpoint)
     model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, vision_tower=args.vision_tower,
-                                  vision_tower_aux=args.vision_tower_aux)
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise MGJaxError(f"{args.image}: cannot open the image ({e})") from None
+                                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm,
+                                  template=args.template)
     images, images_aux = model.preprocess(image)
-    prompt = model.build_prompt(args.question, args.template)
+    prompt = model.build_prompt(args.question)
     ids = model.tokenize(prompt)[None]
-    logits = np.asarray(model.logits(ids, images[None], images_aux[None]))[0, -1]
+    c = model.config
+    last = int(merged_lengths(ids, np.ones_like(ids), c.tokens_per_image)[0]) - 1
+    logits = np.asarray(model.logits(ids, images[None], images_aux[None]))[0, last]
     probs = np.asarray(jax.nn.softmax(logits))
     top = np.argsort(-logits)[:args.top_k]
-    c = model.config
-    print(f"model: {c.lm.family}, {c.lm.num_layers} layers, hidden {c.lm.hidden_size}, template {c.template}; "
-          f"{ids.shape[1]} prompt ids -> {logits.shape[0]}-way logits at position "
-          f"{ids.shape[1] - 1 + c.tokens_per_image - 1}")
+    print(f"model: {c.lm.family}, {c.lm.num_layers} layers, hidden {c.lm.hidden_size}, template {c.template} "
+          f"({model.template_evidence}); {ids.shape[1]} prompt ids -> {logits.shape[0]}-way logits at position {last}")
     print(f"prompt: {prompt!r}")
     print("next token:")
     for i in top:
@@ -76,7 +94,8 @@ def _config_arg(text: str):
     import json
     from pathlib import Path
 
-    from mgjax.config import PRESETS, MGMConfig
+    from mgjax.config import MGMConfig
+    from mgjax.presets import PRESETS
     from mgjax.convert.orbax import is_mgjax_checkpoint, read_meta
 
     if text in PRESETS:
@@ -133,16 +152,29 @@ def cmd_check_cluster(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other bad input (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mgjax", description="Mini-Gemini (MGM) in JAX/Flax")
+    parser = _Parser(prog="mgjax", description="Mini-Gemini (MGM) in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="next-token prediction for one image and question")
-    p.add_argument("checkpoint", help="released-layout MGM checkpoint folder")
-    p.add_argument("--image", required=True)
-    p.add_argument("--question", default="What is unusual about this image?")
-    p.add_argument("--template", help="conversation template (default: the checkpoint's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("checkpoint", help="MGM checkpoint folder (released layout or written by mgjax convert)")
+    p.add_argument("--image", required=True, help="image file (any format PIL reads)")
+    p.add_argument("--question", default="What is unusual about this image?", help="the user's question")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="how many next tokens to print")
+    _add_template_arg(p)
     _add_tower_args(p)
     p.set_defaults(func=cmd_predict)
 
@@ -151,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="new output folder")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--scan-layers", action="store_true", help="stack decoder layers for nn.scan")
-    p.add_argument("--base-llm", help="base LLM checkpoint folder, for a stage-1 release")
     _add_tower_args(p)
     p.set_defaults(func=cmd_convert)
 
@@ -164,14 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="per-device memory of a training job on a mesh (nothing is allocated)")
     p.add_argument("config", help="preset name (e.g. MGM-34B-HD) or checkpoint folder")
     p.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=64,tensor=2 (axes data, fsdp, tensor, expert)")
-    p.add_argument("--devices", type=int, help="device count (needed when an axis is -1)")
+    p.add_argument("--devices", type=_positive_int, help="device count (needed when an axis is -1)")
     p.add_argument("--chip", help="v4, v5e, v5p, v6e, a100-40g, a100-80g, h100, h200: say whether it fits")
     p.add_argument("--rules", default="fsdp_tp_ep", help="sharding rule preset: dp, fsdp, fsdp_tp, fsdp_tp_ep")
-    p.add_argument("--stage", type=int, choices=[1, 2])
-    p.add_argument("--batch", type=int, help="global batch (default: the recipe's, 256 / 128)")
-    p.add_argument("--seq", type=int, help="merged sequence length (default: tokenizer_model_max_length)")
-    p.add_argument("--accum", type=int, help="gradient accumulation steps")
-    p.add_argument("--remat", choices=["full", "dots", "none"])
+    p.add_argument("--stage", type=int, choices=[1, 2], help="training stage: 1 (projector and mining) or 2 "
+                   "(+ the LLM); default 2")
+    p.add_argument("--batch", type=_positive_int, help="global batch (default: the recipe's, 256 / 128)")
+    p.add_argument("--seq", type=_positive_int, help="merged sequence length (default: tokenizer_model_max_length)")
+    p.add_argument("--accum", type=_positive_int, help="gradient accumulation steps")
+    p.add_argument("--remat", choices=["full", "dots", "none"], help="activation rematerialisation policy "
+                   "(default full)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("check-cluster", help="join a multi-host job and check collectives over every device")

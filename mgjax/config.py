@@ -1,8 +1,8 @@
-"""Frozen model configs, their construction from released `config.json` files, and presets.
+"""Frozen model configs and their construction from released `config.json` files.
 
 A released MGM `config.json` is the base LLM's HF config plus the `mm_*` / `image_*` keys
-(MGM_SPEC section 1). The tower architectures are not in it: they come from the tower folders
-(`CLIPConfig.from_hf`, `ConvNextConfig.from_open_clip`) or from the released presets below.
+(docs/mgm_spec.md section 1). The tower architectures are not in it: they come from the tower folders
+(`CLIPConfig.from_hf`, `convnext_from_open_clip`) or from the released presets (`mgjax.presets`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from mgjax.data.templates import TEMPLATES
 from mgjax.errors import MGJaxError
+from mgjax.families import ARCHS, detect_template
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 
-FAMILIES = ("llama", "gemma", "mixtral")
+FAMILIES = tuple(ARCHS)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-TEMPLATES = ("vicuna_v1", "gemma", "mistral_instruct", "chatml_direct", "llama_3", "plain")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ConvNextConfig:
     dims: tuple[int, ...] = (192, 384, 768, 1536)
     norm_eps: float = 1e-6
     # Stochastic depth of the released training recipe; only active when the tower runs with
-    # `deterministic=False` (MGM_SPEC section 4: inference is deterministic).
+    # `deterministic=False` (docs/mgm_spec.md section 4: inference is deterministic).
     drop_path_rate: float = 0.1
 
     @property
@@ -125,14 +126,22 @@ class LMConfig:
     # "gelu" is exact (erf) GELU, "gelu_tanh" the tanh approximation (Gemma: see `from_hf`).
     activation: str = "silu"
     tie_word_embeddings: bool = False
-    # Gemma multiplies the input embeddings by sqrt(hidden_size).
-    scale_embeddings: bool = False
     num_experts: int = 0
     num_experts_per_tok: int = 0
     max_position_embeddings: int = 4096
     # Layout, not architecture: decoder layers under one `nn.scan` with parameters stacked on a leading
     # `layers` axis (`llm/layers/...`) instead of `llm/layers_{i}/...`. Checkpoints record it.
     scan_layers: bool = False
+
+    @property
+    def gemma_norm(self) -> bool:
+        """RMSNorm scales by (1 + w) (Gemma)."""
+        return ARCHS[self.family].gemma_norm
+
+    @property
+    def scale_embeddings(self) -> bool:
+        """The input embeddings are multiplied by sqrt(hidden_size) (Gemma)."""
+        return ARCHS[self.family].scale_embeddings
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -152,6 +161,7 @@ class LMConfig:
     def from_hf(cls, d: Mapping[str, Any]) -> "LMConfig":
         """From an HF LLM config (the LLM part of a released MGM `config.json`)."""
         family = family_of(d)
+        arch = ARCHS[family]
         # transformers >= 5 writes RoPE settings as `rope_parameters` (theta and scaling in one dict);
         # released MGM config.json files (transformers 4.x) have top-level `rope_theta` / `rope_scaling`.
         rope = d.get("rope_parameters") or {}
@@ -165,7 +175,7 @@ class LMConfig:
             # `hidden_activation`, when present, is the explicit choice of later versions.
             act = d.get("hidden_activation") or d.get("hidden_act", "gelu")
         else:
-            act = d.get("hidden_act", "silu")
+            act = d.get("hidden_act", arch.activation)
         act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
         return cls(
             family=family,
@@ -177,10 +187,9 @@ class LMConfig:
             head_dim=d.get("head_dim") or hidden // heads,
             intermediate_size=d["intermediate_size"],
             rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            norm_eps=float(d.get("rms_norm_eps", 1e-6 if family == "gemma" else 1e-5)),
+            norm_eps=float(d.get("rms_norm_eps", arch.norm_eps)),
             activation=act,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", family == "gemma")),
-            scale_embeddings=family == "gemma",
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", arch.tie_word_embeddings)),
             num_experts=d.get("num_local_experts", 0) if family == "mixtral" else 0,
             num_experts_per_tok=d.get("num_experts_per_tok", 0) if family == "mixtral" else 0,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
@@ -238,7 +247,7 @@ class MGMConfig:
             (not self.image_global or self.image_grid > 1, "image_global needs image_grid > 1"),
             (-v.num_layers - 1 <= self.select_layer <= v.num_layers,
              f"mm_vision_select_layer {self.select_layer} for a {v.num_layers}-layer CLIP"),
-            (self.template in TEMPLATES, f"template {self.template!r} is not one of {TEMPLATES}"),
+            (self.template in TEMPLATES, f"template {self.template!r} is not one of {', '.join(TEMPLATES)}"),
         ]
         for ok, what in checks:
             if not ok:
@@ -276,10 +285,12 @@ class MGMConfig:
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], vision: CLIPConfig | None = None,
-                vision_aux: ConvNextConfig | None = None) -> "MGMConfig":
+                vision_aux: ConvNextConfig | None = None, template: str | None = None) -> "MGMConfig":
         """From a released MGM `config.json` (as a dict) plus the tower configs.
 
-        Towers left None take the released architectures (CLIP ViT-L/14-336, ConvNeXt-L).
+        Towers left None take the released architectures (CLIP ViT-L/14-336, ConvNeXt-L). `template`
+        None takes the one the model family implies (`families.detect_template` without a tokenizer
+        or folder name; loaders pass what they detect from the checkpoint's files).
         """
         lm = LMConfig.from_hf(d)
         if "mm_hidden_size" not in d:
@@ -301,7 +312,7 @@ class MGMConfig:
             image_aspect_ratio=d.get("image_aspect_ratio", "pad"),
             max_length=d.get("tokenizer_model_max_length") or 2048,
             padding_side=d.get("tokenizer_padding_side", "right"),
-            template=guess_template(lm),
+            template=template or detect_template(lm.family, None, ())[0],
             vision_tower=d.get("mm_vision_tower", ""),
             vision_tower_aux=d.get("mm_vision_tower_aux", ""),
         )
@@ -348,80 +359,11 @@ def config_to_dict(config: MGMConfig) -> dict:
 def config_from_dict(d: Mapping[str, Any]) -> MGMConfig:
     try:
         fields = dict(d)
-        fields["lm"] = LMConfig(**fields["lm"])
+        # mgjax <= 0.1 stored the family-derived `scale_embeddings` as a field
+        fields["lm"] = LMConfig(**{k: v for k, v in fields["lm"].items() if k != "scale_embeddings"})
         fields["vision"] = CLIPConfig(**fields["vision"])
         aux = dict(fields["vision_aux"])
         fields["vision_aux"] = ConvNextConfig(**{**aux, "depths": tuple(aux["depths"]), "dims": tuple(aux["dims"])})
         return MGMConfig(**fields)
     except (KeyError, TypeError) as e:
         raise MGJaxError(f"mgjax_config.json: not a config this version of mgjax can read ({e})") from None
-
-
-def guess_template(lm: LMConfig) -> str:
-    """The conversation template the released model of this LLM was trained with."""
-    if lm.family == "gemma":
-        return "gemma"
-    if lm.family == "mixtral":
-        return "mistral_instruct"
-    return {128256: "llama_3", 64000: "chatml_direct"}.get(lm.vocab_size, "vicuna_v1")
-
-
-# --- presets -------------------------------------------------------------------------------------
-
-LM_PRESETS = {
-    # exact GELU: MGM-2B was trained with transformers 4.39, where `hidden_act="gelu"` was erf GELU.
-    "gemma-2b-it": LMConfig(family="gemma", vocab_size=256000, hidden_size=2048, num_layers=18, num_heads=8,
-                            num_kv_heads=1, head_dim=256, intermediate_size=16384, norm_eps=1e-6,
-                            activation="gelu", tie_word_embeddings=True, scale_embeddings=True,
-                            max_position_embeddings=8192),
-    "vicuna-7b-v1.5": LMConfig(),
-    "vicuna-13b-v1.5": LMConfig(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40,
-                                intermediate_size=13824),
-    "llama-3-8b-instruct": LMConfig(vocab_size=128256, num_kv_heads=8, intermediate_size=14336,
-                                    rope_theta=500000.0, max_position_embeddings=8192),
-    "mixtral-8x7b-instruct-v0.1": LMConfig(family="mixtral", num_kv_heads=8, intermediate_size=14336,
-                                           rope_theta=1e6, num_experts=8, num_experts_per_tok=2,
-                                           max_position_embeddings=32768),
-    "nous-hermes-2-yi-34b": LMConfig(vocab_size=64000, hidden_size=7168, num_layers=60, num_heads=56,
-                                     num_kv_heads=8, intermediate_size=20480, rope_theta=5e6),
-}
-
-_RELEASES = {  # name: (LLM preset, has an HD variant, has a stage-1 release)
-    "MGM-2B": ("gemma-2b-it", False, True),
-    "MGM-7B": ("vicuna-7b-v1.5", True, True),
-    "MGM-13B": ("vicuna-13b-v1.5", True, True),
-    "MGM-8B": ("llama-3-8b-instruct", True, False),
-    "MGM-8x7B": ("mixtral-8x7b-instruct-v0.1", True, True),
-    "MGM-34B": ("nous-hermes-2-yi-34b", True, True),
-}
-
-
-def _release(lm_name: str, hd: bool, stage1: bool = False) -> MGMConfig:
-    lm = LM_PRESETS[lm_name]
-    template = guess_template(lm)
-    if stage1 and template not in ("gemma", "llama_3"):
-        template = "plain"
-    return MGMConfig(lm=lm, image_size_aux=1536 if hd else 768, image_grid=2 if hd else 1, image_global=hd,
-                     max_length=4096 if hd else 2048, template=template)
-
-
-def _presets() -> dict[str, MGMConfig]:
-    out = {}
-    for name, (lm, hd, stage1) in _RELEASES.items():
-        out[name] = _release(lm, False)
-        if hd:
-            out[f"{name}-HD"] = _release(lm, True)
-        if stage1:
-            out[f"{name}-Pretrain"] = _release(lm, False, stage1=True)
-    return out
-
-
-PRESETS: dict[str, MGMConfig] = _presets()
-
-
-def preset(name: str) -> MGMConfig:
-    """A released model's config by name (`MGM-7B`, `MGM-34B-HD`, `MGM-13B-Pretrain`, ...)."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise MGJaxError(f"no preset {name!r}; known: {', '.join(PRESETS)}") from None

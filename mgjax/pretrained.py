@@ -1,8 +1,8 @@
-"""`load_pretrained` and `Pretrained`: a released MGM checkpoint, ready to run (DESIGN section 2)."""
+"""`load_pretrained` and `Pretrained`: a released MGM checkpoint, ready to run."""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 import os
 import warnings
@@ -18,12 +18,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mgjax.config import IMAGE_TOKEN_INDEX, MGMConfig
 from mgjax.convert import orbax as mgjax_ckpt
 from mgjax.convert.load import load_params, open_source
-from mgjax.data.image import preprocess_image
-from mgjax.data.templates import build_prompt
-from mgjax.data.tokenize import tokenize_with_images
+from mgjax.data.image import ImageLike, preprocess_image
+from mgjax.data.templates import build_prompt, get_template
+from mgjax.data.tokenize import has_tokenizer, load_tokenizer, tokenize_with_images
 from mgjax.errors import MGJaxError
+from mgjax.families import detect_template
 from mgjax.model import MGM, abstract_params, merged_lengths
 from mgjax.sharding import BATCH_AXES, DEFAULT_RULES, Rules, activate, batch_sharding, param_shardings
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Preprocessed pixels lie in [-1.8, 2.2] (CLIP normalisation of [0, 1]); far beyond is raw pixels.
+PIXEL_LIMIT = 10.0
+
+
+def length_bucket(n: int, limit: int) -> int:
+    """The compiled sequence length serving `n` tokens: the next of 64, 96, 128, 192, 256, ... (two per
+    octave, at most a third wasted), capped at `limit`."""
+    b = 64
+    while b < n:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    return min(b, limit)
 
 
 @dataclass
@@ -37,27 +51,20 @@ class Pretrained:
     tokenizer_path: Path | None = None  # where the tokenizer files are, when not in `path`
     mesh: Mesh | None = None
     rules: Rules = DEFAULT_RULES
+    template_evidence: str = ""  # why config.template was chosen (families.TEMPLATE_ORDER)
+    _tokenizer: Any = field(default=None, repr=False)
     _jitted: dict = field(default_factory=dict, repr=False)
 
-    @functools.cached_property
+    @property
     def tokenizer(self):
-        import transformers
+        """From the checkpoint's own files (or the base LLM's, for a stage-1 release); never the network."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path or self.path)
+        return self._tokenizer
 
-        try:
-            # transformers warns that model_type "mgm" is unknown to it: harmless for tokenizers.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                verbosity = transformers.logging.get_verbosity()
-                transformers.logging.set_verbosity_error()
-                try:
-                    return transformers.AutoTokenizer.from_pretrained(str(self.tokenizer_path or self.path))
-                finally:
-                    transformers.logging.set_verbosity(verbosity)
-        except (OSError, ValueError) as e:
-            raise MGJaxError(f"{self.tokenizer_path or self.path}: no usable tokenizer files ({e})") from None
-
-    def preprocess(self, image) -> tuple[np.ndarray, np.ndarray]:
-        """One PIL image -> (images, images_aux) NHWC without batch axis, as the original builds them."""
+    def preprocess(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
+        """One image (PIL, uint8 NumPy H x W x 3, or a path) -> (images, images_aux) NHWC without batch
+        axis, exactly as the original builds them."""
         return preprocess_image(image, self.config)
 
     def build_prompt(self, question: str, template: str | None = None) -> str:
@@ -68,30 +75,30 @@ class Pretrained:
         """Prompt text with `<image>` markers -> int ids with -200 placeholders."""
         return np.asarray(tokenize_with_images(self.tokenizer, prompt), np.int32)
 
-    def logits(self, input_ids, images, images_aux, attention_mask=None) -> jax.Array:
-        """float32 logits [B, L, V] over the merged (text + visual) sequence, padded on the
-        config's side like the original; L = the longest merged row, capped at `config.max_length`.
+    def logits(self, input_ids, images, images_aux, attention_mask=None, *, truncate: bool = False) -> jax.Array:
+        """float32 logits [B, L, V] over the merged (text + visual) sequence, padded on the config's side
+        like the original; L = the longest merged row.
 
         input_ids int [B, T] with -200 at image positions; images [n, h, w, 3] (HD: [n, V, h, w, 3],
-        global view last); images_aux [n, S, S, 3]; attention_mask [B, T], 1 = real token.
+        global view last) as `preprocess` makes them; images_aux [n, S, S, 3]; attention_mask [B, T],
+        1 = real token. A merged row longer than `config.max_length` is an error, or with
+        `truncate=True` cut to it (as the original does) with a warning.
         """
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise MGJaxError(f"input_ids must be an int array [B, T], got {ids.dtype} {ids.shape}")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        if mask.shape != ids.shape:
-            raise MGJaxError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
-        images, images_aux = self._check_images(ids, mask, images, images_aux)
-        c = self.config
-        length = int(min(merged_lengths(ids, mask, c.tokens_per_image).max(), c.max_length))
-        if length not in self._jitted:
-            self._jitted[length] = jax.jit(
-                lambda p, i, im, aux, m: self.module.apply({"params": p}, i, im, aux, m, length=length)[0])
-        inputs = (np.asarray(ids, np.int32), images, images_aux, np.asarray(mask, np.int32))
+        ids, mask, images, images_aux, length = self._check_inputs(input_ids, images, images_aux, attention_mask,
+                                                                   truncate)
+        # Prompts of any length run through a few compiled programs: the merged length is bucketed and
+        # the padding (masked, after every real token) sliced off again.
+        bucket = length_bucket(length, self.config.max_length)
+        if bucket not in self._jitted:
+            self._jitted[bucket] = jax.jit(
+                lambda p, i, im, aux, m: self.module.apply({"params": p}, i, im, aux, m, length=bucket)[0])
+        inputs = (ids, images, images_aux, mask)
         if self.mesh is None:
-            return self._jitted[length](self.params, *inputs)
-        with activate(self.mesh, self.rules):
-            return self._jitted[length](self.params, *(self._place(x) for x in inputs))
+            out = self._jitted[bucket](self.params, *inputs)
+        else:
+            with activate(self.mesh, self.rules):
+                out = self._jitted[bucket](self.params, *(self._place(x) for x in inputs))
+        return out[:, :length] if self.config.padding_side == "right" else out[:, bucket - length:]
 
     def _place(self, x):
         """A batch array onto the mesh: split like `act_batch` when the batch divides, else replicated."""
@@ -100,9 +107,47 @@ class Pretrained:
             s = NamedSharding(self.mesh, PartitionSpec())
         return jax.device_put(x, s)
 
+    def _check_inputs(self, input_ids, images, images_aux, attention_mask, truncate: bool):
+        """The inputs as int32 / float32 arrays and the merged length, after checking everything that
+        would otherwise fail inside the program or silently give garbage (out-of-vocabulary ids give NaN)."""
+        c = self.config
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise MGJaxError(f"input_ids must be an int array [B, T], got {ids.dtype} {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise MGJaxError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+        bad = np.argwhere((mask != 0) & (mask != 1))
+        if len(bad):
+            r, t = bad[0]
+            raise MGJaxError(f"attention_mask[{r}, {t}] = {mask[r, t]}: the mask holds 1 (token) or 0 (padding)")
+        bad = np.argwhere((mask == 1) & (ids != IMAGE_TOKEN_INDEX) & ((ids < 0) | (ids >= c.lm.vocab_size)))
+        if len(bad):
+            r, t = bad[0]
+            raise MGJaxError(f"input_ids[{r}, {t}] = {ids[r, t]} is not a token id of this model (0..{c.lm.vocab_size - 1}; "
+                             f"{IMAGE_TOKEN_INDEX} marks an image)")
+        images, images_aux = self._check_images(ids, mask, images, images_aux)
+        merged = merged_lengths(ids, mask, c.tokens_per_image)
+        row = int(np.argmax(merged))
+        if merged[row] > c.max_length:
+            what = (f"prompt row {row} is {merged[row]} tokens long with its images expanded, more than the model's "
+                    f"maximum length {c.max_length}")
+            if not truncate:
+                raise MGJaxError(f"{what}; shorten it, or pass truncate=True to cut it like the original does")
+            warnings.warn(f"{what}: truncated to {c.max_length}", stacklevel=3)
+        length = int(min(merged[row], c.max_length))
+        return ids.astype(np.int32), mask.astype(np.int32), images, images_aux, length
+
     def _check_images(self, ids, mask, images, images_aux):
         c = self.config
-        images, images_aux = np.asarray(images, np.float32), np.asarray(images_aux, np.float32)
+        images, images_aux = np.asarray(images), np.asarray(images_aux)
+        for name, x in (("images", images), ("images_aux", images_aux)):
+            if not np.issubdtype(x.dtype, np.floating):
+                raise MGJaxError(f"{name} are {x.dtype}: pass the preprocessed float pixels that "
+                                 "Pretrained.preprocess() (use preprocess()) makes from an image")
+            if not np.isfinite(x).all() or np.abs(x).max(initial=0) > PIXEL_LIMIT:
+                raise MGJaxError(f"{name} hold values in [{x.min():.3g}, {x.max():.3g}], far outside the "
+                                 "preprocessed range (about -1.8 .. 2.2): raw pixels? use preprocess()")
         s, sa = c.image_size, c.image_size_aux
         want = (s, s, 3) if c.num_views == 1 else (c.num_views, s, s, 3)
         if images.shape[1:] != want:
@@ -112,15 +157,15 @@ class Pretrained:
             raise MGJaxError(f"images_aux must be [{images.shape[0]}, {sa}, {sa}, 3], got {images_aux.shape}")
         per_row = ((ids == IMAGE_TOKEN_INDEX) & (mask != 0)).sum(1)
         needed = int(np.maximum(per_row, 1).sum())
-        if needed > images.shape[0]:
-            raise MGJaxError(f"the prompts need {needed} images (one per <image> marker, one per row without "
-                             f"a marker) but {images.shape[0]} were given")
-        return images, images_aux
+        if needed != images.shape[0]:
+            raise MGJaxError(f"the prompts need {needed} images (one per <image> marker, and one for each row "
+                             f"without a marker, as in the original) but {images.shape[0]} were given")
+        return images.astype(np.float32), images_aux.astype(np.float32)
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_tower: str | os.PathLike | None = None,
                     vision_tower_aux: str | os.PathLike | None = None, base_llm: str | os.PathLike | None = None,
-                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Pretrained:
+                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, template: str | None = None) -> Pretrained:
     """Loads an MGM checkpoint folder: the released layout (config.json plus safetensors or .bin
     shards), a stage-1 release (`mm_projector.bin`, with `base_llm` = the base LLM checkpoint folder),
     or a folder written by `mgjax convert`.
@@ -130,23 +175,39 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
     parent folder) or given by `vision_tower` / `vision_tower_aux`. Every parameter is filled; any
     checkpoint tensor that maps nowhere (beyond the documented ignore list) is an error.
 
+    `template` names the conversation template; None reads it from the checkpoint (see
+    `families.detect_template`; an mgjax checkpoint records the one chosen when it was converted).
     With a `mesh`, every parameter goes straight into its shards (laid out by `rules`), and
     `logits` runs sharded over that mesh.
     """
-    path = Path(path)
+    path = Path(path).expanduser().resolve()  # a later chdir must not change what the model reads
     if not path.is_dir():
         raise MGJaxError(f"{path}: checkpoint folder not found")
+    if dtype not in DTYPES:
+        raise MGJaxError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if template is not None:
+        get_template(template)
     dt = jnp.dtype(dtype)
+    tokenizer = None
     if mgjax_ckpt.is_mgjax_checkpoint(path):
         config, _ = mgjax_ckpt.read_meta(path)
-        source, tokenizer_path = None, None
+        source, tokenizer_path, evidence = None, path, "recorded by mgjax convert"
     else:
         source = open_source(path, vision_tower, vision_tower_aux, base_llm)
-        config, tokenizer_path = source.config, source.tokenizer_dir
+        config, tokenizer_path = source.config, source.tokenizer_dir.resolve()
+        vocab = None
+        if template is None and has_tokenizer(tokenizer_path):
+            tokenizer = load_tokenizer(tokenizer_path)
+            vocab = tokenizer.get_vocab()
+        detected, evidence = detect_template(config.lm.family, vocab, (path, base_llm, path.parent))
+        config = dataclasses.replace(config, template=detected)
+    if template is not None:
+        config, evidence = dataclasses.replace(config, template=template), "template= argument"
     module = MGM(config, dtype=dt, param_dtype=dt)
     shardings = None if mesh is None else param_shardings(abstract_params(module, boxed=True), mesh, rules)
     if source is None:
         params = mgjax_ckpt.load_params(path, config, dt, shardings)
     else:
         params = load_params(config, abstract_params(module), source.ckpt, source.towers, dt, shardings)
-    return Pretrained(config, params, module, path, tokenizer_path=tokenizer_path, mesh=mesh, rules=rules)
+    return Pretrained(config, params, module, path, tokenizer_path=tokenizer_path, mesh=mesh, rules=rules,
+                      template_evidence=evidence, _tokenizer=tokenizer)

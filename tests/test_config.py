@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from mgjax.config import (PRESETS, CLIPConfig, ConvNextConfig, LMConfig, MGMConfig, convnext_from_open_clip,
-                          family_of, preset)
+from mgjax.config import (CLIPConfig, ConvNextConfig, LMConfig, MGMConfig, convnext_from_open_clip,
+                          family_of)
+from mgjax.presets import PRESETS, preset
 from mgjax.errors import MGJaxError
 from helpers import GOLDEN
 

@@ -28,21 +28,16 @@ from mgjax.convert.load import load_params
 from mgjax.lm.decoder import Decoder
 from mgjax.vision.clip import CLIPVisionTower
 from mgjax.vision.convnext import ConvNextTrunk, multi_stage_map
+import tiny
 from helpers import assert_close
 
 REL = 1e-5
 
-# Towers of tests/fixtures/mgm_reference/llama_vicuna/case.json (a config that validates).
-TINY_CLIP = CLIPConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, image_size=56,
-                       patch_size=14, layer_norm_eps=1e-5)
-TINY_CONVNEXT = ConvNextConfig(depths=(1, 1, 2, 1), dims=(4, 8, 12, 16), norm_eps=1e-6, drop_path_rate=0.0)
-TINY_LM = LMConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
-                   intermediate_size=128)
+TINY_CLIP, TINY_CONVNEXT = tiny.CLIP, tiny.CONVNEXT
 
 
-def mgm_config(lm: LMConfig = TINY_LM) -> MGMConfig:
-    return MGMConfig(lm=lm, vision=TINY_CLIP, vision_aux=TINY_CONVNEXT, mm_hidden_size=TINY_CLIP.hidden_size,
-                     mm_hidden_size_aux=TINY_CONVNEXT.out_channels, select_layer=-2, image_size_aux=128)
+def mgm_config(lm: LMConfig | None = None) -> MGMConfig:
+    return tiny.mgm(image_size_aux=128, **({"lm": lm} if lm else {}))
 
 
 def check(actual, expected, what: str, rel: float = REL):
@@ -298,7 +293,7 @@ def llama(request):
     lm = lm_config_from_hf(hf_cfg)
     assert lm == LMConfig(family="llama", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4,
                           num_kv_heads=kv, head_dim=16, intermediate_size=128, rope_theta=theta, norm_eps=1e-5,
-                          activation="silu", tie_word_embeddings=False, scale_embeddings=False,
+                          activation="silu", tie_word_embeddings=False,
                           max_position_embeddings=hf_cfg.max_position_embeddings)
     decoder, params = load_decoder(hf, lm)
     return request.param, hf, decoder, params
@@ -343,7 +338,7 @@ def test_gemma_mqa_logits_match_hf():
     lm = lm_config_from_hf(hf_cfg)
     assert lm == LMConfig(family="gemma", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=1,
                           head_dim=32, intermediate_size=128, rope_theta=10000.0, norm_eps=1e-6,
-                          activation="gelu_tanh", tie_word_embeddings=True, scale_embeddings=True,
+                          activation="gelu_tanh", tie_word_embeddings=True,
                           max_position_embeddings=hf_cfg.max_position_embeddings)
     released = released_lm_state(hf)
     # Tied: HF's state dict may carry lm_head.weight as a copy of the embedding (names.ignored drops it).

@@ -24,18 +24,15 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from mgjax.config import CLIPConfig, ConvNextConfig, LMConfig, MGMConfig, preset
+from mgjax.presets import preset
 from mgjax.data.image import preprocess_image
+import tiny
 from helpers import GOLDEN, assert_close, nhwc
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-LM = LMConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-              intermediate_size=48)
-TINY = MGMConfig(lm=LM, vision=CLIPConfig(32, 64, 3, 4, 56, 14),
-                 vision_aux=ConvNextConfig((1, 1, 2, 1), (4, 8, 12, 16)),
-                 mm_hidden_size=32, mm_hidden_size_aux=40, image_size_aux=128)
-TINY_HD = dataclasses.replace(TINY, image_size_aux=256, image_grid=2, image_global=True)
+TINY = tiny.mgm(image_size_aux=128)
+TINY_HD = tiny.mgm(hd=True, image_size_aux=256)
 CASE_A = GOLDEN / "llama_vicuna"
 
 

@@ -3,7 +3,8 @@
 import pytest
 
 from mgjax.cli import main
-from mgjax.config import MeshConfig, preset
+from mgjax.config import MeshConfig
+from mgjax.presets import preset
 from mgjax.plan import GiB, job_for, plan
 from mgjax.sharding import rules_for
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mgjax.config import MeshConfig, preset
+from mgjax.config import MeshConfig
+from mgjax.presets import preset
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params
 from mgjax.sharding import abstract_mesh, param_shardings, rules_for

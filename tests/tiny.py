@@ -44,4 +44,4 @@ def mgm(kind: str = "vicuna", hd: bool = False, small: bool = False, **changes) 
     """A tiny MGM with the LLM of `kind`; `hd` gives the 2 x 2 grid + global view (5 views)."""
     towers = SMALL_TOWERS if small else TOWERS
     hd_fields = dict(image_grid=2, image_global=True, image_size_aux=2 * towers["image_size_aux"]) if hd else {}
-    return MGMConfig(lm=LMS[kind], template=TEMPLATE[kind], **{**towers, **hd_fields, **changes})
+    return MGMConfig(**{"lm": LMS[kind], "template": TEMPLATE[kind], **towers, **hd_fields, **changes})

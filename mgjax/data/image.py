@@ -1,4 +1,4 @@
-"""Image preprocessing exactly as the original builds `images` / `images_aux` (MGM_SPEC section 2).
+"""Image preprocessing exactly as the original builds `images` / `images_aux` (docs/mgm_spec.md section 2).
 
 PIL and NumPy do the PIL steps (pad, bicubic resize, crop, normalise); the low-res views are a
 bilinear, non-antialiased downsample of the normalised high-res tensor.
@@ -6,12 +6,19 @@ bilinear, non-antialiased downsample of the normalised high-res tensor.
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Union
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mgjax.config import MGMConfig
+from mgjax.errors import MGJaxError
+
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,14 +49,58 @@ def clip_process(img: Image.Image, size: int) -> np.ndarray:
     return ((arr * np.float32(1 / 255) - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32))
 
 
-def preprocess_image(img: Image.Image, config: MGMConfig, pad: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One PIL image -> (images, images_aux) NHWC without the batch axis.
+def _check_size(w: int, h: int, what: str) -> None:
+    """PIL's decompression-bomb limit, as an error for every kind of input (PIL itself only warns
+    below twice the limit, and never checks images built in memory)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > limit:
+        raise MGJaxError(f"{what}: {w} x {h} = {w * h} pixels exceeds the limit of {limit} (a decompression bomb, "
+                         "or an image far larger than the model's input); downscale it first, or raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS if you trust it")
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """A PIL image, a NumPy uint8 array (H x W, H x W x 3 or H x W x 4) or a path -> an RGB PIL image.
+
+    Every mode is converted with PIL's `convert("RGB")` as the original does after `Image.open`
+    (16-bit grey is clipped to 255, palette and CMYK mapped, alpha dropped)."""
+    if isinstance(image, (str, os.PathLike)):
+        what = os.fspath(image)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(what)
+                _check_size(*img.size, what)
+                img.load()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise MGJaxError(f"{what}: {e}") from None
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise MGJaxError(f"{what}: cannot read the image ({type(e).__name__}: {e})") from None
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4))):
+            raise MGJaxError(f"image array of {image.dtype} {image.shape}: pass uint8 pixels, H x W x 3 (RGB), "
+                             "H x W x 4 (RGBA) or H x W (grey), or a PIL image or a path")
+        _check_size(image.shape[1], image.shape[0], "image array")
+        img = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+    elif isinstance(image, Image.Image):
+        _check_size(*image.size, "image")
+        img = image
+    else:
+        raise MGJaxError(f"cannot use a {type(image).__name__} as an image: pass a PIL image, a uint8 NumPy array "
+                         "or a path")
+    with warnings.catch_warnings():  # palette images with transparency: PIL asks for RGBA first; RGB drops it
+        warnings.simplefilter("ignore", UserWarning)
+        return img.convert("RGB")
+
+
+def preprocess_image(img: ImageLike, config: MGMConfig, pad: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One image (see `load_image`) -> (images, images_aux) NHWC without the batch axis.
 
     images: [h, w, 3] for grid 1, else [V, h, w, 3] (tiles TL, TR, BL, BR, then the global view);
     images_aux: [S, S, 3]. `pad` defaults to `config.image_aspect_ratio == "pad"`; stage-1 data used
     plain resize + centre crop (pad=False).
     """
-    img = img.convert("RGB")
+    img = load_image(img)
     if pad if pad is not None else config.image_aspect_ratio == "pad":
         img = expand_to_square(img)
     aux = clip_process(img, config.image_size_aux)

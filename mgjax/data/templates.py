@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from mgjax.data.tokenize import IMAGE_MARKER
 from mgjax.errors import MGJaxError
+
+IMAGE_MARKER = "<image>"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ TEMPLATES = {
     "mistral_instruct": Template("mistral_instruct", "llama2", "", ("USER", "ASSISTANT"), "<s>", "</s>"),
     "chatml_direct": Template("chatml_direct", "mpt", "<|im_start|>system\nAnswer the questions.",
                               ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"),
-    # MGM-8B was trained and evaluated with the answer turn headed `system` (MGM_SPEC section 7).
+    # MGM-8B was trained and evaluated with the answer turn headed `system` (docs/mgm_spec.md section 7).
     "llama_3": Template("llama_3", "mpt", f"<|start_header_id|>system<|end_header_id|>\n\n{_LLAMA3_SYSTEM}",
                         ("<|start_header_id|>user<|end_header_id|>\n\n",
                          "<|start_header_id|>system<|end_header_id|>\n\n"), "<|eot_id|>"),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from mgjax.config import IMAGE_TOKEN_INDEX
+import os
+import warnings
+from pathlib import Path
 
-IMAGE_MARKER = "<image>"
+from mgjax.config import IMAGE_TOKEN_INDEX
+from mgjax.data.templates import IMAGE_MARKER
+from mgjax.errors import MGJaxError
 
 
 def tokenize_with_images(tokenizer, prompt: str) -> list[int]:
@@ -24,3 +28,33 @@ def tokenize_with_images(tokenizer, prompt: str) -> list[int]:
             ids.append(IMAGE_TOKEN_INDEX)
         ids.extend(chunk[offset:])
     return ids
+
+
+# A folder holds a tokenizer when it has one of these (tokenizer_config.json alone is not enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer in `folder`, from its files only (never the network)."""
+    import transformers
+
+    folder = Path(folder).expanduser().resolve()
+    if not has_tokenizer(folder):
+        raise MGJaxError(f"{folder}: no tokenizer files (expected {' or '.join(TOKENIZER_FILES)}, with "
+                         "tokenizer_config.json); copy the base LLM's tokenizer files into this folder")
+    # transformers warns that model_type "mgm" (config.json) is unknown to it: harmless for tokenizers.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise MGJaxError(f"{folder}: the tokenizer files cannot be loaded ({type(e).__name__}: {e})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+

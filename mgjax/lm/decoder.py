@@ -33,11 +33,10 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array]):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        gemma = c.family == "gemma"
-        h = RMSNorm(c.norm_eps, gemma, name="input_layernorm", **kw)(x)
+        h = RMSNorm(c.norm_eps, c.gemma_norm, name="input_layernorm", **kw)(x)
         x = x + Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, name="self_attn", **kw)(
             h, mask, rope)
-        h = RMSNorm(c.norm_eps, gemma, name="post_attention_layernorm", **kw)(x)
+        h = RMSNorm(c.norm_eps, c.gemma_norm, name="post_attention_layernorm", **kw)(x)
         if c.num_experts:
             x = x + MoE(c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.activation,
                         name="block_sparse_moe", **kw)(h)
@@ -69,7 +68,7 @@ class Decoder(nn.Module):
                                   metadata_params={nn.PARTITION_NAME: "layers"})(c, scanned=True, name="layers", **kw)
         else:
             self.layers = [DecoderLayer(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
-        self.norm = RMSNorm(c.norm_eps, c.family == "gemma", **kw)
+        self.norm = RMSNorm(c.norm_eps, c.gemma_norm, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
 
