@@ -165,7 +165,7 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mgjax", description="Mini-Gemini (MGM) in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="next-token prediction for one image and question")
@@ -210,11 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check-cluster", help="join a multi-host job and check collectives over every device")
     p.set_defaults(func=cmd_check_cluster)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except MGJaxError as e:
-        print(f"mgjax {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"mgjax {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -29,3 +29,65 @@ def test_bad_image_exits_2(tmp_path, capsys):
 def test_missing_checkpoint_exits_2(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nope"), "--image", str(CASE / "input.jpg")]) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_every_flag_has_help():
+    import argparse
+
+    from mgjax.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"predict", "convert", "export", "plan", "check-cluster"} <= set(commands.choices)
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"mgjax {name} {action.option_strings or action.dest} has no help text"
+
+
+def test_python_m_mgjax_is_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mgjax", "predict", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--template" in out.stdout and "--image" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "mgjax", "plan", "MGM-70B"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "'MGM-70B' is neither a preset" in out.stderr
+
+
+def test_usage_errors_are_one_line(capsys):
+    import pytest
+
+    for argv, culprit in ((["predict", "x", "--image", "y", "--top-k", "0"], "--top-k"),
+                          (["predict", "x", "--image", "y", "--template", "llama3"], "--template"),
+                          (["plan", "MGM-7B", "--devices", "abc"], "--devices")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and culprit in err, err
+
+
+def test_predict_checks_image_and_tokenizer_before_the_weights(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import mgjax
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the cheap checks")
+
+    monkeypatch.setattr(mgjax, "load_pretrained", no_load)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    assert main(["predict", str(CASE / "MGM-7B-tiny"), "--image", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    no_tok = tmp_path / "MGM-7B"
+    shutil.copytree(CASE / "MGM-7B-tiny", no_tok, ignore=shutil.ignore_patterns("tokenizer*"))
+    assert main(["predict", str(no_tok), "--image", str(CASE / "input.jpg")]) == 2
+    assert "no tokenizer files" in capsys.readouterr().err
+
+
+def test_predict_with_an_explicit_template(capsys):
+    assert main(["predict", str(CASE / "MGM-7B-tiny"), "--image", str(CASE / "input.jpg"), "--top-k", "1",
+                 "--template", "chatml_direct"]) == 0
+    out = capsys.readouterr().out
+    assert "template chatml_direct (template= argument)" in out and "<|im_start|>user" in out

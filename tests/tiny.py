@@ -45,3 +45,30 @@ def mgm(kind: str = "vicuna", hd: bool = False, small: bool = False, **changes) 
     towers = SMALL_TOWERS if small else TOWERS
     hd_fields = dict(image_grid=2, image_global=True, image_size_aux=2 * towers["image_size_aux"]) if hd else {}
     return MGMConfig(**{"lm": LMS[kind], "template": TEMPLATE[kind], **towers, **hd_fields, **changes})
+
+
+# Special tokens of each released LLM's tokenizer (what template detection reads), bos / eos first.
+SPECIAL_TOKENS = {
+    "vicuna": ("<s>", "</s>", "<unk>"),
+    "mixtral": ("<s>", "</s>", "<unk>"),
+    "llama_3": ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "<|reserved_special_token_0|>"),
+    "yi": ("<|startoftext|>", "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"),
+    "gemma": ("<bos>", "<eos>", "<pad>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+}
+
+
+def save_tokenizer(kind: str, folder) -> None:
+    """A small word-level tokenizer with the special tokens of `kind`'s tokenizer, saved like an HF
+    checkpoint's (tokenizer.json, tokenizer_config.json, special_tokens_map.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = SPECIAL_TOKENS[kind]
+    words = ["a", "b", "image", "what", "is", "this", "USER", "ASSISTANT", ":", "?", "\n"]
+    vocab = {t: i for i, t in enumerate((*special, *words, "[UNK]"))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[0], eos_token=special[1],
+                                   unk_token="[UNK]", additional_special_tokens=list(special[2:]))
+    fast.save_pretrained(str(folder))

@@ -73,7 +73,8 @@ def load_image(image: ImageLike) -> Image.Image:
                 _check_size(*img.size, what)
                 img.load()
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise MGJaxError(f"{what}: {e}") from None
+            raise MGJaxError(f"{what}: {e} Downscale it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you "
+                             "trust it") from None
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             raise MGJaxError(f"{what}: cannot read the image ({type(e).__name__}: {e})") from None
     elif isinstance(image, np.ndarray):
