@@ -124,8 +124,8 @@ class Pretrained:
         bad = np.argwhere((mask == 1) & (ids != IMAGE_TOKEN_INDEX) & ((ids < 0) | (ids >= c.lm.vocab_size)))
         if len(bad):
             r, t = bad[0]
-            raise MGJaxError(f"input_ids[{r}, {t}] = {ids[r, t]} is not a token id of this model (0..{c.lm.vocab_size - 1}; "
-                             f"{IMAGE_TOKEN_INDEX} marks an image)")
+            raise MGJaxError(f"input_ids[{r}, {t}] = {ids[r, t]} is not a token id of this model "
+                             f"(0..{c.lm.vocab_size - 1}; {IMAGE_TOKEN_INDEX} marks an image)")
         images, images_aux = self._check_images(ids, mask, images, images_aux)
         merged = merged_lengths(ids, mask, c.tokens_per_image)
         row = int(np.argmax(merged))

@@ -89,7 +89,7 @@ def test_batch_prompts():
                 "\n\n"),
 ])
 def test_multi_turn_templates(name, expected):
-    """MGM_SPEC section 7, multi-turn with the answer turn open (the original's conv.get_prompt())."""
+    """docs/mgm_spec.md section 7, multi-turn with the answer turn open (the original's conv.get_prompt())."""
     assert TEMPLATES[name].render(["<image>\nQ", "A", "Q2", None]) == expected
     assert build_prompt("Q", name) == TEMPLATES[name].render(["<image>\nQ", None])
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 
-from mgjax.config import CLIPConfig, ConvNextConfig, LMConfig, MGMConfig
+from mgjax.config import CLIPConfig, LMConfig, MGMConfig
 from mgjax.convert.load import load_params
 from mgjax.lm.decoder import Decoder
 from mgjax.vision.clip import CLIPVisionTower

@@ -1,4 +1,4 @@
-"""`preprocess_image` against an independent reference of the original's image pipeline (MGM_SPEC section 2).
+"""`preprocess_image` against an independent reference of the original's image pipeline (docs/mgm_spec.md section 2).
 
 The reference: PIL `convert("RGB")` (as the original's `Image.open(...).convert('RGB')`), an expand2square
 written here in PIL, transformers' PIL/NumPy `CLIPImageProcessorPil` at S = image_size_aux, then
@@ -15,7 +15,6 @@ images <= 1.5e-6 abs (7.2e-7 of the scale, RGBA padded), i.e. float32 rounding o
 The reference reproduces the original's golden arrays bit for bit (first test).
 """
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -76,7 +76,7 @@ class CLIPVisionTower(nn.Module):
     """Hidden state after `num_layers_used` encoder layers, without the CLS token: [B, P*P, D].
 
     MGM takes hidden state -2 of 24 (the output of layer 22); layers past it are never built, and
-    `post_layernorm` is never applied (MGM_SPEC section 3).
+    `post_layernorm` is never applied (docs/mgm_spec.md section 3).
     """
 
     config: CLIPConfig
