@@ -79,3 +79,15 @@ def test_template_argument_wins(tmp_path):
     assert model.config.template == "vicuna_v1" and model.template_evidence == "template= argument"
     with pytest.raises(mgjax.MGJaxError, match="unknown conversation template 'llama3'"):
         mgjax.load_pretrained(ckpt, template="llama3")
+
+
+@pytest.mark.parametrize("kind", list(tiny.SPECIAL_TOKENS))
+def test_stop_tokens_are_tokens_of_that_tokenizer(tmp_path, kind):
+    """Each LLM's stop tokens exist in a tokenizer built like its own, and its template ends a finished
+    answer with the first of them (what generation must stop on)."""
+    tiny.save_tokenizer(kind, tmp_path)
+    vocab = load_tokenizer(tmp_path).get_vocab()
+    llm = LLMS[kind]
+    assert all(t in vocab for t in llm.stop_tokens), (kind, llm.stop_tokens)
+    answered = TEMPLATES[llm.template].render(["q", "ANSWER"])
+    assert answered.split("ANSWER", 1)[1].strip().startswith(llm.stop_tokens[0]), answered
