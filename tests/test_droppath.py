@@ -1,16 +1,18 @@
 """ConvNeXt stochastic depth: off at inference (deterministic), an option in training."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgjax.config import ConvNextConfig
 from mgjax.vision.convnext import ConvNextTrunk
+import tiny
 
 
 def test_drop_path_only_when_not_deterministic():
-    cfg = ConvNextConfig(depths=(1, 1, 2, 1), dims=(4, 8, 12, 16), drop_path_rate=0.5)
+    cfg = dataclasses.replace(tiny.CONVNEXT, drop_path_rate=0.5)
     trunk = ConvNextTrunk(cfg)
     x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
     params = nn.unbox(jax.jit(trunk.init)(jax.random.key(1), x))
@@ -24,7 +26,7 @@ def test_drop_path_only_when_not_deterministic():
     b = apply(params, x, jax.random.key(3))
     assert not np.allclose(a, det) and not np.allclose(a, b)
     # rate 0: training mode computes the deterministic function
-    plain = ConvNextTrunk(ConvNextConfig(depths=(1, 1, 2, 1), dims=(4, 8, 12, 16), drop_path_rate=0.0))
+    plain = ConvNextTrunk(tiny.CONVNEXT)  # drop_path_rate 0
     train = jax.jit(lambda p, x: plain.apply(p, x, deterministic=False,
                                              rngs={"dropout": jax.random.key(2)})[-1])(params, x)
     np.testing.assert_allclose(train, det, rtol=1e-6, atol=1e-6)
