@@ -174,3 +174,34 @@ def test_missing_tokenizer_files_fail_at_once(tmp_path):
     with pytest.raises(MGJaxError, match=r"no tokenizer files \(expected tokenizer.json or tokenizer.model"):
         model.tokenizer
     assert time.time() - t < 2  # no network retries
+
+
+@pytest.mark.parametrize("kind,hd,side", [("gemma", False, "left"), ("yi", True, "left")])
+def test_bucketed_logits_equal_the_exact_length_program(kind, hd, side):
+    """Gemma, HD and left padding (right padding: the golden cases above): a batch of two prompts of different lengths (one padded)
+    through `logits` (bucketed, sliced) equals the program compiled for the exact merged length."""
+    import jax
+
+    import tiny
+    from mgjax.model import MGM, init_params
+    from mgjax.pretrained import Pretrained
+
+    config = tiny.mgm(kind, hd=hd, small=True, padding_side=side)
+    module = MGM(config)
+    model = Pretrained(config, init_params(module, jax.random.key(0)), module, CASE)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.lm.vocab_size, (2, 9)).astype(np.int32)
+    ids[:, 2] = -200
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    s, sa = config.image_size, config.image_size_aux
+    images = rng.uniform(-1.5, 2, (2, *(() if not hd else (config.num_views,)), s, s, 3)).astype(np.float32)
+    aux = rng.uniform(-1.5, 2, (2, sa, sa, 3)).astype(np.float32)
+    got = model.logits(ids, images, aux, mask)
+    length = 8 + config.tokens_per_image
+    assert got.shape == (2, length, config.lm.vocab_size)
+    exact = jax.jit(lambda p: module.apply({"params": p}, ids, images, aux, mask, length=length)[0])(model.params)
+    assert_close(got[0], exact[0], 1e-5, f"{kind} hd={hd} {side}: full row")
+    n = 5 + config.tokens_per_image  # the padded row's merged length; its padding logits are undefined
+    real = slice(0, n) if side == "right" else slice(length - n, length)
+    assert_close(got[1, real], exact[1, real], 1e-5, f"{kind} hd={hd} {side}: padded row")
