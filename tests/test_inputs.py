@@ -178,8 +178,9 @@ def test_missing_tokenizer_files_fail_at_once(tmp_path):
 
 @pytest.mark.parametrize("kind,hd,side", [("gemma", False, "left"), ("yi", True, "left")])
 def test_bucketed_logits_equal_the_exact_length_program(kind, hd, side):
-    """Gemma, HD and left padding (right padding: the golden cases above): a batch of two prompts of different lengths (one padded)
-    through `logits` (bucketed, sliced) equals the program compiled for the exact merged length."""
+    """Gemma, HD and left padding (right padding: the golden cases above): a batch of two prompts of
+    different lengths (one padded) through `logits` (bucketed, sliced) equals the program compiled for
+    the exact merged length."""
     import jax
 
     import tiny
