@@ -15,12 +15,12 @@ import numpy as np
 from mgjax.config import MeshConfig, MGMConfig
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params
-from mgjax.sharding import BATCH_AXES, Rules, abstract_mesh, bytes_per_device, param_shardings
+from mgjax.sharding import BATCH_AXES, Rules, abstract_mesh, batch_shards, bytes_per_device, param_shardings
 
 GiB = 1024**3
 # Usable accelerator memory per chip (HBM), GiB.
 CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100-40g": 40, "a100-80g": 80, "h100": 80, "h200": 141}
-# What trains in each stage of the recipe (MGM_SPEC section 9); the towers are frozen in both.
+# What trains in each stage of the recipe (docs/mgm_spec.md section 9); the towers are frozen in both.
 TRAINABLE = {1: ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"),
              2: ("llm", "mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector")}
 REMAT = ("full", "dots", "none")
@@ -95,11 +95,11 @@ def plan(config: MGMConfig, mesh: MeshConfig, num_devices: int, job: Job, rules:
         return sum(bytes_per_device(shapes[k], shardings[k], itemsize) for k in shapes if (k in top_keys) != negate)
 
     trainable = TRAINABLE[job.stage]
-    batch_shards = int(np.prod([amesh.shape[a] for a in BATCH_AXES]))
-    if job.global_batch % (batch_shards * job.grad_accum):
+    n_batch = batch_shards(amesh)
+    if job.global_batch % (n_batch * job.grad_accum):
         raise MGJaxError(f"global batch {job.global_batch} does not split into {job.grad_accum} accumulation steps "
-                         f"over {batch_shards} batch shards (mesh axes {', '.join(BATCH_AXES)})")
-    b = job.global_batch // batch_shards // job.grad_accum
+                         f"over {n_batch} batch shards (mesh axes {', '.join(BATCH_AXES)})")
+    b = job.global_batch // n_batch // job.grad_accum
     rows = {
         "params (trainable)": per_device(trainable, job.param_bytes),
         "params (frozen)": per_device(trainable, job.frozen_bytes, negate=True),
@@ -132,7 +132,7 @@ def format_plan(name: str, p: Plan, mesh_shape: tuple, job: Job, chip: str | Non
 
 
 def job_for(config: MGMConfig, **overrides) -> Job:
-    """The released recipe's job for this model (MGM_SPEC section 9), with overrides."""
+    """The released recipe's job for this model (docs/mgm_spec.md section 9), with overrides."""
     stage = overrides.get("stage", 2)
     defaults = dict(global_batch=256 if stage == 1 else 128, seq_len=config.max_length)
     return dataclasses.replace(Job(**defaults), **overrides)

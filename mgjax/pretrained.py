@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from mgjax.data.tokenize import has_tokenizer, load_tokenizer, tokenize_with_ima
 from mgjax.errors import MGJaxError
 from mgjax.families import detect_template
 from mgjax.model import MGM, abstract_params, merged_lengths
-from mgjax.sharding import BATCH_AXES, DEFAULT_RULES, Rules, activate, batch_sharding, param_shardings
+from mgjax.sharding import DEFAULT_RULES, Rules, activate, batch_sharding, batch_shards, param_shardings
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Preprocessed pixels lie in [-1.8, 2.2] (CLIP normalisation of [0, 1]); far beyond is raw pixels.
@@ -103,7 +102,7 @@ class Pretrained:
     def _place(self, x):
         """A batch array onto the mesh: split like `act_batch` when the batch divides, else replicated."""
         s = batch_sharding(self.mesh, x.ndim, self.rules)
-        if x.shape[0] % math.prod(self.mesh.shape[a] for a in BATCH_AXES):
+        if x.shape[0] % batch_shards(self.mesh):
             s = NamedSharding(self.mesh, PartitionSpec())
         return jax.device_put(x, s)
 

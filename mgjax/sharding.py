@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mgjax.config import MeshConfig
 from mgjax.errors import MGJaxError
@@ -77,10 +77,35 @@ def abstract_mesh(config: MeshConfig, num_devices: int) -> jax.sharding.Abstract
                                      axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def axis_size(mesh, axis: str) -> int:
+    """Size of a mesh axis; an axis the mesh does not have counts as 1."""
+    return dict(mesh.shape).get(axis, 1)
+
+
+def batch_shards(mesh) -> int:
+    """How many ways the batch is split: the product of the batch axes the mesh has."""
+    return math.prod(axis_size(mesh, a) for a in BATCH_AXES)
+
+
+def mesh_rules(mesh, rules: Rules = DEFAULT_RULES) -> Rules:
+    """`rules` for `mesh`: a mesh may carry any subset of the four axes (e.g. ("fsdp",) or
+    ("data", "fsdp")); rules naming an axis it lacks drop that axis (size 1). Any other axis name is
+    an error: the rule table could never place anything on it."""
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise MGJaxError(f"mesh axis {unknown[0]!r} is not an mgjax axis; name mesh axes from {', '.join(MESH_AXES)} "
+                         "(a subset is fine: missing axes count as size 1)")
+    out = []
+    for name, axes in rules:
+        kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.axis_names)
+        out.append((name, kept[0] if len(kept) == 1 else kept or None))
+    return tuple(out)
+
+
 @contextmanager
 def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """The context under which jitted model code sees the mesh and the rule table."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_rules(mesh, rules)):
         yield
 
 
@@ -101,27 +126,38 @@ def _path(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+# Logical dimensions replicated, rather than refused, when they do not divide their mesh axes: KV heads
+# fewer than the tensor axis (MGM-2B's single KV head; MaxText does the same). Each device then holds
+# every KV head of its layer: the planner counts those bytes.
+REPLICATE_IF_INDIVISIBLE = ("kv_heads",)
+
+
 def param_shardings(boxed: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of boxed (logically partitioned) parameters or their abstract
     values, after checking that every sharded dimension divides its mesh axes."""
+    rules = mesh_rules(mesh, rules)
+
     def one(path, leaf):
-        names = leaf.names
-        shape = leaf.value.shape
+        names, shape = leaf.names, leaf.value.shape
+        spec = []
         for d, axes in enumerate(_mesh_axes(names, rules)):
-            n = math.prod(mesh.shape[a] for a in axes)
-            if shape[d] % n:
+            n = math.prod(axis_size(mesh, a) for a in axes)
+            if shape[d] % n and names[d] in REPLICATE_IF_INDIVISIBLE:
+                axes = ()
+            elif shape[d] % n:
                 raise MGJaxError(f"parameter {_path(path)} {tuple(shape)}: dimension {d} ('{names[d]}', size "
                                  f"{shape[d]}) does not divide over mesh axes {axes} ({n} devices); choose a mesh "
                                  f"whose {'x'.join(axes)} size divides {shape[d]}, or a rule preset that does not "
                                  f"shard '{names[d]}'")
-        return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))
+            spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return NamedSharding(mesh, PartitionSpec(*spec))
 
     return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a batch array [B, ...]: the batch axis split like `act_batch`."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), rules))
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), mesh_rules(mesh, rules)))
 
 
 def bytes_per_device(abstract: Any, shardings: Any, itemsize: int | None = None) -> int:

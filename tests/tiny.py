@@ -17,8 +17,8 @@ CLIP = CLIPConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=
 CONVNEXT = ConvNextConfig(depths=(1, 1, 2, 1), dims=(4, 8, 12, 16), drop_path_rate=0.0)
 TOWERS = dict(vision=CLIP, vision_aux=CONVNEXT, mm_hidden_size=32, mm_hidden_size_aux=40, image_size_aux=64)
 # Smallest towers the layouts allow (2 x 2 CLIP patches of 8 x 8 mined windows, 2-layer CLIP): for the
-# compile-heavy sharded tests.
-SMALL_TOWERS = dict(vision=CLIPConfig(32, 64, 2, 4, 28, 14), vision_aux=ConvNextConfig((1, 1, 1, 1), (4, 8, 12, 16)),
+# compile-heavy sharded tests; 8 CLIP heads so that it runs on a tensor axis of 8).
+SMALL_TOWERS = dict(vision=CLIPConfig(32, 64, 2, 8, 28, 14), vision_aux=ConvNextConfig((1, 1, 1, 1), (4, 8, 12, 16)),
                     mm_hidden_size=32, mm_hidden_size_aux=40, image_size_aux=64)
 
 _LM = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, head_dim=8, intermediate_size=128)
