@@ -1,6 +1,6 @@
 """Training steps over 8 CPU devices as 2 processes with 4 devices each (gloo collectives, loopback
-coordinator). tests/sharded_worker.py runs the same steps as 1 process with 8 devices;
-tests/test_multihost.py compares the losses.
+coordinator). tests/test_multihost.py runs the same steps in its own process (8 devices) and compares
+the losses.
 
 Usage: python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json
 """
@@ -18,23 +18,23 @@ def train_two_steps(pid: int, nproc: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from mgjax.config import MeshConfig, MGMConfig
+    import tiny
+    from mgjax.config import MeshConfig
     from mgjax.model import MGM, init_params
     from mgjax.sharding import activate, make_mesh, rules_for
     from mgjax.train.step import TrainState, make_train_step
-    from sharded_worker import LLAMA, TOWERS, B, T, batch
 
     assert jax.device_count() == 8, jax.device_count()
-    config = MGMConfig(lm=LLAMA, **TOWERS)
+    config = tiny.mgm("llama_3", small=True, lm=tiny.lm("llama_3", num_layers=1))
     module = MGM(config)
     mesh = make_mesh(MeshConfig(2, 2, 2, 1))
     rules = rules_for("fsdp_tp")
     params = init_params(module, jax.random.key(0), mesh, rules)
     tx = optax.adamw(1e-3)
-    full = batch(config)
-    rows = B // nproc
+    full = tiny.batch(config)
+    rows = len(full["input_ids"]) // nproc
     data = distributed.global_batch({k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}, mesh, rules)
-    step = jax.jit(make_train_step(module, tx, T - 1 + config.tokens_per_image))
+    step = jax.jit(make_train_step(module, tx, full["input_ids"].shape[1] - 1 + config.tokens_per_image))
     with activate(mesh, rules):
         state, metrics = step(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), data)
         # a second step: the first one's update must be the same everywhere too

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from mgjax.config import CLIPConfig, ConvNextConfig, LMConfig, MGMConfig
 
 # CLIP: 56 px / 14 = 4 x 4 patches (16 visual tokens); ConvNeXt stage-0 map 64 / 4 = 16 -> 4 x 4 windows.
@@ -72,3 +74,19 @@ def save_tokenizer(kind: str, folder) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special[0], eos_token=special[1],
                                    unk_token="[UNK]", additional_special_tokens=list(special[2:]))
     fast.save_pretrained(str(folder))
+
+
+def batch(config: MGMConfig, rows: int = 8, length: int = 12, seed: int = 0) -> dict:
+    """A training batch: random ids with an image at position 3, a right-padded row, ~70% supervised."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, config.lm.vocab_size, (rows, length)).astype(np.int32)
+    ids[:, 3] = -200
+    mask = np.ones((rows, length), np.int32)
+    mask[1, -3:] = 0
+    labels = np.where(rng.random((rows, length)) < 0.7, ids, -100).astype(np.int32)
+    labels[:, 3] = -100
+    s, sa = config.image_size, config.image_size_aux
+    views = () if config.num_views == 1 else (config.num_views,)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "images": rng.standard_normal((rows, *views, s, s, 3)).astype(np.float32),
+            "images_aux": rng.standard_normal((rows, sa, sa, 3)).astype(np.float32)}
