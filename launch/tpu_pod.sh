@@ -21,6 +21,7 @@ while [[ $# -gt 0 ]]; do
     --spot) SPOT="--spot"; shift ;;
     --keep) KEEP=1; shift ;;
     --reuse) REUSE=1; shift ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     *) echo "tpu_pod.sh: unknown argument $1 (see the header of this file)" >&2; exit 2 ;;
   esac

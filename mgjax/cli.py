@@ -71,7 +71,8 @@ def cmd_convert(args) -> int:
 
     t = time.time()
     out = convert(args.src, args.out, dtype=args.dtype, vision_tower=args.vision_tower,
-                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm, scan_layers=args.scan_layers)
+                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm, scan_layers=args.scan_layers,
+                  template=args.template)
     print(f"converted {args.src} -> {out} ({args.dtype}, {'scanned' if args.scan_layers else 'per-layer'} "
           f"layout) in {time.time() - t:.1f} s")
     return 0
@@ -159,6 +160,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
@@ -181,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="released MGM checkpoint -> mgjax Orbax checkpoint (streaming)")
     p.add_argument("src", help="released-layout checkpoint folder, or a stage-1 folder with mm_projector.bin")
     p.add_argument("out", help="new output folder")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written parameters (default bfloat16, as released)")
     p.add_argument("--scan-layers", action="store_true", help="stack decoder layers for nn.scan")
+    _add_template_arg(p)
     _add_tower_args(p)
     p.set_defaults(func=cmd_convert)
 
@@ -190,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="folder written by `mgjax convert` (or by training)")
     p.add_argument("out", help="new output folder")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--max-shard-gb", type=_positive_float, default=5.0,
+                   help="largest safetensors shard to write, in GiB (default 5)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="per-device memory of a training job on a mesh (nothing is allocated)")
     p.add_argument("config", help="preset name (e.g. MGM-34B-HD) or checkpoint folder")

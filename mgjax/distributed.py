@@ -28,13 +28,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """
     coordinator_address = coordinator_address or os.environ.get("MGJAX_COORDINATOR")
     if num_processes is None and "MGJAX_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["MGJAX_NUM_PROCESSES"])
+        num_processes = _env_int("MGJAX_NUM_PROCESSES", 1)
     if process_id is None and "MGJAX_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["MGJAX_PROCESS_ID"])
+        process_id = _env_int("MGJAX_PROCESS_ID", 0)
     given = [coordinator_address is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
         raise MGJaxError("multi-process setup needs all of coordinator address, process count and process id "
                          f"(arguments or {', '.join(ENV)}); got only some")
+    if all(given):
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise MGJaxError(f"coordinator address {coordinator_address!r} (MGJAX_COORDINATOR) must be HOST:PORT")
+        if not 0 <= process_id < num_processes:
+            raise MGJaxError(f"process id {process_id} (MGJAX_PROCESS_ID) must be in 0..{num_processes - 1} "
+                             f"for {num_processes} processes (MGJAX_NUM_PROCESSES)")
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if all(given):
@@ -46,6 +53,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             if "coordinator_address" not in str(e):
                 raise
             # no cluster environment found: this is a single-process job
+
+
+def _env_int(name: str, minimum: int) -> int:
+    text = os.environ[name]
+    if not text.strip().isdigit() or int(text) < minimum:
+        raise MGJaxError(f"{name}={text!r} is not an integer >= {minimum}")
+    return int(text)
 
 
 def is_main_process() -> bool:

@@ -19,9 +19,8 @@ from mgjax.convert import orbax as mgjax_ckpt
 from mgjax.convert.load import load_params, open_source
 from mgjax.data.image import ImageLike, preprocess_image
 from mgjax.data.templates import build_prompt, get_template
-from mgjax.data.tokenize import has_tokenizer, load_tokenizer, tokenize_with_images
+from mgjax.data.tokenize import checkpoint_template, load_tokenizer, tokenize_with_images
 from mgjax.errors import MGJaxError
-from mgjax.families import detect_template
 from mgjax.model import MGM, abstract_params, merged_lengths
 from mgjax.sharding import DEFAULT_RULES, Rules, activate, batch_sharding, batch_shards, param_shardings
 
@@ -194,12 +193,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
     else:
         source = open_source(path, vision_tower, vision_tower_aux, base_llm)
         config, tokenizer_path = source.config, source.tokenizer_dir.resolve()
-        vocab = None
-        if template is None and has_tokenizer(tokenizer_path):
-            tokenizer = load_tokenizer(tokenizer_path)
-            vocab = tokenizer.get_vocab()
-        detected, evidence = detect_template(config.lm.family, vocab, (path, base_llm, path.parent))
-        config = dataclasses.replace(config, template=detected)
+        if template is None:
+            detected, evidence, tokenizer = checkpoint_template(config.lm.family, tokenizer_path,
+                                                                (path, base_llm, path.parent))
+            config = dataclasses.replace(config, template=detected)
     if template is not None:
         config, evidence = dataclasses.replace(config, template=template), "template= argument"
     module = MGM(config, dtype=dt, param_dtype=dt)

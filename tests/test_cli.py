@@ -91,3 +91,34 @@ def test_predict_with_an_explicit_template(capsys):
                  "--template", "chatml_direct"]) == 0
     out = capsys.readouterr().out
     assert "template chatml_direct (template= argument)" in out and "<|im_start|>user" in out
+
+
+def test_malformed_distributed_environment_exits_2(monkeypatch, capsys):
+    for env, culprit in (({"MGJAX_NUM_PROCESSES": "abc", "MGJAX_PROCESS_ID": "0", "MGJAX_COORDINATOR": "h:1"},
+                          "MGJAX_NUM_PROCESSES='abc'"),
+                         ({"MGJAX_NUM_PROCESSES": "2", "MGJAX_PROCESS_ID": "2", "MGJAX_COORDINATOR": "h:1"},
+                          "process id 2"),
+                         ({"MGJAX_NUM_PROCESSES": "2", "MGJAX_PROCESS_ID": "0", "MGJAX_COORDINATOR": "h"},
+                          "must be HOST:PORT")):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert main(["check-cluster"]) == 2
+        err = capsys.readouterr().err
+        assert culprit in err and err.count("\n") == 1, err
+
+
+def test_export_refuses_a_zero_shard_size(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", "a", "b", "--max-shard-gb", "0"])
+    assert e.value.code == 2 and "--max-shard-gb" in capsys.readouterr().err
+
+
+def test_tpu_pod_help():
+    import subprocess
+    from pathlib import Path
+
+    out = subprocess.run(["bash", str(Path(__file__).parent.parent / "launch" / "tpu_pod.sh"), "--help"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "--name" in out.stdout and "--zone" in out.stdout

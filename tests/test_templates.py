@@ -93,3 +93,14 @@ def test_stop_tokens_are_tokens_of_that_tokenizer(tmp_path, kind):
     assert all(t in vocab for t in llm.stop_tokens), (kind, llm.stop_tokens)
     answered = TEMPLATES[llm.template].render(["q", "ANSWER"])
     assert answered.split("ANSWER", 1)[1].strip().startswith(llm.stop_tokens[0]), answered
+
+
+def test_convert_records_the_detected_template(tmp_path):
+    """`mgjax convert` reads the template like load_pretrained and records it; --template overrides it."""
+    from mgjax.cli import main
+
+    ckpt = _golden_copy(tmp_path, "checkpoint", "llama_3")
+    assert main(["convert", str(ckpt), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    assert mgjax.load_pretrained(tmp_path / "out").config.template == "llama_3"
+    assert main(["convert", str(ckpt), str(tmp_path / "out2"), "--template", "gemma"]) == 0
+    assert mgjax.load_pretrained(tmp_path / "out2").config.template == "gemma"

@@ -1,7 +1,7 @@
 """The one name table between mgjax parameter paths and the released PyTorch MGM state dict.
 
 mgjax paths mirror the PyTorch names: `a/b_3/c/kernel` is `a.b.3.c.weight`, with the top-level
-prefixes below. Layout rules (MGM_SPEC section 11): Linear [out, in] -> kernel [in, out] (reshaped
+prefixes below. Layout rules (docs/mgm_spec.md section 11): Linear [out, in] -> kernel [in, out] (reshaped
 to the DenseGeneral shape, e.g. q_proj [D, heads, head_dim]); Conv2d [O, I, kh, kw] ->
 [kh, kw, I, O]; Mixtral's per-expert w1/w2/w3 are stacked on a leading expert axis.
 """

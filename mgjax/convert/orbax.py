@@ -28,6 +28,8 @@ from mgjax.checkpoint import restore, save_streaming, saved_shapes
 from mgjax.config import MGMConfig, config_from_dict, config_to_dict
 from mgjax.convert.load import Source, open_source, unflatten
 from mgjax.convert.names import ParamSpec, param_specs
+from mgjax.data.templates import get_template
+from mgjax.data.tokenize import checkpoint_template
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params
 
@@ -100,11 +102,17 @@ def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype,
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16", vision_tower=None,
-            vision_tower_aux=None, base_llm=None, scan_layers: bool = False) -> Path:
-    """Released-layout MGM checkpoint (or stage-1 release + `base_llm`) -> mgjax checkpoint folder."""
-    src, out = Path(src), Path(out)
+            vision_tower_aux=None, base_llm=None, scan_layers: bool = False, template: str | None = None) -> Path:
+    """Released-layout MGM checkpoint (or stage-1 release + `base_llm`) -> mgjax checkpoint folder. The
+    conversation template (`template`, else read from the checkpoint like `load_pretrained` does) is
+    recorded in mgjax_config.json."""
+    src, out = Path(src).resolve(), Path(out)
     source = open_source(src, vision_tower, vision_tower_aux, base_llm)
-    config = dataclasses.replace(source.config, lm=dataclasses.replace(source.config.lm, scan_layers=scan_layers))
+    if template is None:
+        template = checkpoint_template(source.config.lm.family, source.tokenizer_dir, (src, base_llm, src.parent))[0]
+    get_template(template)
+    config = dataclasses.replace(source.config, template=template,
+                                 lm=dataclasses.replace(source.config.lm, scan_layers=scan_layers))
     source.config = config
     dt = jnp.dtype(dtype)
     shapes = abstract_params(MGM(config, dtype=dt, param_dtype=dt))

@@ -9,6 +9,7 @@ from pathlib import Path
 from mgjax.config import IMAGE_TOKEN_INDEX
 from mgjax.data.templates import IMAGE_MARKER
 from mgjax.errors import MGJaxError
+from mgjax.families import detect_template
 
 
 def tokenize_with_images(tokenizer, prompt: str) -> list[int]:
@@ -58,3 +59,11 @@ def load_tokenizer(folder: str | os.PathLike):
     finally:
         transformers.logging.set_verbosity(verbosity)
 
+
+
+def checkpoint_template(family: str, tokenizer_dir: str | os.PathLike, folders) -> tuple[str, str, object]:
+    """(template, evidence, tokenizer or None) of a released-layout checkpoint: `families.detect_template`
+    on the tokenizer in `tokenizer_dir` (when it has one) and the `folders`' names."""
+    tokenizer = load_tokenizer(tokenizer_dir) if has_tokenizer(tokenizer_dir) else None
+    template, evidence = detect_template(family, tokenizer.get_vocab() if tokenizer else None, folders)
+    return template, evidence, tokenizer
