@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from mgjax.errors import MGJaxError
@@ -72,7 +73,7 @@ def cmd_convert(args) -> int:
     t = time.time()
     out = convert(args.src, args.out, dtype=args.dtype, vision_tower=args.vision_tower,
                   vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm, scan_layers=args.scan_layers,
-                  template=args.template)
+                  template=args.template, overwrite=args.overwrite)
     print(f"converted {args.src} -> {out} ({args.dtype}, {'scanned' if args.scan_layers else 'per-layer'} "
           f"layout) in {time.time() - t:.1f} s")
     return 0
@@ -85,7 +86,8 @@ def cmd_export(args) -> int:
     from mgjax.convert.orbax import export
 
     t = time.time()
-    out = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    out = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                 overwrite=args.overwrite)
     print(f"exported {args.ckpt} -> {out} in {time.time() - t:.1f} s")
     return 0
 
@@ -195,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written parameters (default bfloat16, as released)")
     p.add_argument("--scan-layers", action="store_true", help="stack decoder layers for nn.scan")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the new one is complete)")
     _add_template_arg(p)
     _add_tower_args(p)
     p.set_defaults(func=cmd_convert)
@@ -205,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--max-shard-gb", type=_positive_float, default=5.0,
                    help="largest safetensors shard to write, in GiB (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the new one is complete)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="per-device memory of a training job on a mesh (nothing is allocated)")
     p.add_argument("config", help="preset name (e.g. MGM-34B-HD) or checkpoint folder")
@@ -227,14 +231,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that outputs are cleaned up like on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"mgjax {args.command}: interrupted; nothing half-written was left", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"mgjax {args.command}: terminated; nothing half-written was left", file=sys.stderr)
+        return 143
     except MGJaxError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"mgjax {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,53 @@ def test_truncated_orbax_checkpoint(tmp_path):
             f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(MGJaxError, match="cannot restore the checkpoint"):
         mgjax.load_pretrained(out)
+
+
+def _convert_cmd(out, *extra):
+    import sys
+
+    return [sys.executable, "-m", "mgjax", "convert", str(SRC), str(out), "--dtype", "float32", *extra]
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupted_convert_leaves_nothing_and_reruns(tmp_path, sig, code):
+    """Interrupted while the temporary folder is being written: exit 130 / 143 with one line, no
+    temporary folder, no OUT; the same command then succeeds."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    partial = tmp_path / ".out.partial"
+    proc = subprocess.Popen(_convert_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert partial.exists(), "the conversion finished before it could be interrupted"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert err.count("\n") == 1 and "nothing half-written" in err, err
+    assert not partial.exists() and not out.exists()
+    assert subprocess.run(_convert_cmd(out), capture_output=True).returncode == 0
+    assert mgjax.load_pretrained(out).config.lm == mgjax.load_pretrained(SRC).config.lm
+
+
+def test_output_folder_checks(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out, culprit in ((a_file, "is a file"), (a_file / "sub", "cannot write the output there")):
+        assert main(["convert", str(SRC), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert culprit in err and err.count("\n") == 1, err
+    out = tmp_path / "out"
+    assert main(["convert", str(SRC), str(out), "--dtype", "float32"]) == 0
+    assert main(["convert", str(SRC), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert", str(SRC), str(out), "--overwrite"]) == 0  # now bfloat16
+    assert json.loads((out / "mgjax_config.json").read_text())["dtype"] == "bfloat16"
+    exported = tmp_path / "exported"
+    assert main(["export", str(out), str(exported)]) == 0
+    assert main(["export", str(out), str(exported)]) == 2
+    assert main(["export", str(out), str(exported), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "file", "out"]  # no temporary folders

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +39,41 @@ PARAMS = "params"
 FORMAT_VERSION = 1
 SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
+
+
+@contextmanager
+def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` only when the body completes: an interruption
+    at any moment (Ctrl-C, SIGTERM, an error) leaves `out` absent, or as it was, never half-written, and
+    the same command can simply be re-run (a stale temporary folder from a killed run is replaced)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MGJaxError(f"{out} exists and is a file; choose a folder path for the output")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MGJaxError(f"{out} exists and is not empty; choose a new output folder, or pass --overwrite "
+                         "(overwrite=True) to replace it once the new one is complete")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{out.name}.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise MGJaxError(f"{out}: cannot write the output there ({e.strerror or e}); choose a writable "
+                         "folder") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = parent / f".{out.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_mgjax_checkpoint(path: Path) -> bool:
@@ -102,7 +138,8 @@ def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype,
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16", vision_tower=None,
-            vision_tower_aux=None, base_llm=None, scan_layers: bool = False, template: str | None = None) -> Path:
+            vision_tower_aux=None, base_llm=None, scan_layers: bool = False, template: str | None = None,
+            overwrite: bool = False) -> Path:
     """Released-layout MGM checkpoint (or stage-1 release + `base_llm`) -> mgjax checkpoint folder. The
     conversation template (`template`, else read from the checkpoint like `load_pretrained` does) is
     recorded in mgjax_config.json."""
@@ -117,17 +154,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     dt = jnp.dtype(dtype)
     shapes = abstract_params(MGM(config, dtype=dt, param_dtype=dt))
     specs = source.plan(shapes)
-    if out.exists() and any(out.iterdir()):
-        raise MGJaxError(f"{out} exists and is not empty; choose a new output folder")
-    out.mkdir(parents=True, exist_ok=True)
-    save_streaming(out / PARAMS, _groups(source, specs, shapes, dt))
-    for name in SIDE_FILES:
-        for folder in (src, source.tokenizer_dir):
-            if (folder / name).is_file() and not (out / name).exists():
-                shutil.copy2(folder / name, out / name)
-    meta = {"format": "mgjax", "format_version": FORMAT_VERSION, "dtype": dt.name,
-            "config": config_to_dict(config), "hf_config": source.hf_config, "source": str(src)}
-    (out / MGJAX_CONFIG).write_text(json.dumps(meta, indent=1))
+    with atomic_output(out, overwrite) as tmp:
+        save_streaming(tmp / PARAMS, _groups(source, specs, shapes, dt))
+        for name in SIDE_FILES:
+            for folder in (src, source.tokenizer_dir):
+                if (folder / name).is_file() and not (tmp / name).exists():
+                    shutil.copy2(folder / name, tmp / name)
+        meta = {"format": "mgjax", "format_version": FORMAT_VERSION, "dtype": dt.name,
+                "config": config_to_dict(config), "hf_config": source.hf_config, "source": str(src)}
+        (tmp / MGJAX_CONFIG).write_text(json.dumps(meta, indent=1))
     return out
 
 
@@ -152,7 +187,7 @@ def _export_order(spec: ParamSpec) -> int:
 
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
-           max_shard_bytes: int = 5 * 1024**3) -> Path:
+           max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> Path:
     """mgjax checkpoint folder -> released layout: config.json, indexed safetensors, tokenizer files."""
     ckpt, out = Path(ckpt), Path(out)
     config, meta = read_meta(ckpt)
@@ -183,23 +218,21 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
         shards[-1].append(u)
         size += nbytes
 
-    if out.exists() and any(out.iterdir()):
-        raise MGJaxError(f"{out} exists and is not empty; choose a new output folder")
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        entries = [(k, shape) for u in shard for k, shape in u[2]]
-        total += _write_safetensors(out / name, entries, dt, _tensors(ckpt, shard, saved, dt))
-        weight_map.update({k: name for k, _ in entries})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    hf = dict(meta["hf_config"])
-    hf["torch_dtype"] = dt.name
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
-    for name in SIDE_FILES:
-        if (ckpt / name).is_file():
-            shutil.copy2(ckpt / name, out / name)
+    with atomic_output(out, overwrite) as tmp:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            entries = [(k, shape) for u in shard for k, shape in u[2]]
+            total += _write_safetensors(tmp / name, entries, dt, _tensors(ckpt, shard, saved, dt))
+            weight_map.update({k: name for k, _ in entries})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf = dict(meta["hf_config"])
+        hf["torch_dtype"] = dt.name
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        for name in SIDE_FILES:
+            if (ckpt / name).is_file():
+                shutil.copy2(ckpt / name, tmp / name)
     return out
 
 
