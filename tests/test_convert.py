@@ -202,3 +202,29 @@ def test_output_folder_checks(tmp_path, capsys):
     assert main(["export", str(out), str(exported)]) == 2
     assert main(["export", str(out), str(exported), "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "file", "out"]  # no temporary folders
+
+
+def test_progress_bar_only_on_a_terminal():
+    import io
+
+    from mgjax.progress import Progress
+
+    quiet = io.StringIO()  # not a terminal: nothing, so logs stay clean
+    with Progress("convert x", 4, 4000, file=quiet) as p:
+        p.update(1, 1000)
+    assert quiet.getvalue() == ""
+    shown = io.StringIO()
+    with Progress("convert x", 4, 4_000_000_000, file=shown, enabled=True) as p:
+        for _ in range(4):
+            p.update(1, 1_000_000_000)
+    last = shown.getvalue().split("\r")[-1]
+    assert "convert x: 4/4 tensors, 4.00/4.00 GB" in last and "MB/s" in last and "ETA 0:00" in last
+
+
+def test_convert_draws_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    convert(SRC, tmp_path / "out", dtype="float32")
+    err = capsys.readouterr().err
+    assert f"convert {SRC.name}:" in err and "parameters" in err and "ETA" in err

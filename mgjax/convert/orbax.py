@@ -33,6 +33,7 @@ from mgjax.data.templates import get_template
 from mgjax.data.tokenize import checkpoint_template
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params
+from mgjax.progress import Progress
 
 MGJAX_CONFIG = "mgjax_config.json"
 PARAMS = "params"
@@ -107,20 +108,20 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 GROUP_BYTES = 512 * 1024**2
 
 
-def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype,
+def _shape(shapes: dict, path: tuple[str, ...]) -> tuple[int, ...]:
+    for p in path:
+        shapes = shapes[p]
+    return shapes.shape
+
+
+def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype, progress: Progress,
             group_bytes: int = GROUP_BYTES) -> Iterator[dict]:
     """Parameters in groups of about `group_bytes` (a stacked parameter may be larger), then the
     unused tensors. Each Orbax partial save has a fixed cost, so groups should not be tiny; host
     memory holds one group as jax arrays, plus the NumPy array of the parameter being read."""
-    def get(path):
-        t = shapes
-        for p in path:
-            t = t[p]
-        return t.shape
-
     flat, size = {}, 0
     for s in specs:
-        shape = get(s.path)
+        shape = _shape(shapes, s.path)
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if flat and size + nbytes > group_bytes:
             yield {"params": unflatten(flat)}
@@ -129,6 +130,7 @@ def _groups(source: Source, specs: list[ParamSpec], shapes: dict, dtype,
         # peaks higher (7B scanned layout: 8.3 GB instead of 6.1 GB).
         flat[s.path] = jax.block_until_ready(jax.device_put(source.array(s, shape, dtype)))
         size += nbytes
+        progress.update(1, nbytes)
     if flat:
         yield {"params": unflatten(flat)}
     unused = source.unused(specs)
@@ -154,8 +156,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     dt = jnp.dtype(dtype)
     shapes = abstract_params(MGM(config, dtype=dt, param_dtype=dt))
     specs = source.plan(shapes)
-    with atomic_output(out, overwrite) as tmp:
-        save_streaming(tmp / PARAMS, _groups(source, specs, shapes, dt))
+    total = sum(int(np.prod(_shape(shapes, s.path))) for s in specs) * dt.itemsize
+    with atomic_output(out, overwrite) as tmp, Progress(f"convert {src.name}", len(specs), total,
+                                                        "parameters") as progress:
+        save_streaming(tmp / PARAMS, _groups(source, specs, shapes, dt, progress))
         for name in SIDE_FILES:
             for folder in (src, source.tokenizer_dir):
                 if (folder / name).is_file() and not (tmp / name).exists():
@@ -198,14 +202,8 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
     specs = sorted(param_specs(saved["params"], config), key=_export_order)
     unused = sorted(_flatten(saved.get("unused", {})).items())
 
-    def shape_of(path):
-        t = saved["params"]
-        for p in path:
-            t = t[p]
-        return t.shape
-
     # Units are written whole into one shard: a parameter (all its stacked tensors) or an unused tensor.
-    units = [("param", s, [(k, s.torch_shape(shape_of(s.path))) for k in s.torch_keys]) for s in specs]
+    units = [("param", s, [(k, s.torch_shape(_shape(saved["params"], s.path))) for k in s.torch_keys]) for s in specs]
     units += [("unused", k, [(k, tuple(a.shape))]) for k, a in unused]
     shards: list[list] = [[]]
     size = 0
@@ -218,12 +216,16 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
         shards[-1].append(u)
         size += nbytes
 
-    with atomic_output(out, overwrite) as tmp:
+    total_bytes = sum(int(np.prod(shape)) for u in units for _, shape in u[2]) * dt.itemsize
+    with atomic_output(out, overwrite) as tmp, Progress(f"export {ckpt.name}", len(units), total_bytes,
+                                                        "parameters") as progress:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             entries = [(k, shape) for u in shard for k, shape in u[2]]
-            total += _write_safetensors(tmp / name, entries, dt, _tensors(ckpt, shard, saved, dt))
+            written = _write_safetensors(tmp / name, entries, dt, _tensors(ckpt, shard, saved, dt))
+            total += written
+            progress.update(len(shard), written)
             weight_map.update({k: name for k, _ in entries})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
