@@ -98,6 +98,8 @@ def test_malformed_distributed_environment_exits_2(monkeypatch, capsys):
                           "MGJAX_NUM_PROCESSES='abc'"),
                          ({"MGJAX_NUM_PROCESSES": "2", "MGJAX_PROCESS_ID": "2", "MGJAX_COORDINATOR": "h:1"},
                           "process id 2"),
+                         ({"MGJAX_NUM_PROCESSES": "2", "MGJAX_PROCESS_ID": "-1", "MGJAX_COORDINATOR": "h:1"},
+                          "MGJAX_PROCESS_ID='-1' is not an integer >= 0"),
                          ({"MGJAX_NUM_PROCESSES": "2", "MGJAX_PROCESS_ID": "0", "MGJAX_COORDINATOR": "h"},
                           "must be HOST:PORT")):
         for k, v in env.items():

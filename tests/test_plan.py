@@ -39,7 +39,11 @@ def test_a_plan_that_does_not_fit(capsys):
 
 
 def test_bad_plans_exit_2(capsys):
-    assert main(["plan", "MGM-2B", "--mesh", "fsdp=4,tensor=2", "--rules", "fsdp_tp"]) == 2  # MQA: 1 kv head
-    assert "kv_heads" in capsys.readouterr().err
+    # MGM-13B's 40 heads do not split 16 ways (KV heads would be replicated; query heads are not)
+    assert main(["plan", "MGM-13B", "--mesh", "fsdp=4,tensor=16", "--rules", "fsdp_tp"]) == 2
+    assert "'heads', size 40" in capsys.readouterr().err
+    # MGM-2B's single KV head is replicated over tensor=2 (this used to be refused)
+    assert main(["plan", "MGM-2B", "--mesh", "fsdp=4,tensor=2", "--rules", "fsdp_tp"]) == 0
+    capsys.readouterr()
     assert main(["plan", "MGM-7B", "--mesh", "fsdp=-1"]) == 2
     assert "--devices" in capsys.readouterr().err
