@@ -60,7 +60,6 @@ def load_tokenizer(folder: str | os.PathLike):
         transformers.logging.set_verbosity(verbosity)
 
 
-
 def checkpoint_template(family: str, tokenizer_dir: str | os.PathLike, folders) -> tuple[str, str, object]:
     """(template, evidence, tokenizer or None) of a released-layout checkpoint: `families.detect_template`
     on the tokenizer in `tokenizer_dir` (when it has one) and the `folders`' names."""
