@@ -14,7 +14,7 @@ post-LayerNorm), then runs `python -m mgjax.cli convert SRC OUT --dtype bfloat16
 
 Results go to bench/results/convert_memory.json (and a table on stdout). The synthetic checkpoint and
 the outputs are deleted at the end unless --keep. `--trace` runs the child through a wrapper that
-records RssAnon / RssFile / VmHWM around every parameter group (`mgjax.convert.orbax._groups`) and
+records RssAnon / RssFile / VmHWM around every parameter group (`mgjax.convert.mgjax_ckpt._groups`) and
 stores the per-group records in the JSON (the wrapper only reads /proc; it does not change mgjax).
 
   python bench/convert_memory.py --shape MGM-2B          # ~6 GB smoke run
@@ -322,7 +322,7 @@ def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool) -> di
 def child(src: str, out: str, dtype: str, layout: str, trace_file: str) -> None:
     """`_child`: mgjax's convert, recording RSS around every parameter group and the peak within
     each group (VmHWM)."""
-    import mgjax.convert.orbax as conv
+    import mgjax.convert.mgjax_ckpt as conv
 
     records, groups = [], conv._groups
     clear = Path("/proc/self/clear_refs")
@@ -380,48 +380,35 @@ def verify(src: str, out: str, n: str = "16") -> None:
     ones and one unused tensor) from OUT and compares them bit for bit with the source tensors."""
     import numpy as np
 
-    from mgjax.checkpoint import restore, saved_shapes
-    from mgjax.convert.load import open_source
+    from mgjax.checkpoint import saved_shapes
+    from mgjax.convert.mgjax_ckpt import PARAMS, read_meta, restore_leaf
     from mgjax.convert.names import param_specs
-    from mgjax.convert.orbax import PARAMS, read_meta
+    from mgjax.convert.source import open_source
 
-    config, _ = read_meta(Path(out))
+    config, meta = read_meta(Path(out))
+    dt = np.dtype(meta["dtype"])
     source = open_source(src)
     source.config = config
     saved = saved_shapes(Path(out) / PARAMS)
-
-    def leaf(tree, path):
-        for p in path:
-            tree = tree[p]
-        return tree
-
-    def nest(path, value):
-        for p in reversed(path):
-            value = {p: value}
-        return value
-
     specs = param_specs(saved["params"], config)
     step = max(1, len(specs) // int(n))
     pick = {s.path: s for s in specs[::step] + [specs[-1]]}
     if any(s.stack for s in specs):  # a few whole stacked parameters too, small and large
-        stacked = sorted((s for s in specs if s.stack), key=lambda s: math.prod(leaf(saved["params"], s.path).shape))
+        stacked = sorted((s for s in specs if s.stack), key=lambda s: math.prod(s.shape))
         pick.update({s.path: s for s in (stacked[0], stacked[len(stacked) // 2])})
     checked = []
     for s in pick.values():
-        sds = leaf(saved["params"], s.path)
-        got = restore(Path(out) / PARAMS, {"params": nest(s.path, sds)}, partial=True)["params"]
-        got = np.asarray(leaf(got, s.path))
-        want = source.array(s, tuple(sds.shape), got.dtype)
+        got = restore_leaf(Path(out), ("params", *s.path), s.shape, dt)
+        want = source.array(s, got.dtype)
         if got.shape != want.shape or not np.array_equal(got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8)):
             raise SystemExit(f"verify: {'/'.join(s.path)} differs from the source")
         checked.append("/".join(s.path))
     unused = source.unused(specs)
     if unused:
         k = unused[len(unused) // 2]
-        u = leaf(saved["unused"], k.split("."))
-        got = restore(Path(out) / PARAMS, {"unused": nest(tuple(k.split(".")), u)}, partial=True)["unused"]
-        got = np.asarray(leaf(got, k.split(".")))
-        if not np.array_equal(got.view(np.uint8), np.ascontiguousarray(source.ckpt.get(k)).view(np.uint8)):
+        want = source.ckpt.get(k)
+        got = restore_leaf(Path(out), ("unused", *k.split(".")), want.shape, dt)
+        if not np.array_equal(got.view(np.uint8), np.ascontiguousarray(want, got.dtype).view(np.uint8)):
             raise SystemExit(f"verify: unused tensor {k} differs from the source")
         checked.append(k)
     print(f"verified {len(checked)} tensors bit for bit")

@@ -68,7 +68,7 @@ def cmd_convert(args) -> int:
     """Released PyTorch layout (or stage-1 release + base LLM) -> mgjax (Orbax) checkpoint folder."""
     import time
 
-    from mgjax.convert.orbax import convert
+    from mgjax.convert.mgjax_ckpt import convert
 
     t = time.time()
     out = convert(args.src, args.out, dtype=args.dtype, vision_tower=args.vision_tower,
@@ -83,7 +83,7 @@ def cmd_export(args) -> int:
     """mgjax checkpoint folder -> released layout (config.json, indexed safetensors, tokenizer)."""
     import time
 
-    from mgjax.convert.orbax import export
+    from mgjax.convert.export import export
 
     t = time.time()
     out = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
@@ -99,7 +99,7 @@ def _config_arg(text: str):
 
     from mgjax.config import MGMConfig
     from mgjax.presets import PRESETS
-    from mgjax.convert.orbax import is_mgjax_checkpoint, read_meta
+    from mgjax.convert.mgjax_ckpt import is_mgjax_checkpoint, read_meta
 
     if text in PRESETS:
         return PRESETS[text]

@@ -15,8 +15,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mgjax.config import IMAGE_TOKEN_INDEX, MGMConfig
-from mgjax.convert import orbax as mgjax_ckpt
-from mgjax.convert.load import load_params, open_source
+from mgjax.convert import load_params
+from mgjax.convert.mgjax_ckpt import is_mgjax_checkpoint, read_meta
+from mgjax.convert.source import open_source
 from mgjax.data.image import ImageLike, preprocess_image
 from mgjax.data.templates import build_prompt, get_template
 from mgjax.data.tokenize import checkpoint_template, load_tokenizer, tokenize_with_images
@@ -187,9 +188,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
         get_template(template)
     dt = jnp.dtype(dtype)
     tokenizer = None
-    if mgjax_ckpt.is_mgjax_checkpoint(path):
-        config, _ = mgjax_ckpt.read_meta(path)
-        source, tokenizer_path, evidence = None, path, "recorded by mgjax convert"
+    if is_mgjax_checkpoint(path):
+        config, _ = read_meta(path)
+        source, tokenizer_path, evidence = path, path, "recorded by mgjax convert"
     else:
         source = open_source(path, vision_tower, vision_tower_aux, base_llm)
         config, tokenizer_path = source.config, source.tokenizer_dir.resolve()
@@ -201,9 +202,6 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
         config, evidence = dataclasses.replace(config, template=template), "template= argument"
     module = MGM(config, dtype=dt, param_dtype=dt)
     shardings = None if mesh is None else param_shardings(abstract_params(module, boxed=True), mesh, rules)
-    if source is None:
-        params = mgjax_ckpt.load_params(path, config, dt, shardings)
-    else:
-        params = load_params(config, abstract_params(module), source.ckpt, source.towers, dt, shardings)
+    params = load_params(source, abstract_params(module), dt, shardings)
     return Pretrained(config, params, module, path, tokenizer_path=tokenizer_path, mesh=mesh, rules=rules,
                       template_evidence=evidence, _tokenizer=tokenizer)

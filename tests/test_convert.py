@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -19,7 +20,8 @@ from safetensors.numpy import load_file, save_file
 
 import mgjax
 from mgjax.cli import main
-from mgjax.convert.orbax import convert, export
+from mgjax.convert.export import export
+from mgjax.convert.mgjax_ckpt import convert
 from mgjax.convert.readers import Checkpoint
 from mgjax.errors import MGJaxError
 from helpers import GOLDEN, assert_close, nhwc
@@ -155,33 +157,40 @@ def test_truncated_orbax_checkpoint(tmp_path):
 
 
 def _convert_cmd(out, *extra):
-    import sys
-
     return [sys.executable, "-m", "mgjax", "convert", str(SRC), str(out), "--dtype", "float32", *extra]
 
 
+@pytest.mark.parametrize("job", ["convert", "export"])
 @pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_interrupted_convert_leaves_nothing_and_reruns(tmp_path, sig, code):
-    """Interrupted while the temporary folder is being written: exit 130 / 143 with one line, no
-    temporary folder, no OUT; the same command then succeeds."""
+def test_interrupted_job_leaves_nothing_and_reruns(tmp_path, job, sig, code):
+    """convert or export interrupted while the temporary folder is being written: exit 130 / 143 with
+    one line, no temporary folder, no OUT; the same command then succeeds."""
     import signal
     import subprocess
     import time
 
     out = tmp_path / "out"
     partial = tmp_path / ".out.partial"
-    proc = subprocess.Popen(_convert_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if job == "convert":
+        cmd = _convert_cmd(out)
+    else:
+        ckpt = convert(SRC, tmp_path / "orbax", dtype="float32")
+        cmd = [sys.executable, "-m", "mgjax", "export", str(ckpt), str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not partial.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    assert partial.exists(), "the conversion finished before it could be interrupted"
+    assert partial.exists(), f"the {job} finished before it could be interrupted"
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     assert err.count("\n") == 1 and "nothing half-written" in err, err
     assert not partial.exists() and not out.exists()
-    assert subprocess.run(_convert_cmd(out), capture_output=True).returncode == 0
-    assert mgjax.load_pretrained(out).config.lm == mgjax.load_pretrained(SRC).config.lm
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    if job == "convert":
+        assert mgjax.load_pretrained(out).config.lm == mgjax.load_pretrained(SRC).config.lm
+    else:
+        same_tensors(SRC, out)
 
 
 def test_output_folder_checks(tmp_path, capsys):

@@ -3,7 +3,7 @@
 Every model's weights go THROUGH the checkpoint name mapping: the HF state dict is renamed to the
 released MGM names (`model.layers.*`, `model.vision_tower.vision_tower.vision_model.*`,
 `model.vision_tower_aux.vision_{stem,stages}.*`, Mixtral's per-expert `w1/w2/w3`) and loaded with
-`mgjax.convert.load.load_params`, so a wrong name, layout or transpose fails here too.
+`mgjax.convert.load_params`, so a wrong name, layout or transpose fails here too.
 
 Tolerances: every float check allows max abs error <= rel x max|expected| with rel = 1e-5 (the same
 bound as the golden tests); none needed more. Parameters that HF initialises to constants (norm
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import transformers as tf
 
 from mgjax.config import CLIPConfig, LMConfig, MGMConfig
-from mgjax.convert.load import load_params
+from mgjax.convert import load_params
+from mgjax.convert.source import Source
 from mgjax.lm.decoder import Decoder
 from mgjax.vision.clip import CLIPVisionTower
 from mgjax.vision.convnext import ConvNextTrunk, multi_stage_map
@@ -84,7 +85,7 @@ def load_subtree(config: MGMConfig, top: str, module: nn.Module, init_args: tupl
     kw = {} if method is None else {"method": method}
     variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *init_args, **kw))
     shapes = nn.unbox(variables["params"])
-    params = load_params(config, {top: shapes}, DictReader(released), {}, jnp.float32)
+    params = load_params(Source(config, DictReader(released)), {top: shapes}, jnp.float32)
     assert set(params) == {top}
     return params[top]
 

@@ -69,7 +69,7 @@ def _single_device(kind):
 
 MESHES = {  # (shape, axis names); a subset of the four axes is a valid mesh
     "2,2,2,1": ((2, 2, 2, 1), None), "1,4,2,1": ((1, 4, 2, 1), None), "2,1,1,4": ((2, 1, 1, 4), None),
-    "1,2,4,1": ((1, 2, 4, 1), None), "data=2,fsdp=4": ((2, 4), ("data", "fsdp")),
+    "1,2,4,1": ((1, 2, 4, 1), None), "data=2,fsdp=4": ((2, 4), ("data", "fsdp")), "fsdp=8": ((8,), ("fsdp",)),
 }
 
 
@@ -116,10 +116,10 @@ def test_sharded_init_and_cross_mesh_restore(tmp_path):
     assert all(p.sharding == s for p, s in zip(jax.tree.leaves(params_b), jax.tree.leaves(shard_b)))
 
 
-@pytest.mark.parametrize("mesh_name", ["1,4,2,1", "data=2,fsdp=4"])
+@pytest.mark.parametrize("mesh_name", ["1,4,2,1", "data=2,fsdp=4", "fsdp=8"])
 def test_released_checkpoint_loaded_onto_a_mesh(mesh_name):
     """load_pretrained(..., mesh=) + Pretrained.logits on the golden case A (1e-5 x scale), on a full
-    mesh and on one with two of the four axes."""
+    mesh, on one with two of the four axes and on a 1-D FSDP mesh."""
     ref = np.load(GOLDEN / "llama_vicuna" / "expected.npz")
     model = mgjax.load_pretrained(GOLDEN / "llama_vicuna" / "MGM-7B-tiny", mesh=_mesh(mesh_name))
     kernel = model.params["llm"]["layers_0"]["mlp"]["gate_proj"]["kernel"]

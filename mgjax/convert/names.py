@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from flax import traverse_util
 
 from mgjax.config import MGMConfig
 
@@ -41,7 +42,7 @@ _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One mgjax parameter and the PyTorch tensor(s) it is made of.
+    """One mgjax parameter of `shape` and the PyTorch tensor(s) it is made of.
 
     `stack` gives the leading axes that stack several PyTorch tensors: () for one tensor, (E,) for
     Mixtral's experts, (L,) for a scanned layer parameter, (L, E) for scanned experts; `torch_keys`
@@ -49,20 +50,26 @@ class ParamSpec:
     """
 
     path: tuple[str, ...]
+    shape: tuple[int, ...]
     torch_keys: tuple[str, ...]
     stack: tuple[int, ...] = ()
 
-    def _is_conv(self, inner: tuple[int, ...]) -> bool:
-        return self.path[-1] == "kernel" and len(inner) == 4
+    @property
+    def _inner(self) -> tuple[int, ...]:
+        """The shape of one stacked slice."""
+        return self.shape[len(self.stack):]
+
+    def _is_conv(self) -> bool:
+        return self.path[-1] == "kernel" and len(self._inner) == 4
 
     def _n_in(self) -> int:
         """Input dims of a dense kernel: 2 for the attention output ([heads, head_dim, D])."""
         return 2 if self.path[-2] in ("o_proj", "out_proj") else 1
 
-    def torch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape each PyTorch tensor must have for the mgjax parameter of `shape`."""
-        inner = tuple(shape[len(self.stack):])
-        if self._is_conv(inner):  # Conv2d [O, I, kh, kw]
+    def torch_shape(self) -> tuple[int, ...]:
+        """The shape each PyTorch tensor must have."""
+        inner = self._inner
+        if self._is_conv():  # Conv2d [O, I, kh, kw]
             return (inner[3], inner[2], inner[0], inner[1])
         if self.path[-1] == "kernel" or self.path[-2] == "experts":  # Linear [out, in]
             n_in = self._n_in()
@@ -71,23 +78,21 @@ class ParamSpec:
             return (math.prod(inner),)
         return inner
 
-    def one_to_flax(self, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """One PyTorch tensor -> its mgjax layout (one slice of a stacked parameter); `shape` is the
-        whole parameter's shape. Shapes are checked by the caller (`torch_shape`)."""
-        inner = tuple(shape[len(self.stack):])
-        if self._is_conv(inner):
+    def one_to_flax(self, t: np.ndarray) -> np.ndarray:
+        """One PyTorch tensor -> its mgjax layout (one slice of a stacked parameter). Shapes are
+        checked by the caller (`torch_shape`)."""
+        if self._is_conv():
             return t.transpose(2, 3, 1, 0)
         if self.path[-1] == "kernel" or self.path[-2] == "experts":
-            return t.T.reshape(inner)
-        return t.reshape(inner)
+            return t.T.reshape(self._inner)
+        return t.reshape(self._inner)
 
     def to_torch(self, value: np.ndarray) -> list[np.ndarray]:
         """mgjax layout -> the PyTorch tensors, in `torch_keys` order (contiguous copies)."""
-        inner = tuple(value.shape[len(self.stack):])
-        want = self.torch_shape(value.shape)
+        want = self.torch_shape()
         out = []
-        for v in value.reshape((-1, *inner)):
-            if self._is_conv(inner):
+        for v in value.reshape((-1, *self._inner)):
+            if self._is_conv():
                 t = v.transpose(3, 2, 0, 1)
             elif self.path[-1] == "kernel" or self.path[-2] == "experts":
                 t = v.reshape(want[::-1]).T
@@ -123,19 +128,14 @@ def param_specs(shapes: dict, config: MGMConfig) -> list[ParamSpec]:
             return [f"{base}.experts.{e}.{p[-1]}.weight" for e in range(n_experts)]
         return [torch_key(p)]
 
-    def walk(tree, path):
-        for k, v in tree.items():
-            p = path + (k,)
-            if isinstance(v, dict):
-                walk(v, p)
-            elif p[:2] == ("llm", "layers"):  # scanned: one leaf for all layers
-                per_layer = [keys(("llm", f"layers_{i}") + p[2:]) for i in range(n_layers)]
-                stack = (n_layers, n_experts) if "experts" in p else (n_layers,)
-                specs.append(ParamSpec(p, tuple(k for ks in per_layer for k in ks), stack))
-            else:
-                specs.append(ParamSpec(p, tuple(keys(p)), (n_experts,) if "experts" in p else ()))
-
-    walk(shapes, ())
+    for p, leaf in traverse_util.flatten_dict(shapes).items():
+        shape = tuple(leaf.shape)
+        if p[:2] == ("llm", "layers"):  # scanned: one leaf for all layers
+            per_layer = [keys(("llm", f"layers_{i}") + p[2:]) for i in range(n_layers)]
+            stack = (n_layers, n_experts) if "experts" in p else (n_layers,)
+            specs.append(ParamSpec(p, shape, tuple(k for ks in per_layer for k in ks), stack))
+        else:
+            specs.append(ParamSpec(p, shape, tuple(keys(p)), (n_experts,) if "experts" in p else ()))
     return specs
 
 

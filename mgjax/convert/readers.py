@@ -3,6 +3,9 @@
 Tensors are read one at a time as NumPy arrays (bfloat16 through `ml_dtypes`), so a loader never
 holds more than one tensor beyond what it keeps. Safetensors files are checked against their
 header when opened, so a truncated download fails with the file's name instead of bad numbers.
+
+Every reader has the `Reader` interface: files, checkpoint folders and views (renamed, merged) alike,
+so the loader never asks which one it holds.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -23,8 +26,40 @@ _ST_DTYPES = {
 }
 
 
-class SafetensorsFile:
-    """One `.safetensors` file: header parsed eagerly, data memory-mapped on first use."""
+class Reader(Protocol):
+    """Named tensors, read one at a time."""
+
+    where: Path | str  # what the reader reads, for messages
+
+    def keys(self) -> list[str]: ...
+    def __contains__(self, key: str) -> bool: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def get(self, key: str) -> np.ndarray: ...
+    def source(self, key: str) -> Path | str: ...  # the file holding `key`, for messages
+
+
+class _File:
+    """A single file holding every tensor it names."""
+
+    path: Path
+    _tensors: dict  # name -> header entry or tensor
+
+    @property
+    def where(self) -> Path:
+        return self.path
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def source(self, key: str) -> Path:
+        return self.path
+
+
+class SafetensorsFile(_File):
+    """One `.safetensors` file: header parsed and checked when opened, each tensor read on demand."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -43,20 +78,17 @@ class SafetensorsFile:
                 raise MGJaxError(f"{self.path}: unreadable safetensors header ({e}); re-download it") from None
         header.pop("__metadata__", None)
         self._base = 8 + n
-        self._entries = header
+        self._tensors = header
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self._base + end > size:
             raise MGJaxError(f"{self.path}: truncated: its header needs {self._base + end} bytes, the file has "
                              f"{size}; re-download it")
 
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._entries[key]["shape"])
+        return tuple(self._tensors[key]["shape"])
 
     def get(self, key: str) -> np.ndarray:
-        e = self._entries[key]
+        e = self._tensors[key]
         if e["dtype"] not in _ST_DTYPES:
             raise MGJaxError(f"{self.path}: tensor {key!r} has unsupported dtype {e['dtype']}")
         start, end = e["data_offsets"]
@@ -70,7 +102,7 @@ class SafetensorsFile:
         return buf.view(_ST_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
-class TorchFile:
+class TorchFile(_File):
     """One torch pickle (`pytorch_model*.bin`, `open_clip_pytorch_model.bin`, `mm_projector.bin`)."""
 
     def __init__(self, path: Path):
@@ -88,22 +120,19 @@ class TorchFile:
         for nest in ("state_dict", "model"):  # training checkpoints nest the weights
             if isinstance(sd, dict) and isinstance(sd.get(nest), dict):
                 sd = sd[nest]
-        self._sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-    def keys(self) -> list[str]:
-        return list(self._sd)
+        self._tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._sd[key].shape)
+        return tuple(self._tensors[key].shape)
 
     def get(self, key: str) -> np.ndarray:
-        t = self._sd[key].detach()
+        t = self._tensors[key].detach()
         if t.dtype == self._torch.bfloat16:
             return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
 
 
-def open_file(path: Path):
+def open_file(path: Path) -> SafetensorsFile | TorchFile:
     path = Path(path)
     if not path.is_file():
         raise MGJaxError(f"{path}: file not found")
@@ -119,7 +148,7 @@ class Checkpoint:
     def __init__(self, files: dict[str, Path], where: Path):
         self.where = where
         self._file_of = files  # key -> file path
-        self._open: dict[Path, object] = {}
+        self._open: dict[Path, Reader] = {}
 
     @classmethod
     def from_folder(cls, folder: Path, singles: Iterable[str] = SINGLES) -> "Checkpoint":
@@ -149,7 +178,7 @@ class Checkpoint:
         ckpt._open[Path(path)] = f
         return ckpt
 
-    def _file(self, path: Path):
+    def _file(self, path: Path) -> Reader:
         if path not in self._open:
             self._open[path] = open_file(path)
         return self._open[path]
@@ -182,30 +211,46 @@ class Checkpoint:
         return self._file_of[key]
 
 
-class Renamed:
-    """A view of a checkpoint under other names: `prefixes` maps view prefix -> source prefix.
-    Keys outside the mapped prefixes are hidden (a tower file's heads and text towers)."""
+class View:
+    """Tensors of other readers under (possibly) other names: `routes` maps a view name to (reader,
+    name in that reader)."""
 
-    def __init__(self, ckpt: Checkpoint, prefixes: dict[str, str]):
-        self.where = ckpt.where
-        self._ckpt = ckpt
-        self._map = {}
-        for k in ckpt.keys():
-            for view, src in prefixes.items():
-                if k.startswith(src):
-                    self._map[view + k[len(src):]] = k
+    def __init__(self, routes: dict[str, tuple[Reader, str]], where: Path | str):
+        self.where = where
+        self._routes = routes
+
+    @classmethod
+    def renamed(cls, reader: Reader, prefixes: dict[str, str]) -> "View":
+        """`reader` with `prefixes` (view prefix -> source prefix) swapped; names outside the mapped
+        prefixes are hidden (a tower file's heads and text towers)."""
+        return cls({view + k[len(src):]: (reader, k) for k in reader.keys()
+                    for view, src in prefixes.items() if k.startswith(src)}, reader.where)
+
+    @classmethod
+    def merged(cls, readers: list[Reader]) -> "View":
+        """Several readers as one; a tensor name present in two of them is an error."""
+        routes: dict[str, tuple[Reader, str]] = {}
+        for r in readers:
+            for k in r.keys():
+                if k in routes:
+                    raise MGJaxError(f"tensor {k!r} is in both {routes[k][0].source(k)} and {r.source(k)}")
+                routes[k] = (r, k)
+        return cls(routes, readers[0].where)
 
     def keys(self) -> list[str]:
-        return list(self._map)
+        return list(self._routes)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._map
+        return key in self._routes
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._ckpt.shape(self._map[key])
+        reader, k = self._routes[key]
+        return reader.shape(k)
 
     def get(self, key: str) -> np.ndarray:
-        return self._ckpt.get(self._map[key])
+        reader, k = self._routes[key]
+        return reader.get(k)
 
-    def source(self, key: str) -> Path:
-        return self._ckpt.source(self._map[key])
+    def source(self, key: str) -> Path | str:
+        reader, k = self._routes[key]
+        return reader.source(k)
