@@ -86,10 +86,10 @@ def pack(json_path: str | os.PathLike, image_root: str | os.PathLike, out: str |
     if shard_size < 1:
         raise MGJaxError(f"shard size {shard_size}: must be a positive number of records")
     bad = BadRecords(f"pack {json_path}")
-    records = list(read_records(json_path, bad))
     lengths, shard_lengths, total_bytes = [], [], 0
-    with atomic_output(out, overwrite) as tmp, Progress(f"pack {Path(json_path).name}", len(records), 0,
-                                                        "records") as progress:
+    with atomic_output(out, overwrite) as tmp:
+        records = list(read_records(json_path, bad))
+        progress = Progress(f"pack {Path(json_path).name}", len(records), 0, "records")
         writer = None
         for record in records:
             try:
@@ -110,6 +110,7 @@ def pack(json_path: str | os.PathLike, image_root: str | os.PathLike, out: str |
             total_bytes += len(data)
             lengths.append(modality_length(record))
             progress.update(1, len(data))
+        progress.close()
         if writer is None:
             raise MGJaxError(f"{json_path}: no usable record (skipped: {bad.summary()}); see the log for each id")
         writer.close()

@@ -1,7 +1,8 @@
 """Training records in the LLaVA/MGM JSON format, and the bookkeeping of the ones that must be skipped.
 
 A record is `{"id", "image": "rel/path" | ["a", "b"] | absent, "conversations": [{"from": "human" | "gpt",
-"value": ...}]}`; the file is a JSON list or JSONL (one record per line). One `<image>` per image.
+"value": ...}]}`; the file is a JSON list or JSONL (one record per line). One `<image>` per image, at most
+one per message.
 Parsed records are plain dicts `{"id": str, "images": [...], "conversations": [...]}` where `images`
 holds paths, file bytes or uint8 arrays: whatever `load_image` reads.
 """
@@ -89,6 +90,10 @@ def parse_record(obj: Any, index: int) -> dict:
         raise BadRecord("malformed", "'image' is neither a path nor a list of paths")
     if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
         raise BadRecord("no_assistant_turn", "no non-empty 'gpt' turn to learn from")
+    if any(t["value"].count(IMAGE_MARKER) > 1 for t in turns):
+        # The original moves a message's marker to its start, merging several into one.
+        raise BadRecord("image_count", f"a message with several {IMAGE_MARKER}; put each image's marker in its own "
+                                       "message")
     markers = sum(t["value"].count(IMAGE_MARKER) for t in turns)
     if markers != len(images):
         raise BadRecord("image_count", f"{len(images)} image(s) but {markers} {IMAGE_MARKER} marker(s); "

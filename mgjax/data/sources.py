@@ -32,19 +32,13 @@ def shard_name(index: int, count: int) -> str:
     return f"{DATASET_NAME}-{SPLIT}.array_record-{index:05d}-of-{count:05d}"
 
 
-def _example_pb2():
-    from tensorflow_datasets.proto import tf_example_pb2  # vendored by TFDS: no TensorFlow needed
-
-    return tf_example_pb2
-
-
 def encode_record(record_id: str, conversations: list, image_names: list[str], images: list[bytes]) -> bytes:
-    pb = _example_pb2()
+    from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2  # vendored by TFDS: no TensorFlow
 
     def feature(values: list[bytes]):
-        return pb.Feature(bytes_list=pb.BytesList(value=values))
+        return tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=values))
 
-    return pb.Example(features=pb.Features(feature={
+    return tf_example_pb2.Example(features=tf_feature_pb2.Features(feature={
         "id": feature([record_id.encode()]),
         "conversations": feature([json.dumps(conversations, ensure_ascii=False).encode()]),
         "image_names": feature([n.encode() for n in image_names]),
@@ -53,7 +47,9 @@ def encode_record(record_id: str, conversations: list, image_names: list[str], i
 
 
 def decode_record(data: bytes) -> dict:
-    f = _example_pb2().Example.FromString(data).features.feature
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    f = tf_example_pb2.Example.FromString(data).features.feature
     return {"id": f["id"].bytes_list.value[0].decode(),
             "conversations": json.loads(f["conversations"].bytes_list.value[0]),
             "image_names": [n.decode() for n in f["image_names"].bytes_list.value],
@@ -108,4 +104,6 @@ class PackedSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
-        return decode_record(self._source[index])
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        return decode_record(self._source[index % len(self)])
