@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("data", help="training data tools")
-    data = p.add_subparsers(dest="action", required=True)
+    data = p.add_subparsers(dest="action", required=True, help="what to do: pack")
     p = data.add_parser("pack", help="LLaVA/MGM JSON + image folder -> ArrayRecord shards with the images embedded "
                                      "(read by grain and TFDS); bad records are skipped, counted and logged")
     p.add_argument("json", help="records: a JSON list or JSONL of {id, image, conversations}")

@@ -265,10 +265,6 @@ class BatchIterator(grain.DatasetIterator):
         self._pending = self._pending_state = None
         self._good, self._bad = int(state["good"]), Counter({k: int(v) for k, v in state["bad"].items()})
 
-    @property
-    def bad_counts(self) -> dict[str, int]:
-        return dict(self._bad)
-
 
 class Batcher(grain.IterDataset):
     """Processed samples -> batches, dicts of NumPy arrays with static shapes:
