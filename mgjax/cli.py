@@ -92,6 +92,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_data_pack(args) -> int:
+    """LLaVA/MGM JSON + image folder -> ArrayRecord shards (grain and TFDS readable); bad records skipped."""
+    import logging
+
+    from mgjax.data.pack import pack
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    summary = pack(args.json, args.image_root, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+    print(summary.line())
+    return 0
+
+
 def _config_arg(text: str):
     """A preset name, an mgjax checkpoint folder, or a released folder (its config.json)."""
     import json
@@ -224,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", choices=["full", "dots", "none"], help="activation rematerialisation policy "
                    "(default full)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("data", help="training data tools")
+    data = p.add_subparsers(dest="action", required=True, help="what to do: pack")
+    p = data.add_parser("pack", help="LLaVA/MGM JSON + image folder -> ArrayRecord shards with the images embedded "
+                                     "(read by grain and TFDS); bad records are skipped, counted and logged")
+    p.add_argument("json", help="records: a JSON list or JSONL of {id, image, conversations}")
+    p.add_argument("image_root", help="folder the records' image paths are relative to")
+    p.add_argument("out", help="new output folder (written beside, renamed when complete)")
+    p.add_argument("--shard-size", type=_positive_int, default=10000, help="records per shard (default 10000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the new one is complete)")
+    p.set_defaults(func=cmd_data_pack)
 
     p = sub.add_parser("check-cluster", help="join a multi-host job and check collectives over every device")
     p.set_defaults(func=cmd_check_cluster)

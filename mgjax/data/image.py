@@ -6,6 +6,7 @@ bilinear, non-antialiased downsample of the normalised high-res tensor.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import Union
@@ -18,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from mgjax.config import MGMConfig
 from mgjax.errors import MGJaxError
 
-ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -60,16 +61,17 @@ def _check_size(w: int, h: int, what: str) -> None:
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """A PIL image, a NumPy uint8 array (H x W, H x W x 3 or H x W x 4) or a path -> an RGB PIL image.
+    """A PIL image, a NumPy uint8 array (H x W, H x W x 3 or H x W x 4), a path or the bytes of an image
+    file (as packed training data holds them) -> an RGB PIL image.
 
     Every mode is converted with PIL's `convert("RGB")` as the original does after `Image.open`
     (16-bit grey is clipped to 255, palette and CMYK mapped, alpha dropped)."""
-    if isinstance(image, (str, os.PathLike)):
-        what = os.fspath(image)
+    if isinstance(image, (str, os.PathLike, bytes)):
+        what = f"image bytes ({len(image)} B)" if isinstance(image, bytes) else os.fspath(image)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(what)
+                img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else what)
                 _check_size(*img.size, what)
                 img.load()
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -87,8 +89,8 @@ def load_image(image: ImageLike) -> Image.Image:
         _check_size(*image.size, "image")
         img = image
     else:
-        raise MGJaxError(f"cannot use a {type(image).__name__} as an image: pass a PIL image, a uint8 NumPy array "
-                         "or a path")
+        raise MGJaxError(f"cannot use a {type(image).__name__} as an image: pass a PIL image, a uint8 NumPy array, "
+                         "a path or the file's bytes")
     with warnings.catch_warnings():  # palette images with transparency: PIL asks for RGBA first; RGB drops it
         warnings.simplefilter("ignore", UserWarning)
         return img.convert("RGB")
