@@ -2,7 +2,6 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-FIX := tests/fixtures/mgm_reference/llama_vicuna
 
 .PHONY: setup test demo clean
 
@@ -18,8 +17,11 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# Stage 1 then stage 2 of the tiny demo MGM on synthetic shapes (CPU, a few minutes), then its held-out accuracy.
 demo: setup
-	$(BIN)/mgjax predict $(FIX)/MGM-7B-tiny --image $(FIX)/input.jpg --question "What is unusual about this image?"
+	$(BIN)/mgjax train configs/demo/stage1.yaml
+	$(BIN)/mgjax train configs/demo/stage2.yaml
+	$(BIN)/mgjax eval shapes --ckpt runs/demo/stage2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

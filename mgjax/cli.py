@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from mgjax.errors import MGJaxError
 
@@ -89,6 +90,30 @@ def cmd_export(args) -> int:
     out = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
                  overwrite=args.overwrite)
     print(f"exported {args.ckpt} -> {out} in {time.time() - t:.1f} s")
+    return 0
+
+
+def cmd_train(args) -> int:
+    """Train (or resume) the run of CONFIG.yaml with key=value overrides."""
+    from mgjax.train.config import load_train_config
+    from mgjax.train.loop import train
+
+    result = train(load_train_config(args.config, args.overrides))
+    run = Path(result["run_dir"])
+    print(f"step {result['step']}: checkpoints in {run / 'checkpoints'}, metrics in {run / 'metrics.jsonl'}, "
+          f"TensorBoard logs in {run / 'tensorboard'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Held-out accuracy of a model on a benchmark (today: the demo's synthetic shapes)."""
+    import mgjax
+    from mgjax.train.demo import heldout_accuracy
+
+    model = mgjax.load_pretrained(args.ckpt)
+    accuracy, chance = heldout_accuracy(model.module, model.params, model.tokenizer, model.config,
+                                        num_samples=args.num_samples)
+    print(f"held-out accuracy {100 * accuracy:.1f}% (chance {100 * chance:.1f}%)")
     return 0
 
 
@@ -236,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", choices=["full", "dots", "none"], help="activation rematerialisation policy "
                    "(default full)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("train", help="train or resume a run: mgjax train CONFIG.yaml [key=value ...]")
+    p.add_argument("config", help="the run's YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted keys overriding the YAML, values in YAML syntax (optim.lr=1e-4 steps=100)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark (today: shapes, the demo's held-out set)")
+    p.add_argument("bench", choices=["shapes"], help="the benchmark")
+    p.add_argument("--ckpt", required=True, help="a run_dir of mgjax train, an mgjax or a released checkpoint")
+    p.add_argument("--num-samples", type=_positive_int, default=256, help="held-out questions to ask")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="training data tools")
     data = p.add_subparsers(dest="action", required=True, help="what to do: pack")

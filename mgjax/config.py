@@ -21,6 +21,7 @@ IGNORE_INDEX = -100
 
 FAMILIES = tuple(ARCHS)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+REMAT_POLICIES = ("none", "dots", "full")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class LMConfig:
     # Layout, not architecture: decoder layers under one `nn.scan` with parameters stacked on a leading
     # `layers` axis (`llm/layers/...`) instead of `llm/layers_{i}/...`. Checkpoints record it.
     scan_layers: bool = False
+    # What the backward pass recomputes of each decoder layer: none | dots (keeps matmul outputs) | full.
+    remat: str = "none"
 
     @property
     def gemma_norm(self) -> bool:
@@ -148,6 +151,8 @@ class LMConfig:
             raise MGJaxError(f"LMConfig.family {self.family!r} is not one of {FAMILIES}")
         if self.activation not in ACTIVATIONS:
             raise MGJaxError(f"LMConfig.activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.remat not in REMAT_POLICIES:
+            raise MGJaxError(f"LMConfig.remat {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if self.num_heads % self.num_kv_heads:
             raise MGJaxError(f"LMConfig: num_heads {self.num_heads} is not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")

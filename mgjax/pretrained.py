@@ -24,6 +24,7 @@ from mgjax.data.tokenize import checkpoint_template, load_tokenizer, tokenize_wi
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params, merged_lengths
 from mgjax.sharding import DEFAULT_RULES, Rules, activate, batch_sharding, batch_shards, param_shardings
+from mgjax.train.checkpoints import is_run_dir, restore_run_params
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Preprocessed pixels lie in [-1.8, 2.2] (CLIP normalisation of [0, 1]); far beyond is raw pixels.
@@ -167,7 +168,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
                     mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, template: str | None = None) -> Pretrained:
     """Loads an MGM checkpoint folder: the released layout (config.json plus safetensors or .bin
     shards), a stage-1 release (`mm_projector.bin`, with `base_llm` = the base LLM checkpoint folder),
-    or a folder written by `mgjax convert`.
+    or a folder written by `mgjax convert`, or a `run_dir` of `mgjax train` (its newest readable checkpoint).
 
     Released layout: tower weights come from the checkpoint when present, else from the tower
     folders named in config.json (tried relative to the working directory and to the checkpoint's
@@ -188,7 +189,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
         get_template(template)
     dt = jnp.dtype(dtype)
     tokenizer = None
-    if is_mgjax_checkpoint(path):
+    if is_run_dir(path):
+        config, meta = read_meta(path)
+        source, tokenizer_path, evidence = None, Path(meta["tokenizer"]), "recorded by mgjax train"
+    elif is_mgjax_checkpoint(path):
         config, _ = read_meta(path)
         source, tokenizer_path, evidence = path, path, "recorded by mgjax convert"
     else:
@@ -202,6 +206,11 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
         config, evidence = dataclasses.replace(config, template=template), "template= argument"
     module = MGM(config, dtype=dt, param_dtype=dt)
     shardings = None if mesh is None else param_shardings(abstract_params(module, boxed=True), mesh, rules)
-    params = load_params(source, abstract_params(module), dt, shardings)
+    if source is None:
+        abstract = abstract_params(module) if shardings is None else jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(module), shardings)
+        params = restore_run_params(path, abstract)[1]
+    else:
+        params = load_params(source, abstract_params(module), dt, shardings)
     return Pretrained(config, params, module, path, tokenizer_path=tokenizer_path, mesh=mesh, rules=rules,
                       template_evidence=evidence, _tokenizer=tokenizer)

@@ -36,9 +36,10 @@ def train_two_steps(pid: int, nproc: int) -> dict:
     data = distributed.global_batch({k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}, mesh, rules)
     step = jax.jit(make_train_step(module, tx, full["input_ids"].shape[1] - 1 + config.tokens_per_image))
     with activate(mesh, rules):
-        state, metrics = step(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), data)
+        micro = jax.tree.map(lambda x: x[None], data)  # one micro-batch
+        state, metrics = step(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), {}, micro)
         # a second step: the first one's update must be the same everywhere too
-        state, metrics2 = step(state, data)
+        state, metrics2 = step(state, {}, micro)
     return {"loss": float(metrics["loss"]), "loss2": float(metrics2["loss"]), "processes": jax.process_count()}
 
 

@@ -22,6 +22,9 @@ from mgjax.sharding import constrain
 
 Dtype = Any
 
+# LMConfig.remat -> what jax.checkpoint may keep from the forward pass (None: nothing).
+_REMAT = {"dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, "full": None}
+
 
 class DecoderLayer(nn.Module):
     config: LMConfig
@@ -62,12 +65,15 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
+        layer = DecoderLayer
+        if c.remat != "none":
+            layer = nn.remat(DecoderLayer, policy=_REMAT[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
-            self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(c, scanned=True, name="layers", **kw)
         else:
-            self.layers = [DecoderLayer(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
+            self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
         self.norm = RMSNorm(c.norm_eps, c.gemma_norm, **kw)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)

@@ -1,0 +1,109 @@
+"""A run's checkpoints: `{run_dir}/checkpoints/{step}/` written by Orbax's training Checkpointer.
+
+Each holds `state` (step, trainable parameters, optimizer state), `frozen` (the other parameters) and
+`data` (the input iterator's JSON state), so a resumed run continues bitwise. Orbax writes a step into a
+temporary folder and renames it when complete: a run killed mid-save leaves no step that looks complete.
+A step that is complete but unreadable (a damaged disk, a file removed by hand) is skipped with a
+warning in favour of the one before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint.experimental.v1 as ocp
+
+from mgjax.errors import MGJaxError
+
+log = logging.getLogger(__name__)
+
+
+class RunCheckpoints:
+    """Saves every `every` steps (asynchronously) keeping the latest `keep`; restores the latest readable."""
+
+    def __init__(self, directory: str | os.PathLike, every: int, keep: int):
+        self.directory = Path(directory)
+        policies = ocp.training
+        self._ckpt = ocp.training.Checkpointer(
+            self.directory, save_decision_policy=policies.save_decision_policies.FixedIntervalPolicy(every),
+            preservation_policy=policies.preservation_policies.LatestN(keep), cleanup_tmp_directories=True)
+
+    def steps(self) -> list[int]:
+        return sorted(int(c.step) for c in self._ckpt.checkpoints)
+
+    def save(self, step: int, state: Any, frozen: Any, data: dict, force: bool = False) -> bool:
+        """Starts saving `step` when the interval (or `force`) says so; returns whether it did."""
+        # overwrite: a resumed run replaces the unreadable steps it skipped
+        return self._ckpt.save_checkpointables_async(step, {"state": state, "frozen": frozen, "data": data},
+                                                     force=force, overwrite=True) is not None
+
+    def restore_latest(self, abstract_state: Any, abstract_frozen: Any) -> tuple[int, Any, Any, dict] | None:
+        """(step, state, frozen, data state) of the newest readable checkpoint, or None when there is none.
+        `abstract_*` are trees of ShapeDtypeStructs with shardings: each process reads only its shards."""
+        for step in reversed(self.steps()):
+            try:
+                out = self._ckpt.load_checkpointables(step, {"state": abstract_state, "frozen": abstract_frozen,
+                                                             "data": None})
+                return step, out["state"], out["frozen"], out["data"]
+            except Exception as e:  # Orbax raises many types for damaged checkpoints
+                log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it",
+                            self.directory / str(step), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        if self.steps():
+            raise MGJaxError(f"{self.directory}: no checkpoint could be read (steps {self.steps()}); move the folder "
+                             "away to start afresh")
+        return None
+
+    def load(self, step: int, abstract: dict) -> dict:
+        """The leaves of `abstract` (a subset of what step `step` holds; unsharded leaves land on the
+        first device)."""
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None else
+                                jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        ctx = ocp.Context()
+        ctx.pytree.loading.partial_load = True
+        with ctx:
+            return self._ckpt.load_checkpointables(step, abstract)
+
+    def wait(self) -> None:
+        self._ckpt.wait()
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+
+
+RUN_FORMAT = "mgjax-run"
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A `run_dir` of `mgjax train` (its mgjax_config.json says so)."""
+    try:
+        return json.loads((Path(path) / "mgjax_config.json").read_text()).get("format") == RUN_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def restore_run_params(run_dir: str | os.PathLike, abstract: dict) -> tuple[int, dict]:
+    """(step, parameters) of a run's newest readable checkpoint: the leaves of `abstract` (ShapeDtypeStructs,
+    with shardings or not; any subset of the model's parameters), from its trainable and frozen parts."""
+    from mgjax.train.step import merge_params, split_params
+
+    trainable = json.loads((Path(run_dir) / "mgjax_config.json").read_text())["trainable"]
+    a_train, a_frozen = split_params(abstract, trainable)
+    ckpts = RunCheckpoints(Path(run_dir) / "checkpoints", 1, 1 << 30)
+    try:
+        for step in reversed(ckpts.steps()):
+            try:
+                out = ckpts.load(step, {"state": {"params": a_train}, "frozen": a_frozen})
+                return step, merge_params(out["state"]["params"], out["frozen"])
+            except Exception as e:  # Orbax raises many types for damaged checkpoints
+                log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it", step,
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    finally:
+        ckpts.close()
+    raise MGJaxError(f"{run_dir}: no readable checkpoint in {Path(run_dir) / 'checkpoints'}")

@@ -1,0 +1,370 @@
+"""`mgjax train`: the MGM training loop (stage 1 or 2) on a mesh, resumable to the bit.
+
+Per optimizer step each host pulls `grad_accum` micro-batches from its grain iterator, pads them to one
+text length, stacks them and feeds them as global arrays; one jitted step (`train.step`) accumulates and
+applies the update. Compiled programs are keyed by (text length, merged length), both from a few
+buckets. Checkpoints (`train.checkpoints`) hold the trainable state, the frozen parameters and the data
+iterator; a run restarted on the same `run_dir` resumes from the newest readable one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mgjax.config import MGMConfig, config_to_dict
+from mgjax.convert import load_params
+from mgjax.convert.mgjax_ckpt import MGJAX_CONFIG, FORMAT_VERSION, is_mgjax_checkpoint, read_meta
+from mgjax.convert.readers import Checkpoint, View
+from mgjax.convert.source import STAGE1_FILE, TOWERS, Source, open_source
+from mgjax.data.pipeline import DataConfig, make_dataset, pad_to
+from mgjax.data.tokenize import checkpoint_template, load_tokenizer
+from mgjax.errors import MGJaxError
+from mgjax.model import MGM, abstract_params, init_params, merged_lengths
+from mgjax.presets import preset
+from mgjax.pretrained import length_bucket
+from mgjax.progress import Progress
+from mgjax.sharding import activate, batch_sharding, batch_shards, make_mesh, param_shardings, rules_for
+from mgjax.train.checkpoints import RUN_FORMAT, RunCheckpoints, is_run_dir, restore_run_params
+from mgjax.train.config import TrainConfig, train_config_to_dict
+from mgjax.train.demo import DEMO_CONFIG, save_demo_tokenizer
+from mgjax.train.step import TrainState, is_trainable, make_train_step, split_params
+
+log = logging.getLogger(__name__)
+STAGE1_PREFIXES = ("mm_projector", "vlm_uni_")  # what stage 1 trains and stage 2 takes from it
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+def _replace(obj, changes: dict, where: str):
+    """A dataclass with `changes` (nested dicts for nested dataclasses) applied."""
+    fields = {f.name for f in dataclasses.fields(obj)}
+    out = {}
+    for k, v in changes.items():
+        if k not in fields:
+            raise MGJaxError(f"train config: model.config{where}.{k} is not a field of {type(obj).__name__}")
+        current = getattr(obj, k)
+        out[k] = _replace(current, v, f"{where}.{k}") if dataclasses.is_dataclass(current) else \
+            tuple(v) if isinstance(current, tuple) else v
+    return dataclasses.replace(obj, **out)
+
+
+@dataclass
+class Model:
+    config: MGMConfig
+    tokenizer_dir: Path
+    init: Source | Path | None  # where the initial weights come from (None: random)
+
+
+def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
+    m = cfg.model
+    init: Source | Path | None = None
+    if m.init is not None:
+        path = Path(m.init).expanduser().resolve()
+        if is_mgjax_checkpoint(path):
+            config, init = read_meta(path)[0], path
+        else:
+            init = open_source(path)
+            template = checkpoint_template(init.config.lm.family, path, (path, path.parent))[0]
+            config = dataclasses.replace(init.config, template=template)
+        tokenizer_dir = path
+    elif m.preset is not None:
+        config = DEMO_CONFIG if m.preset == "demo" else preset(m.preset)
+        tokenizer_dir = None
+    else:
+        raise MGJaxError("train config: set model.preset (a released model or 'demo') or model.init (weights)")
+    config = _replace(config, m.config, "")
+    if isinstance(init, Path) and config.lm.scan_layers != m.scan_layers:
+        raise MGJaxError(f"{init} was converted with scan_layers={config.lm.scan_layers}, the run asks for "
+                         f"model.scan_layers={m.scan_layers}; set it to match or re-convert with the other layout")
+    config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, scan_layers=m.scan_layers, remat=m.remat))
+    if m.tokenizer == "demo":
+        tokenizer_dir = save_demo_tokenizer(run_dir / "tokenizer")
+    elif m.tokenizer is not None or m.base_llm is not None:
+        tokenizer_dir = Path(m.tokenizer or m.base_llm).expanduser().resolve()
+    if tokenizer_dir is None:
+        raise MGJaxError("train config: set model.tokenizer (a tokenizer folder, or 'demo')")
+    return Model(config, tokenizer_dir, init)
+
+
+def _stage1_params(path: Path, shapes: dict, shardings: dict) -> dict:
+    """The projector and mining parameters of a stage-1 run dir, mgjax checkpoint or release."""
+    shapes = {k: v for k, v in shapes.items() if k.startswith(STAGE1_PREFIXES)}
+    shardings = {k: v for k, v in shardings.items() if k in shapes}
+    if is_run_dir(path):  # a stage-1 run of mgjax
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s), shapes, shardings)
+        step, params = restore_run_params(path, abstract)
+        print(f"stage 2 starts from the projector and mining of {path} (step {step})", file=sys.stderr)
+        return params
+    if is_mgjax_checkpoint(path):
+        return load_params(path, shapes, jnp.float32, shardings)
+    file = path / STAGE1_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise MGJaxError(f"model.stage1 {path}: not a stage-1 run dir, mgjax checkpoint or {STAGE1_FILE}")
+    prefixes = {f"model.{p}": f"model.{p}" for p in STAGE1_PREFIXES}
+    source = Source(None, View.renamed(Checkpoint.from_file(file), prefixes))
+    return source.load(shapes, jnp.float32, shardings)
+
+
+def _parts(cfg: TrainConfig) -> dict[str, Any]:
+    """Readers of the pretrained parts a stage-1 run starts from, by top-level parameter name."""
+    m, out = cfg.model, {}
+    if m.base_llm is not None:
+        out["llm"] = Checkpoint.from_folder(Path(m.base_llm).expanduser())
+    for tower, top in zip(TOWERS, ("vision_tower", "vision_tower_aux")):
+        folder = getattr(m, tower.arg)
+        if folder is not None:
+            out[top] = tower.open_folder(Path(folder).expanduser())[1]
+    return out
+
+
+def initial_params(cfg: TrainConfig, model: Model, module: MGM, mesh, rules, shardings: dict) -> dict:
+    """Random (seeded), or read from `model.init`; stage 2 takes the projector and mining from `model.stage1`."""
+    shapes = abstract_params(module)
+    if model.init is None:
+        params = init_params(module, jax.random.key(cfg.seed), mesh, rules)
+    else:
+        if isinstance(model.init, Source):
+            model.init.config = model.config
+        params = load_params(model.init, shapes, jnp.float32, shardings)
+    parts = _parts(cfg)
+    if parts:
+        if model.init is not None:
+            raise MGJaxError("train config: model.base_llm / vision_tower / vision_tower_aux build the model from its "
+                             "parts; they do not go with model.init")
+        for top, reader in parts.items():
+            part = Source(model.config, reader).load({top: shapes[top]}, jnp.float32, {top: shardings[top]})
+            params = {**params, **part}
+    if cfg.model.stage1 is not None:
+        stage1 = _stage1_params(Path(cfg.model.stage1).expanduser().resolve(), shapes, shardings)
+        params = {**params, **stage1}
+    return params
+
+
+# --- the optimizer ---------------------------------------------------------------------------------
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to 0 (HF's cosine schedule)."""
+    warmup = math.ceil(cfg.optim.warmup_ratio * cfg.steps)
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.optim.lr, warmup),
+                                 optax.cosine_decay_schedule(cfg.optim.lr, max(cfg.steps - warmup, 1))], [warmup])
+
+
+def optimizer(cfg: TrainConfig, trainable: dict) -> optax.GradientTransformation:
+    """AdamW per lr group: parameters under a prefix of `optim.lr_multipliers` get lr x multiplier."""
+    o = cfg.optim
+    lr = schedule(cfg)
+
+    def adamw(mult: float):
+        return optax.adamw(lambda step: lr(step) * mult, o.b1, o.b2, o.eps, weight_decay=o.weight_decay)
+
+    groups = {"base": adamw(1.0)} | {p: adamw(float(mult)) for p, mult in o.lr_multipliers.items()}
+    labels = traverse_util.path_aware_map(
+        lambda path, _: next((p for p in o.lr_multipliers if is_trainable(path, (p,))), "base"), trainable)
+    tx = optax.multi_transform(groups, labels)
+    return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx) if o.clip_grad_norm else tx
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+def data_source(cfg: TrainConfig):
+    from mgjax.data.sources import JsonSource, PackedSource
+    from mgjax.data.synthetic import SyntheticShapes
+
+    d = cfg.data
+    if d.source == "synthetic":
+        return SyntheticShapes(d.num_samples, split="train", stage=d.stage, seed=cfg.seed)
+    if d.path is None:
+        raise MGJaxError(f"train config: data.source {d.source} needs data.path")
+    if d.source == "packed":
+        return PackedSource(d.path)
+    if d.image_root is None:
+        raise MGJaxError("train config: data.source json needs data.image_root (the folder image paths start from)")
+    return JsonSource(d.path, d.image_root)
+
+
+def data_config(cfg: TrainConfig, config: MGMConfig) -> DataConfig:
+    d = cfg.data
+    return DataConfig(batch_size=cfg.micro_batch, buckets=tuple(d.buckets), image_capacity=d.image_capacity,
+                      pack=d.pack, seed=cfg.seed, shuffle=d.shuffle,
+                      group_by_modality_length=d.group_by_modality_length, megabatch_size=cfg.global_batch,
+                      template=config.template, max_bad_fraction=d.max_bad_fraction, num_threads=d.num_threads,
+                      prefetch=d.prefetch)
+
+
+def batch_lengths(micro: list[dict], config: MGMConfig) -> tuple[int, int]:
+    """(text length T, merged length L) that hold all of `micro`: the longest text bucket and a bucket of
+    the longest merged row (capped at max_length). Every host must use the same: take the maximum."""
+    t = max(b["input_ids"].shape[1] for b in micro)
+    merged = max(int(np.max(merged_lengths(b["input_ids"], b["attention_mask"], config.tokens_per_image)))
+                 for b in micro)
+    return t, length_bucket(merged, config.max_length)
+
+
+def stack(micro: list[dict], t: int, pad_id: int) -> dict:
+    """k host batches -> one dict of [k, ...] arrays of text length `t`."""
+    micro = [pad_to(b, t, pad_id) for b in micro]
+    return {k: np.stack([b[k] for b in micro]) for k in micro[0]}
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+class _Stop:
+    """SIGTERM (preemption) sets a flag: the loop saves the current step and exits 0."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs (or resumes) the training of `cfg`; returns {"step", "run_dir", "checkpoint", "stopped"}."""
+    from mgjax.train.tensorboard import EventWriter
+
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pid, nproc = jax.process_index(), jax.process_count()
+    accum = cfg.grad_accum(nproc)
+    model = build_model(cfg, run_dir)
+    config = model.config
+    compute = jnp.dtype(cfg.model.compute_dtype)
+    module = MGM(config, dtype=compute, param_dtype=jnp.float32)
+    mesh, rules = make_mesh(cfg.mesh), rules_for(cfg.rules)
+    if (cfg.micro_batch * nproc) % batch_shards(mesh):
+        raise MGJaxError(f"train config: micro_batch {cfg.micro_batch} x {nproc} host(s) rows do not split over the "
+                         f"{batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}; make it a multiple")
+    shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules)
+    trainable_sh, frozen_sh = split_params(shardings, cfg.trainable)
+    if not jax.tree.leaves(trainable_sh):
+        raise MGJaxError(f"train config: trainable {list(cfg.trainable)} matches no parameter; top-level names: "
+                         f"{', '.join(sorted(shardings))}")
+    tokenizer = load_tokenizer(model.tokenizer_dir)
+    if len(tokenizer) > config.lm.vocab_size:
+        raise MGJaxError(f"the tokenizer in {model.tokenizer_dir} has {len(tokenizer)} tokens, the model's vocabulary "
+                         f"{config.lm.vocab_size}")
+    dataset = make_dataset(data_source(cfg), tokenizer, config, data_config(cfg, config), process_index=pid,
+                           process_count=nproc)
+    data_iter = iter(dataset)
+    tx = optimizer(cfg, trainable_sh)
+
+    ckpts = RunCheckpoints(run_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
+                            abstract_params(module), shardings)
+    a_train, a_frozen = split_params(abstract, cfg.trainable)
+    # Adam's moments are laid out like their parameters (what XLA propagates); counters replicated.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
+                                 jax.jit(tx.init).lower(a_train).compile().output_shardings)
+    opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
+    a_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         jax.eval_shape(tx.init, a_train), opt_shardings)
+    a_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), a_train, a_opt)
+    restored = ckpts.restore_latest(a_state, a_frozen)
+    if restored is None:
+        trainable, frozen = split_params(initial_params(cfg, model, module, mesh, rules, shardings), cfg.trainable)
+        state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), a_state.step.sharding), trainable,
+                           opt_init(trainable))
+        start = 0
+    else:
+        start, state, frozen, data_state = restored
+        state = TrainState(*state) if not isinstance(state, TrainState) else state
+        data_iter.set_state(data_state)
+        print(f"resumed {run_dir} from step {start}", file=sys.stderr)
+    _write_run_files(run_dir, cfg, config, model.tokenizer_dir)
+
+    lr = schedule(cfg)
+    pad_id = dataset.pad_id
+    steps: dict[int, Any] = {}  # merged length -> jitted step
+    stacked = lambda nd: NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, nd - 1, rules).spec))  # noqa: E731
+    tb = EventWriter(run_dir / "tensorboard") if pid == 0 else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if pid == 0 else None
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract))
+    result = {"run_dir": str(run_dir), "stopped": False}
+    step = start
+    try:
+        with _Stop() as stop, activate(mesh, rules), Progress(f"train {run_dir.name}", cfg.steps, 0, "steps") as bar:
+            bar.items = start
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                micro = [next(data_iter) for _ in range(accum)]
+                t, length = batch_lengths(micro, config)
+                if nproc > 1:
+                    t, length = (int(x) for x in multihost_utils.process_allgather(np.array([t, length])).max(0))
+                host = stack(micro, t, pad_id)
+                if not cfg.data.pack:  # one sample per row: the attention mask says it all
+                    del host["segment_ids"]
+                data_state = data_iter.get_state()
+                batch = {k: jax.make_array_from_process_local_data(stacked(v.ndim), v) for k, v in host.items()}
+                if length not in steps:
+                    rng = jax.random.key(cfg.seed + 1)
+                    steps[length] = jax.jit(make_train_step(module, tx, length, rng), donate_argnums=0)
+                state, metrics = steps[length](state, frozen, batch)
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    dt = time.perf_counter() - t0
+                    if not math.isfinite(m["loss"]):
+                        raise MGJaxError(f"the loss is {m['loss']} at step {step}; the run stops (its last checkpoint "
+                                         f"is step {ckpts.steps()[-1] if ckpts.steps() else 'none'}): lower "
+                                         "optim.lr or check the data")
+                    rows = host["input_ids"].shape[0] * host["input_ids"].shape[1] * nproc
+                    record = {"step": step, "loss": m["loss"], "lr": float(lr(step - 1)), "grad_norm": m["grad_norm"],
+                              "tokens_per_s": m["tokens"] / dt, "step_s": dt, "supervised_tokens": int(m["tokens"]),
+                              "rows": rows, "seq_len": length,
+                              "mfu_flops": 6 * n_params * cfg.global_batch * length / dt}
+                    if metrics_file:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                        tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
+                stopping = stop.event.is_set()  # read once: a signal between save and break must not skip the save
+                if ckpts.save(step, state, frozen, data_state, force=step == cfg.steps or stopping):
+                    result["checkpoint"] = str(ckpts.directory / str(step))
+                if stopping:
+                    result["stopped"] = True
+                    break
+        ckpts.wait()
+    finally:
+        ckpts.close()
+        if metrics_file:
+            metrics_file.close()
+            tb.close()
+    result["step"] = step
+    if result["stopped"]:
+        print(f"terminated: saved step {step} in {ckpts.directory / str(step)}; run the same command to resume",
+              file=sys.stderr)
+    return result
+
+
+def _write_run_files(run_dir: Path, cfg: TrainConfig, config: MGMConfig, tokenizer_dir: Path) -> None:
+    """The run's config (YAML) and what `mgjax export` needs to read its checkpoints."""
+    if jax.process_index() != 0:
+        return
+    (run_dir / "train_config.yaml").write_text(yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False))
+    meta = {"format": RUN_FORMAT, "format_version": FORMAT_VERSION, "dtype": "float32",
+            "config": config_to_dict(config), "tokenizer": str(tokenizer_dir), "trainable": list(cfg.trainable)}
+    (run_dir / MGJAX_CONFIG).write_text(json.dumps(meta, indent=1))

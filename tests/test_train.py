@@ -1,0 +1,205 @@
+"""The training recipe: configs, the step (accumulation, frozen parameters), the loop (metrics, resume
+to the bit, SIGTERM, damaged checkpoints, NaN) on a very small demo model and synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import tiny
+from mgjax.errors import MGJaxError
+from mgjax.model import MGM, init_params
+from mgjax.train.config import load_train_config
+from mgjax.train.loop import optimizer, train
+from mgjax.train.step import TrainState, make_train_step, split_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+# The demo model shrunk further, so that a run compiles and trains in seconds.
+SMALL = ["model.config={lm: {num_layers: 1, hidden_size: 64, intermediate_size: 128, head_dim: 16}, "
+         "vision: {num_layers: 1}}", "global_batch=16", "micro_batch=8", "data.num_samples=64", "log_every=1",
+         "data.buckets=[64, 128]"]
+
+
+def small_run(run_dir, *extra) -> list[str]:
+    return [f"run_dir={run_dir}", *SMALL, *extra]
+
+
+def losses(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("stage*.yaml")
+                                         if p.parent.name != "common"))
+def test_every_config_loads(path):
+    cfg = load_train_config(CONFIGS / path)
+    assert cfg.run_dir and cfg.steps > 0
+    if "stage1" in path:
+        assert cfg.trainable == ("mm_projector", "vlm_uni_")
+    else:
+        assert cfg.trainable == ("llm", "mm_projector", "vlm_uni_")
+
+
+def test_released_recipe_hyperparameters():
+    """docs/mgm_spec.md section 9: lr, global batch, warm-up; Mixtral and Yi at 1e-5 with 2x for the
+    projector and mining; HD at max length 4096."""
+    s1, s2 = (load_train_config(CONFIGS / "mgm" / "MGM-7B" / f"stage{i}.yaml") for i in (1, 2))
+    assert (s1.optim.lr, s1.global_batch, s2.optim.lr, s2.global_batch) == (1e-3, 256, 2e-5, 128)
+    assert s1.optim.warmup_ratio == s2.optim.warmup_ratio == 0.03 and s2.optim.weight_decay == 0.0
+    for name in ("MGM-8x7B", "MGM-34B-HD"):
+        cfg = load_train_config(CONFIGS / "mgm" / name / "stage2.yaml")
+        assert cfg.optim.lr == 1e-5 and cfg.optim.lr_multipliers == {"mm_projector": 2.0, "vlm_uni_": 2.0}
+    assert load_train_config(CONFIGS / "mgm" / "MGM-13B-HD" / "stage2.yaml").data.buckets[-1] == 4096
+
+
+def test_overrides_and_config_errors(tmp_path):
+    cfg = load_train_config(CONFIGS / "demo" / "stage2.yaml", ["optim.lr=1e-4", "data.buckets=[32, 64]", "steps=7"])
+    assert (cfg.optim.lr, cfg.data.buckets, cfg.steps, cfg.data.stage) == (1e-4, (32, 64), 7, 2)
+    assert cfg.model.preset == "demo"  # from stage1.yaml through `base:`
+    for bad, culprit in ((["optim.lrr=1"], "unknown key optim.lrr"), (["steps=abc"], "steps = 'abc' should be int"),
+                         (["steps"], "write key=value"), (["model.remat=some"], "none|dots|full")):
+        with pytest.raises(MGJaxError, match=culprit):
+            load_train_config(CONFIGS / "demo" / "stage2.yaml", bad)
+    broken = tmp_path / "x.yaml"
+    broken.write_text("steps: [1,\n")
+    with pytest.raises(MGJaxError, match="invalid YAML"):
+        load_train_config(broken)
+
+
+# --- the step --------------------------------------------------------------------------------------
+
+def _setup(trainable=("llm", "mm_projector", "vlm_uni_")):
+    config = tiny.mgm("vicuna", small=True, lm=tiny.lm("vicuna", num_layers=1))
+    module = MGM(config)
+    params = init_params(module, jax.random.key(0))
+    return config, module, *split_params(params, trainable)
+
+
+def test_accumulation_equals_one_big_batch():
+    """Two micro-batches of 4 rows give the update of one batch of 8 (token-weighted mean)."""
+    config, module, train_p, frozen = _setup()
+    data = tiny.batch(config, rows=8)
+    data["labels"][:4, 5:] = -100  # unequal supervised tokens per half: a mean of means would differ
+    tx = optax.sgd(1.0)
+    length = data["input_ids"].shape[1] - 1 + config.tokens_per_image
+    step = jax.jit(make_train_step(module, tx, length))
+    state = TrainState(jnp.zeros((), jnp.int32), train_p, tx.init(train_p))
+    big, m_big = step(state, frozen, {k: v[None] for k, v in data.items()})
+    halves = {k: np.stack([v[:4], v[4:]]) for k, v in data.items()}
+    acc, m_acc = step(state, frozen, halves)
+    assert abs(float(m_big["loss"]) - float(m_acc["loss"])) < 1e-6
+    assert int(m_big["tokens"]) == int(m_acc["tokens"])
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(big.params), jax.tree.leaves(acc.params)))
+    assert diff < 1e-5  # float32 sums in another order
+
+
+def test_frozen_parameters_have_no_optimizer_state_and_stay():
+    config, module, train_p, frozen = _setup(("mm_projector", "vlm_uni_"))
+    assert set(train_p) == {"mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"}
+    cfg = load_train_config(CONFIGS / "demo" / "stage1.yaml")
+    tx = optimizer(cfg, train_p)
+    opt_state = tx.init(train_p)
+    n_train = sum(x.size for x in jax.tree.leaves(train_p))
+    n_opt = sum(x.size for x in jax.tree.leaves(opt_state))
+    assert n_opt <= 2 * n_train + 16  # Adam's two moments and counters: nothing for the frozen LLM and towers
+    data = tiny.batch(config)
+    step = jax.jit(make_train_step(module, tx, data["input_ids"].shape[1] - 1 + config.tokens_per_image))
+    state = TrainState(jnp.zeros((), jnp.int32), train_p, opt_state)
+    before = jax.tree.map(np.asarray, frozen)
+    for _ in range(3):
+        state, metrics = step(state, frozen, {k: v[None] for k, v in data.items()})
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(frozen)))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(train_p), jax.tree.leaves(state.params)))
+
+
+def test_lr_groups_and_schedule():
+    cfg = load_train_config(CONFIGS / "mgm" / "MGM-34B" / "stage2.yaml", ["steps=100"])
+    from mgjax.train.loop import schedule
+    lr = schedule(cfg)
+    assert float(lr(0)) == 0.0 and abs(float(lr(3)) - 1e-5) < 1e-12 and float(lr(100)) < 1e-9  # 3% warm-up, cosine
+    _, _, train_p, _ = _setup()
+    tx = optimizer(cfg, train_p)
+    grads = jax.tree.map(jnp.ones_like, train_p)
+    state = tx.init(train_p)
+    for _ in range(4):  # past the warm-up: Adam's first steps move each weight by about lr
+        updates, state = tx.update(grads, state, train_p)
+    size = lambda tree: max(float(jnp.abs(u).max()) for u in jax.tree.leaves(tree))  # noqa: E731
+    assert abs(size(updates["mm_projector"]) / size(updates["llm"]) - 2.0) < 1e-3
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def test_loss_falls_metrics_and_tensorboard(tmp_path):
+    cfg = load_train_config(CONFIGS / "demo" / "stage2.yaml",
+                            small_run(tmp_path / "run", "steps=12", "checkpoint_every=6", "optim.lr=3e-3",
+                                      "model.stage1=null"))
+    result = train(cfg)
+    assert result["step"] == 12 and not result["stopped"]
+    rows = losses(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_s"} <= set(rows[0])
+    assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]]) - 0.3
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [6, 12]
+
+
+def _sigterm_after(metrics: Path, lines: int):
+    def run():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_resume_after_sigterm_is_bitwise(tmp_path, capsys):
+    """Interrupted by SIGTERM (saved where it stopped) and re-run: the same losses, bit for bit, as a run
+    never interrupted; the data order included (the iterator state is in the checkpoint)."""
+    args = ["steps=8", "checkpoint_every=100", "model.stage1=null"]
+    whole = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "a", *args)))
+    assert whole["step"] == 8
+    _sigterm_after(tmp_path / "b" / "metrics.jsonl", 3)
+    cut = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "b", *args)))
+    assert cut["stopped"] and 3 <= cut["step"] < 8
+    assert f"saved step {cut['step']}" in capsys.readouterr().err
+    resumed = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "b", *args)))
+    assert resumed["step"] == 8
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    args = small_run(tmp_path / "run", "steps=4", "checkpoint_every=2", "model.stage1=null")
+    train(load_train_config(CONFIGS / "demo" / "stage2.yaml", args))
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(next(p for p in (ckpts / "4" / "state").iterdir() if p.is_dir()))  # a kill mid-copy, say
+    # A longer run resumes from step 2, the newest readable one, and replays steps 3 and 4.
+    result = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", [*args, "steps=5"]))
+    assert result["step"] == 5
+    assert "unreadable" in caplog.text
+    assert [r["step"] for r in losses(tmp_path / "run")] == [1, 2, 3, 4, 3, 4, 5]
+
+
+def test_nan_loss_stops_and_names_the_step(tmp_path):
+    args = small_run(tmp_path / "run", "steps=20", "optim.lr=1e9", "optim.warmup_ratio=0", "model.stage1=null")
+    with pytest.raises(MGJaxError, match=r"loss is (nan|inf) at step \d+"):
+        train(load_train_config(CONFIGS / "demo" / "stage2.yaml", args))
