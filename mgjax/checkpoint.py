@@ -11,7 +11,7 @@ import ctypes
 import gc
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import jax
 import orbax.checkpoint.experimental.v1 as ocp
@@ -58,17 +58,26 @@ def saved_shapes(path: str | os.PathLike) -> dict:
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta)
 
 
+def placed(abstract: Any) -> Any:
+    """`abstract` with every leaf that has no sharding placed on the first device (Orbax needs one)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None else
+                        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+
+
+def loading_context(partial: bool) -> ocp.Context:
+    """An Orbax context that reads only the leaves asked for when `partial`."""
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = partial
+    return ctx
+
+
 def restore(path: str | os.PathLike, abstract: dict, partial: bool = False) -> dict:
     """Reads the leaves of `abstract` (ShapeDtypeStructs; without a sharding a leaf lands on the first
     device) from `path`."""
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None else
-                            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    ctx = ocp.Context()
-    ctx.pytree.loading.partial_load = partial
     try:
-        with ctx:
-            return ocp.load_pytree(Path(path), abstract)
+        with loading_context(partial):
+            return ocp.load_pytree(Path(path), placed(abstract))
     except Exception as e:
         raise MGJaxError(f"{path}: cannot restore the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "it may be incomplete or from another model") from None

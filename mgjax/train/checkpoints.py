@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint.experimental.v1 as ocp
 
+from mgjax.checkpoint import loading_context, placed
 from mgjax.errors import MGJaxError
 
 log = logging.getLogger(__name__)
@@ -45,29 +45,24 @@ class RunCheckpoints:
     def restore_latest(self, abstract_state: Any, abstract_frozen: Any) -> tuple[int, Any, Any, dict] | None:
         """(step, state, frozen, data state) of the newest readable checkpoint, or None when there is none.
         `abstract_*` are trees of ShapeDtypeStructs with shardings: each process reads only its shards."""
+        if not self.steps():
+            return None
+        step, out = self.load_latest({"state": abstract_state, "frozen": abstract_frozen, "data": None},
+                                     partial=False)
+        return step, out["state"], out["frozen"], out["data"]
+
+    def load_latest(self, abstract: dict, partial: bool = True) -> tuple[int, dict]:
+        """(step, the leaves of `abstract`) from the newest readable checkpoint; an unreadable one is skipped
+        with a warning. Leaves without a sharding land on the first device."""
         for step in reversed(self.steps()):
             try:
-                out = self._ckpt.load_checkpointables(step, {"state": abstract_state, "frozen": abstract_frozen,
-                                                             "data": None})
-                return step, out["state"], out["frozen"], out["data"]
+                with loading_context(partial):
+                    return step, self._ckpt.load_checkpointables(step, placed(abstract))
             except Exception as e:  # Orbax raises many types for damaged checkpoints
                 log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it",
                             self.directory / str(step), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        if self.steps():
-            raise MGJaxError(f"{self.directory}: no checkpoint could be read (steps {self.steps()}); move the folder "
-                             "away to start afresh")
-        return None
-
-    def load(self, step: int, abstract: dict) -> dict:
-        """The leaves of `abstract` (a subset of what step `step` holds; unsharded leaves land on the
-        first device)."""
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None else
-                                jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        ctx = ocp.Context()
-        ctx.pytree.loading.partial_load = True
-        with ctx:
-            return self._ckpt.load_checkpointables(step, abstract)
+        raise MGJaxError(f"{self.directory}: no checkpoint could be read (steps {self.steps()}); move the folder "
+                         "away to start afresh")
 
     def wait(self) -> None:
         self._ckpt.wait()
@@ -97,13 +92,7 @@ def restore_run_params(run_dir: str | os.PathLike, abstract: dict) -> tuple[int,
     a_train, a_frozen = split_params(abstract, trainable)
     ckpts = RunCheckpoints(Path(run_dir) / "checkpoints", 1, 1 << 30)
     try:
-        for step in reversed(ckpts.steps()):
-            try:
-                out = ckpts.load(step, {"state": {"params": a_train}, "frozen": a_frozen})
-                return step, merge_params(out["state"]["params"], out["frozen"])
-            except Exception as e:  # Orbax raises many types for damaged checkpoints
-                log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it", step,
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        step, out = ckpts.load_latest({"state": {"params": a_train}, "frozen": a_frozen})
     finally:
         ckpts.close()
-    raise MGJaxError(f"{run_dir}: no readable checkpoint in {Path(run_dir) / 'checkpoints'}")
+    return step, merge_params(out["state"]["params"], out["frozen"])

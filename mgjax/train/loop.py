@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import signal
 import sys
@@ -48,7 +47,6 @@ from mgjax.train.config import TrainConfig, train_config_to_dict
 from mgjax.train.demo import DEMO_CONFIG, save_demo_tokenizer
 from mgjax.train.step import TrainState, is_trainable, make_train_step, split_params
 
-log = logging.getLogger(__name__)
 STAGE1_PREFIXES = ("mm_projector", "vlm_uni_")  # what stage 1 trains and stage 2 takes from it
 
 
