@@ -77,7 +77,7 @@ def pack(json_path: str | os.PathLike, image_root: str | os.PathLike, out: str |
     """Writes the packed folder `out` atomically (a temporary folder beside it, renamed when complete)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from mgjax.convert.orbax import atomic_output
+    from mgjax.convert.mgjax_ckpt import atomic_output
     from mgjax.progress import Progress
 
     root, out = Path(image_root), Path(out)
