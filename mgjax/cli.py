@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
+from mgjax import interrupt
 from mgjax.errors import MGJaxError
 
 
@@ -291,31 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that outputs are cleaned up like on Ctrl-C."""
-
-
-def _terminate(signum, frame):
-    raise _Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return args.func(args)
+        with interrupt.handled():
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"mgjax {args.command}: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
-    except _Terminated:
+    except interrupt.Terminated:
         print(f"mgjax {args.command}: terminated; nothing half-written was left", file=sys.stderr)
         return 143
     except MGJaxError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"mgjax {args.command}: error: {message}", file=sys.stderr)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mgjax import interrupt
 from mgjax.checkpoint import restore, save_streaming
 from mgjax.config import MGMConfig, config_from_dict, config_to_dict
 from mgjax.convert.names import ParamSpec
@@ -64,6 +65,7 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
                          "folder") from None
     try:
         yield tmp
+        interrupt.check()  # a Ctrl-C / SIGTERM swallowed while the body ran still stops the rename
         if out.exists():
             old = parent / f".{out.name}.old"
             shutil.rmtree(old, ignore_errors=True)
