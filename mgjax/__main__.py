@@ -1,7 +1,5 @@
 """`python -m mgjax`: the same as the `mgjax` command."""
 
-import sys
+from mgjax.cli import command
 
-from mgjax.cli import main
-
-sys.exit(main())
+command()

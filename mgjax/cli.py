@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -291,22 +292,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
+    """Runs one `mgjax` command and returns its exit status: 0, 2 (bad input, one line on stderr), 130 / 143
+    (Ctrl-C / SIGTERM). With `exit_on_signal` (the `mgjax` command itself) an interrupted process exits
+    there and then: the work it stopped may hold half-built objects (an asyncio loop inside Orbax, say)
+    whose finalizers would print tracebacks as the exception is dropped; the outputs are already clean."""
     args = build_parser().parse_args(argv)
     try:
         with interrupt.handled():
             return args.func(args)
-    except KeyboardInterrupt:
-        print(f"mgjax {args.command}: interrupted; nothing half-written was left", file=sys.stderr)
-        return 130
-    except interrupt.Terminated:
-        print(f"mgjax {args.command}: terminated; nothing half-written was left", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, interrupt.Terminated) as e:
+        what, code = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("terminated", 143)
+        print(f"mgjax {args.command}: {what}; nothing half-written was left", file=sys.stderr)
+        if exit_on_signal:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except MGJaxError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"mgjax {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
+def command() -> None:
+    """The `mgjax` console command."""
+    sys.exit(main(exit_on_signal=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
