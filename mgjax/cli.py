@@ -100,10 +100,13 @@ def cmd_train(args) -> int:
     from mgjax.train.loop import train
 
     result = train(load_train_config(args.config, args.overrides))
-    run = Path(result["run_dir"])
-    print(f"step {result['step']}: checkpoints in {run / 'checkpoints'}, metrics in {run / 'metrics.jsonl'}, "
-          f"TensorBoard logs in {run / 'tensorboard'}")
+    print(f"step {result['step']}: {_run_files(Path(result['run_dir']))}")
     return 0
+
+
+def _run_files(run: Path) -> str:
+    return (f"checkpoints in {run / 'checkpoints'}, metrics in {run / 'metrics.jsonl'}, "
+            f"TensorBoard logs in {run / 'tensorboard'}")
 
 
 def cmd_eval(args) -> int:
@@ -111,9 +114,13 @@ def cmd_eval(args) -> int:
     import mgjax
     from mgjax.train.demo import heldout_accuracy
 
+    from mgjax.train.checkpoints import is_run_dir
+
     model = mgjax.load_pretrained(args.ckpt)
     accuracy, chance = heldout_accuracy(model.module, model.params, model.tokenizer, model.config,
                                         num_samples=args.num_samples)
+    if is_run_dir(model.path):
+        print(_run_files(model.path))
     print(f"held-out accuracy {100 * accuracy:.1f}% (chance {100 * chance:.1f}%)")
     return 0
 

@@ -20,6 +20,21 @@ from mgjax.sharding import BATCH_AXES, Rules, abstract_mesh, batch_shards, bytes
 GiB = 1024**3
 # Usable accelerator memory per chip (HBM), GiB.
 CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100-40g": 40, "a100-80g": 80, "h100": 80, "h200": 141}
+# Dense bf16 peak per chip, TFLOP/s (vendor figures), for the MFU that `mgjax train` logs.
+PEAK_TFLOPS = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918, "a100-40g": 312, "a100-80g": 312, "h100": 989,
+               "h200": 989}
+# jax `device_kind` substrings -> chip, most specific first.
+_DEVICE_KINDS = (("v5 lite", "v5e"), ("v5e", "v5e"), ("v6 lite", "v6e"), ("v6e", "v6e"), ("v5p", "v5p"),
+                 ("v5", "v5p"), ("v4", "v4"), ("a100", "a100-80g"), ("h100", "h100"), ("h200", "h200"))
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one device of this `jax.Device.device_kind`; None when unknown (CPU)."""
+    kind = device_kind.lower()
+    chip = next((c for k, c in _DEVICE_KINDS if k in kind), None)
+    return None if chip is None else PEAK_TFLOPS[chip] * 1e12
+
+
 # What trains in each stage of the recipe (docs/mgm_spec.md section 9); the towers are frozen in both.
 TRAINABLE = {1: ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"),
              2: ("llm", "mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector")}

@@ -16,21 +16,27 @@ def _duration(seconds: float) -> str:
 class Progress:
     """`update(items, nbytes)` after each piece of work; `close()` at the end (also as a context manager)."""
 
-    def __init__(self, what: str, total_items: int, total_bytes: int, unit: str = "tensors", file=None,
-                 enabled: bool | None = None):
+    def __init__(self, what: str, total_items: int, total_bytes: int = 0, unit: str = "tensors", file=None,
+                 enabled: bool | None = None, done: int = 0):
+        """`total_bytes` 0: the rate and ETA count items. `done`: items finished before (a resumed run)."""
         self.what, self.unit, self.total_items, self.total_bytes = what, unit, total_items, total_bytes
         self.file = file or sys.stderr
         self.enabled = self.file.isatty() if enabled is None else enabled
-        self.items = self.bytes = 0
+        self.items, self.bytes, self._done = done, 0, done
         self.start = self._drawn = time.monotonic()
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.bytes / elapsed
-        eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0.0
-        return (f"{self.what}: {self.items}/{self.total_items} {self.unit}, {self.bytes / 1e9:.2f}/"
-                f"{self.total_bytes / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s, {_duration(elapsed)} elapsed, "
-                f"ETA {_duration(eta)}")
+        head = f"{self.what}: {self.items}/{self.total_items} {self.unit}"
+        if self.total_bytes:
+            rate = self.bytes / elapsed
+            eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0.0
+            head += f", {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s"
+        else:
+            rate = (self.items - self._done) / elapsed
+            eta = (self.total_items - self.items) / rate if rate > 0 else 0.0
+            head += f", {rate:.2f} {self.unit}/s"
+        return f"{head}, {_duration(elapsed)} elapsed, ETA {_duration(eta)}"
 
     def update(self, items: int = 1, nbytes: int = 0) -> None:
         self.items += items

@@ -228,6 +228,11 @@ def test_progress_bar_only_on_a_terminal():
             p.update(1, 1_000_000_000)
     last = shown.getvalue().split("\r")[-1]
     assert "convert x: 4/4 tensors, 4.00/4.00 GB" in last and "MB/s" in last and "ETA 0:00" in last
+    # No bytes: the rate and ETA count items, those done before a resume excluded.
+    p = Progress("train r", 10, unit="steps", file=io.StringIO(), done=4)
+    p.start -= 2.0  # two seconds for the two steps of this process
+    p.update(2)
+    assert p.line().startswith("train r: 6/10 steps, 1.0") and p.line().endswith("ETA 0:04")
 
 
 def test_convert_draws_progress_on_a_terminal(tmp_path, monkeypatch, capsys):

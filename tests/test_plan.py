@@ -47,3 +47,12 @@ def test_bad_plans_exit_2(capsys):
     capsys.readouterr()
     assert main(["plan", "MGM-7B", "--mesh", "fsdp=-1"]) == 2
     assert "--devices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind,tflops", [("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5", 459), ("TPU v5p", 459),
+                                         ("TPU v6 lite", 918), ("NVIDIA A100-SXM4-80GB", 312),
+                                         ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989), ("cpu", None)])
+def test_peak_flops_by_device_kind(kind, tflops):
+    from mgjax.plan import peak_flops
+
+    assert peak_flops(kind) == (None if tflops is None else tflops * 1e12)

@@ -196,7 +196,27 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     result = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", [*args, "steps=5"]))
     assert result["step"] == 5
     assert "unreadable" in caplog.text
-    assert [r["step"] for r in losses(tmp_path / "run")] == [1, 2, 3, 4, 3, 4, 5]
+    assert [r["step"] for r in losses(tmp_path / "run")] == [1, 2, 3, 4, 5]  # 3 and 4 once
+
+
+def test_stage2_starts_from_the_stage1_run(tmp_path, capsys):
+    """Stage 2 takes the projector and mining of a stage-1 run (all of which that run trained, so none
+    of them sits in its frozen part); at lr 0 they come out of stage 2 unchanged. Stage 2 has another
+    seed, so its own random start differs."""
+    import mgjax
+
+    train(load_train_config(CONFIGS / "demo" / "stage1.yaml",
+                            small_run(tmp_path / "s1", "steps=2", "checkpoint_every=2", "data.buckets=[32, 64]")))
+    train(load_train_config(CONFIGS / "demo" / "stage2.yaml",
+                            small_run(tmp_path / "s2", "steps=1", "optim.lr=0", "seed=1",
+                                      f"model.stage1={tmp_path / 's1'}")))
+    assert f"projector and mining of {tmp_path / 's1'} (step 2)" in capsys.readouterr().err
+    s1, s2 = (mgjax.load_pretrained(tmp_path / r, dtype="float32").params for r in ("s1", "s2"))
+    for top in ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"):
+        for a, b in zip(jax.tree.leaves(s1[top]), jax.tree.leaves(s2[top]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(s1["llm"]["embed_tokens"]["embedding"]),
+                              np.asarray(s2["llm"]["embed_tokens"]["embedding"]))
 
 
 def test_nan_loss_stops_and_names_the_step(tmp_path):

@@ -89,7 +89,7 @@ def pack(json_path: str | os.PathLike, image_root: str | os.PathLike, out: str |
     lengths, shard_lengths, total_bytes = [], [], 0
     with atomic_output(out, overwrite) as tmp:
         records = list(read_records(json_path, bad))
-        progress = Progress(f"pack {Path(json_path).name}", len(records), 0, "records")
+        progress = Progress(f"pack {Path(json_path).name}", len(records), unit="records")
         writer = None
         for record in records:
             try:

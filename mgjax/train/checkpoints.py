@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint.experimental.v1 as ocp
 
 from mgjax.checkpoint import loading_context, placed
@@ -90,9 +91,11 @@ def restore_run_params(run_dir: str | os.PathLike, abstract: dict) -> tuple[int,
 
     trainable = json.loads((Path(run_dir) / "mgjax_config.json").read_text())["trainable"]
     a_train, a_frozen = split_params(abstract, trainable)
+    # Orbax cannot load a checkpointable into an empty tree: ask only for the parts that are wanted
+    wanted = {k: v for k, v in (("state", {"params": a_train}), ("frozen", a_frozen)) if jax.tree.leaves(v)}
     ckpts = RunCheckpoints(Path(run_dir) / "checkpoints", 1, 1 << 30)
     try:
-        step, out = ckpts.load_latest({"state": {"params": a_train}, "frozen": a_frozen})
+        step, out = ckpts.load_latest(wanted)
     finally:
         ckpts.close()
-    return step, merge_params(out["state"]["params"], out["frozen"])
+    return step, merge_params(out.get("state", {}).get("params", {}), out.get("frozen", {}))

@@ -38,6 +38,7 @@ from mgjax.data.pipeline import DataConfig, make_dataset, pad_to
 from mgjax.data.tokenize import checkpoint_template, load_tokenizer
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params, init_params, merged_lengths
+from mgjax.plan import peak_flops
 from mgjax.presets import preset
 from mgjax.pretrained import length_bucket
 from mgjax.progress import Progress
@@ -299,13 +300,18 @@ def train(cfg: TrainConfig) -> dict:
     steps: dict[int, Any] = {}  # merged length -> jitted step
     stacked = lambda nd: NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, nd - 1, rules).spec))  # noqa: E731
     tb = EventWriter(run_dir / "tensorboard") if pid == 0 else None
+    if pid == 0:
+        _metrics_upto(run_dir / "metrics.jsonl", start)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if pid == 0 else None
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract))
+    # MFU: 6 N FLOPs per token (N all parameters, every row at the merged length), over the chips' bf16 peak
+    peak = peak_flops(jax.devices()[0].device_kind)
+    peak = peak * jax.device_count() if peak else None
     result = {"run_dir": str(run_dir), "stopped": False}
     step = start
     try:
-        with _Stop() as stop, activate(mesh, rules), Progress(f"train {run_dir.name}", cfg.steps, 0, "steps") as bar:
-            bar.items = start
+        with _Stop() as stop, activate(mesh, rules), \
+                Progress(f"train {run_dir.name}", cfg.steps, unit="steps", done=start) as bar:
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 micro = [next(data_iter) for _ in range(accum)]
@@ -334,7 +340,9 @@ def train(cfg: TrainConfig) -> dict:
                     record = {"step": step, "loss": m["loss"], "lr": float(lr(step - 1)), "grad_norm": m["grad_norm"],
                               "tokens_per_s": m["tokens"] / dt, "step_s": dt, "supervised_tokens": int(m["tokens"]),
                               "rows": rows, "seq_len": length,
-                              "mfu_flops": 6 * n_params * cfg.global_batch * length / dt}
+                              "model_flops_per_s": 6 * n_params * cfg.global_batch * length / dt}
+                    if peak:
+                        record["mfu"] = record["model_flops_per_s"] / peak
                     if metrics_file:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
@@ -356,6 +364,23 @@ def train(cfg: TrainConfig) -> dict:
         print(f"terminated: saved step {step} in {ckpts.directory / str(step)}; run the same command to resume",
               file=sys.stderr)
     return result
+
+
+def _metrics_upto(path: Path, step: int) -> None:
+    """Keeps the rows of steps <= `step` (where a resumed run continues), so replayed steps are not logged
+    twice; a line cut short by a kill is dropped."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(rows))
+    tmp.replace(path)
 
 
 def _write_run_files(run_dir: Path, cfg: TrainConfig, config: MGMConfig, tokenizer_dir: Path) -> None:
