@@ -356,6 +356,33 @@ class MeshConfig:
         return cls(**sizes)
 
 
+_HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def config_to_hf(config: MGMConfig) -> dict:
+    """The released `config.json` keys that `MGMConfig.from_hf` reads (the towers' architectures live in
+    their folders, named by `mm_vision_tower*`, and the template is the tokenizer's business)."""
+    lm = config.lm
+    d = {"model_type": ARCHS[lm.family].model_type, "architectures": [ARCHS[lm.family].architecture],
+         "vocab_size": lm.vocab_size, "hidden_size": lm.hidden_size, "num_hidden_layers": lm.num_layers,
+         "num_attention_heads": lm.num_heads, "num_key_value_heads": lm.num_kv_heads, "head_dim": lm.head_dim,
+         "intermediate_size": lm.intermediate_size, "rope_theta": lm.rope_theta, "rms_norm_eps": lm.norm_eps,
+         "hidden_act": _HF_ACTIVATIONS[lm.activation], "tie_word_embeddings": lm.tie_word_embeddings,
+         "max_position_embeddings": lm.max_position_embeddings}
+    if lm.family == "gemma":
+        d["hidden_activation"] = d["hidden_act"]
+    if lm.num_experts:
+        d.update(num_local_experts=lm.num_experts, num_experts_per_tok=lm.num_experts_per_tok)
+    d.update(mm_hidden_size=config.mm_hidden_size, mm_hidden_size_aux=config.mm_hidden_size_aux,
+             mm_vision_select_layer=config.select_layer, mm_vision_select_feature=config.select_feature,
+             mm_projector_type=config.projector_type, image_size_aux=config.image_size_aux,
+             image_grid=config.image_grid, image_global=config.image_global,
+             image_aspect_ratio=config.image_aspect_ratio, tokenizer_model_max_length=config.max_length,
+             tokenizer_padding_side=config.padding_side, mm_vision_tower=config.vision_tower,
+             mm_vision_tower_aux=config.vision_tower_aux, mm_use_im_start_end=False, mm_use_im_patch_token=False)
+    return d
+
+
 def config_to_dict(config: MGMConfig) -> dict:
     """A JSON-ready dict (`mgjax_config.json`); `config_from_dict` inverts it."""
     return dataclasses.asdict(config)

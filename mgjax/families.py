@@ -22,15 +22,17 @@ class Arch:
     tie_word_embeddings: bool  # when config.json does not say
     activation: str  # when config.json does not say
     norm_eps: float  # when config.json does not say
+    model_type: str  # what a released MGM config.json of this family says
+    architecture: str
 
 
 ARCHS = {
     "llama": Arch(gemma_norm=False, scale_embeddings=False, tie_word_embeddings=False, activation="silu",
-                  norm_eps=1e-5),
+                  norm_eps=1e-5, model_type="mgm", architecture="MGMLlamaForCausalLM"),
     "gemma": Arch(gemma_norm=True, scale_embeddings=True, tie_word_embeddings=True, activation="gelu",
-                  norm_eps=1e-6),
+                  norm_eps=1e-6, model_type="mgm_gemma", architecture="MGMGemmaForCausalLM"),
     "mixtral": Arch(gemma_norm=False, scale_embeddings=False, tie_word_embeddings=False, activation="silu",
-                    norm_eps=1e-5),
+                    norm_eps=1e-5, model_type="mgm_mixtral", architecture="MGMMixtralForCausalLM"),
 }
 
 

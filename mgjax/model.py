@@ -22,7 +22,9 @@ class SplicePlan(NamedTuple):
     """Where each position of the merged sequence [B, L] comes from.
 
     token: index into the prompt ids [B, T]; image_row: row of the flattened image embeddings
-    [num_images * N, D]; is_image / valid: bool; positions: rotary positions (0.. per row).
+    [num_images * N, D]; is_image / valid: bool; positions: rotary positions (0.. per row, or per
+    segment of a packed row); segments: int segment ids of a packed row (0 at padding; a visual token
+    has its placeholder's), None without packing.
     """
 
     token: jax.Array
@@ -30,6 +32,7 @@ class SplicePlan(NamedTuple):
     is_image: jax.Array
     valid: jax.Array
     positions: jax.Array
+    segments: jax.Array | None = None
 
 
 def merged_lengths(input_ids, attention_mask, tokens_per_image: int):
@@ -40,12 +43,18 @@ def merged_lengths(input_ids, attention_mask, tokens_per_image: int):
 
 
 def splice_plan(input_ids: jax.Array, attention_mask: jax.Array, tokens_per_image: int, length: int,
-                padding_side: str) -> SplicePlan:
+                padding_side: str, segment_ids: jax.Array | None = None) -> SplicePlan:
     """The original's `prepare_inputs_labels_for_multimodal` as fixed-shape index arithmetic.
 
     Drops masked-out ids, expands each -200 into `tokens_per_image` rows of the next image (images are
     consumed in order across the batch; a row without a placeholder still consumes one), truncates to
     `length` and pads on `padding_side`. No Python loop over data: it traces once per shape.
+
+    `segment_ids` int [B, T] (packed rows, as the data pipeline makes them: 0 = padding, 1..k = the k-th
+    sample, each a contiguous run): the plan carries them over the merged sequence and restarts the
+    positions at 0 for each segment. Image consumption is per row, as the pipeline fills the slots: a
+    row's placeholders in order, or one (unused) image when the whole row has none; a text-only sample
+    packed beside image samples consumes nothing.
     """
     mask = attention_mask.astype(bool)
     is_img = (input_ids == IMAGE_TOKEN_INDEX) & mask
@@ -67,7 +76,14 @@ def splice_plan(input_ids: jax.Array, attention_mask: jax.Array, tokens_per_imag
     take = lambda a: jnp.take_along_axis(a, token, axis=1)  # noqa: E731
     is_image = take(is_img) & valid
     image_row = (first_image[:, None] + take(image_ord)) * tokens_per_image + (q - take(start))
-    return SplicePlan(token, jnp.where(is_image, image_row, 0), is_image, valid, jnp.where(valid, q, 0))
+    image_row = jnp.where(is_image, image_row, 0)
+    if segment_ids is None:
+        return SplicePlan(token, image_row, is_image, valid, jnp.where(valid, q, 0))
+    segments = jnp.where(valid, take(segment_ids.astype(jnp.int32)), 0)
+    at = jnp.broadcast_to(jnp.arange(length), segments.shape)
+    starts = jnp.concatenate([jnp.ones_like(valid[:, :1]), segments[:, 1:] != segments[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(starts, at, 0), axis=1)  # merged index where each position's segment starts
+    return SplicePlan(token, image_row, is_image, valid, jnp.where(valid, at - first, 0), segments)
 
 
 def splice_embeds(plan: SplicePlan, text: jax.Array, images: jax.Array) -> jax.Array:
@@ -121,16 +137,21 @@ class MGM(nn.Module):
         return embeds
 
     def __call__(self, input_ids: jax.Array, images: jax.Array, images_aux: jax.Array, attention_mask: jax.Array,
-                 length: int, deterministic: bool = True) -> tuple[jax.Array, SplicePlan]:
+                 length: int, deterministic: bool = True,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, SplicePlan]:
         """input_ids int [B, T] with -200 placeholders, attention_mask [B, T] (1 = real token)
-        -> float32 logits [B, L, V] over the merged sequence of static `length` L, and its plan."""
+        -> float32 logits [B, L, V] over the merged sequence of static `length` L, and its plan.
+
+        `segment_ids` int [B, T] (packed rows, see `splice_plan`): positions restart at each segment and
+        attention stays within it, so each sample's logits are those it has alone; give `plan.segments`
+        to `next_token_loss` so that no target crosses a boundary."""
         c = self.config
         image_embeds = self.encode_images(images, images_aux, deterministic)
-        plan = splice_plan(input_ids, attention_mask, c.tokens_per_image, length, c.padding_side)
+        plan = splice_plan(input_ids, attention_mask, c.tokens_per_image, length, c.padding_side, segment_ids)
         text = self.llm.embed(jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids))
         embeds = splice_embeds(plan, text, image_embeds)
         self.sow("intermediates", "inputs_embeds", embeds)
-        return self.llm(embeds, plan.positions, plan.valid), plan
+        return self.llm(embeds, plan.positions, plan.valid, plan.segments), plan
 
 
 def _init_fn(module: MGM):

@@ -66,6 +66,23 @@ def test_from_released_config(case):
     assert c.vision_tower == meta["towers"]["mm_vision_tower"]
 
 
+@pytest.mark.parametrize("name", [*RELEASED, *STAGE1])
+def test_config_to_hf_inverts_from_hf(name):
+    """What `mgjax export` writes as config.json reads back as the same model (towers and template come
+    from elsewhere: the tower folders and the tokenizer). Also in the same-family tiny configs with the
+    non-default activation, tied embeddings and experts (tests/tiny.py)."""
+    import tiny
+    from mgjax.config import config_to_hf
+
+    configs = [preset(name)]
+    if name in ("MGM-2B", "MGM-7B", "MGM-8x7B"):
+        configs.append(tiny.mgm({"MGM-2B": "gemma", "MGM-7B": "vicuna", "MGM-8x7B": "mixtral"}[name]))
+    for c in configs:
+        hf = json.loads(json.dumps(config_to_hf(c)))  # as written to and read from config.json
+        assert MGMConfig.from_hf(hf, c.vision, c.vision_aux, c.template) == c, name
+        assert family_of(hf) == c.lm.family
+
+
 def test_gemma_gelu_choice():
     base = dict(model_type="mgm_gemma", vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=4, intermediate_size=16)

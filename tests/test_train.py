@@ -3,6 +3,7 @@ to the bit, SIGTERM, damaged checkpoints, NaN) on a very small demo model and sy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -125,6 +126,53 @@ def test_frozen_parameters_have_no_optimizer_state_and_stay():
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(train_p), jax.tree.leaves(state.params)))
 
 
+@pytest.mark.parametrize("kind,mesh", [("gemma", (2, 2, 2, 1)), ("mixtral", (2, 1, 1, 4))])
+def test_sharded_step_equals_the_single_device_step(kind, mesh):
+    """Steps of two accumulated micro-batches on 8 fake devices (data, fsdp, tensor / expert) equal the same
+    steps on one device: AdamW's losses and gradient norms, and SGD's parameters (an update proportional to
+    the gradient; Adam's turns the rounding noise of a gradient that is zero in exact arithmetic, a key
+    bias's, into a full-size step either way)."""
+    from mgjax.config import MeshConfig
+    from mgjax.model import abstract_params
+    from mgjax.sharding import activate, batch_sharding, make_mesh, param_shardings, rules_for
+
+    config = tiny.mgm(kind, small=True, lm=tiny.lm(kind, num_layers=1))
+    module = MGM(config)
+    trainable = ("llm", "mm_projector", "vlm_uni_")
+    train_p, frozen = split_params(init_params(module, jax.random.key(0)), trainable)
+    data = tiny.batch(config, rows=16)  # two micro-batches of 8 rows: one per batch shard
+    micro = {k: np.stack([v[:8], v[8:]]) for k, v in data.items()}
+    length = data["input_ids"].shape[1] - 1 + config.tokens_per_image
+    m, rules = make_mesh(MeshConfig(*mesh)), rules_for("fsdp_tp_ep")
+    sh_train, sh_frozen = split_params(param_shardings(abstract_params(module, boxed=True), m, rules), trainable)
+    placed = {k: jax.device_put(v, jax.sharding.NamedSharding(
+        m, jax.sharding.PartitionSpec(None, *batch_sharding(m, v.ndim - 1, rules).spec))) for k, v in micro.items()}
+
+    def run(tx, sharded: bool, steps: int):
+        params = jax.device_put(train_p, sh_train) if sharded else train_p
+        state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params))
+        step = jax.jit(make_train_step(module, tx, length))
+        args = (jax.device_put(frozen, sh_frozen), placed) if sharded else (frozen, micro)
+        metrics = []
+        with activate(m, rules) if sharded else contextlib.nullcontext():
+            for _ in range(steps):
+                state, out = step(state, *args)
+                metrics.append(out)
+        return state, metrics
+
+    adamw = optimizer(load_train_config(CONFIGS / "demo" / "stage2.yaml", ["optim.warmup_ratio=0"]), train_p)
+    (_, got), (_, ref) = run(adamw, True, 3), run(adamw, False, 3)
+    for a, b in zip(got, ref):
+        assert abs(float(a["loss"]) - float(b["loss"])) <= 1e-5 * abs(float(b["loss"]))
+        assert abs(float(a["grad_norm"]) - float(b["grad_norm"])) <= 1e-4 * float(b["grad_norm"])
+    (sgd_sharded, _), (sgd_ref, _) = run(optax.sgd(0.1), True, 2), run(optax.sgd(0.1), False, 2)
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sgd_sharded.params))  # really sharded
+    scale = max(float(np.abs(np.asarray(y) - np.asarray(p)).max())
+                for y, p in zip(jax.tree.leaves(sgd_ref.params), jax.tree.leaves(train_p)))
+    for x, y in zip(jax.tree.leaves(sgd_sharded.params), jax.tree.leaves(sgd_ref.params), strict=True):
+        assert float(np.abs(np.asarray(x) - np.asarray(y)).max()) <= 1e-5 * scale + 1e-7
+
+
 def test_lr_groups_and_schedule():
     cfg = load_train_config(CONFIGS / "mgm" / "MGM-34B" / "stage2.yaml", ["steps=100"])
     from mgjax.train.loop import schedule
@@ -217,6 +265,37 @@ def test_stage2_starts_from_the_stage1_run(tmp_path, capsys):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(s1["llm"]["embed_tokens"]["embedding"]),
                               np.asarray(s2["llm"]["embed_tokens"]["embedding"]))
+
+
+def test_a_run_exports_to_the_released_layout_and_starts_another(tmp_path):
+    """A run from a released checkpoint (model.init), exported with `mgjax export RUN OUT`: a released folder
+    whose config.json is the release's, updated with the run's model, and whose tensors are the run's
+    parameters, bit for bit. A run with model.init = that run starts from its parameters."""
+    import mgjax
+    from helpers import GOLDEN
+    from mgjax.cli import main
+
+    case = GOLDEN / "llama_vicuna"
+    args = ["steps=1", "model.preset=null", "model.tokenizer=null", f"model.init={case / 'MGM-7B-tiny'}",
+            "model.stage1=null", "global_batch=8", "micro_batch=8", "data.num_samples=16", "data.buckets=[64, 128]"]
+    train(load_train_config(CONFIGS / "demo" / "stage2.yaml", [f"run_dir={tmp_path / 'run'}", *args]))
+    shutil.copytree(case / "model_zoo", tmp_path / "model_zoo")  # the tower folders config.json names
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    hf = json.loads((tmp_path / "exported" / "config.json").read_text())
+    released = json.loads((case / "MGM-7B-tiny" / "config.json").read_text())
+    assert hf["model_type"] == "mgm" and hf["bos_token_id"] == released["bos_token_id"]
+    run = mgjax.load_pretrained(tmp_path / "run", dtype="float32")
+    exported = mgjax.load_pretrained(tmp_path / "exported", dtype="float32")
+    assert exported.config == run.config and exported.tokenizer.bos_token_id == 1
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(run.params), jax.tree.leaves(exported.params),
+                            strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+    train(load_train_config(CONFIGS / "demo" / "stage2.yaml",
+                            [f"run_dir={tmp_path / 'next'}", *args, f"model.init={tmp_path / 'run'}", "optim.lr=0"]))
+    following = mgjax.load_pretrained(tmp_path / "next", dtype="float32")
+    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(following.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nan_loss_stops_and_names_the_step(tmp_path):

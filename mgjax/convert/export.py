@@ -1,5 +1,5 @@
-"""`mgjax export`: an mgjax checkpoint folder -> the released layout (config.json, indexed safetensors,
-tokenizer files), one parameter in host memory at a time."""
+"""`mgjax export`: an mgjax checkpoint folder or a training run -> the released layout (config.json,
+indexed safetensors, tokenizer files), one parameter in host memory at a time."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
+import jax
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
@@ -29,17 +31,64 @@ def _export_order(spec: ParamSpec) -> int:
     return 1 if spec.path[0] == "llm" else 0
 
 
+@dataclass
+class _Weights:
+    """An mgjax model's tensors as export reads them: from an mgjax checkpoint folder or a training run."""
+
+    hf_config: dict  # config.json to write
+    params: dict  # the parameter tree (anything with .shape at the leaves)
+    unused: dict  # released tensors mgjax does not use: flat name -> array with .shape
+    read_param: Callable[[tuple[str, ...], tuple[int, ...], np.dtype], np.ndarray]  # path under params
+    read_unused: Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
+    side_dir: Path  # where the tokenizer files are
+
+
+def _checkpoint_weights(ckpt: Path) -> _Weights:
+    _, meta = read_meta(ckpt)
+    saved = saved_shapes(ckpt / PARAMS)
+    return _Weights(meta["hf_config"], saved["params"], traverse_util.flatten_dict(saved.get("unused", {}), sep="."),
+                    lambda path, shape, dt: restore_leaf(ckpt, ("params", *path), shape, dt),
+                    lambda name, shape, dt: restore_leaf(ckpt, ("unused", *name.split(".")), shape, dt), ckpt)
+
+
+def _run_weights(run: Path, read: Callable[[dict], dict]) -> _Weights:
+    """A run of `mgjax train`: config.json is the one of the checkpoint the run started from (if any),
+    updated with the run's model config."""
+    from mgjax.config import config_to_hf
+    from mgjax.model import MGM, abstract_params
+
+    config, meta = read_meta(run)
+
+    def read_param(path, shape, dt):
+        leaf = traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, dt)})
+        return np.asarray(traverse_util.flatten_dict(read(leaf))[path])
+
+    return _Weights({**meta.get("hf_config", {}), **config_to_hf(config)}, abstract_params(MGM(config)), {},
+                    read_param, None, Path(meta["tokenizer"]))
+
+
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
            max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> Path:
-    """mgjax checkpoint folder -> released layout: config.json, indexed safetensors, tokenizer files."""
-    ckpt, out = Path(ckpt), Path(out)
+    """mgjax checkpoint folder, or a run_dir of `mgjax train` (its newest complete step) -> released layout:
+    config.json, indexed safetensors, tokenizer files."""
+    from mgjax.train.checkpoints import is_run_dir, run_param_reader
+
+    ckpt = Path(ckpt)
+    if not is_run_dir(ckpt):
+        return _export(ckpt, _checkpoint_weights(ckpt), out, dtype, max_shard_bytes, overwrite)
+    with run_param_reader(ckpt) as (_, read):
+        return _export(ckpt, _run_weights(ckpt, read), out, dtype, max_shard_bytes, overwrite)
+
+
+def _export(ckpt: Path, weights: _Weights, out: str | os.PathLike, dtype: str | None, max_shard_bytes: int,
+            overwrite: bool) -> Path:
+    out = Path(out)
     config, meta = read_meta(ckpt)
-    saved = saved_shapes(ckpt / PARAMS)
     dt = np.dtype(dtype or meta["dtype"])
     if dt not in _ST_NAMES:
         raise MGJaxError(f"export dtype {dt.name} is not one of float32, float16, bfloat16")
-    specs = sorted(param_specs(saved["params"], config), key=_export_order)
-    unused = sorted(traverse_util.flatten_dict(saved.get("unused", {}), sep=".").items())
+    specs = sorted(param_specs(weights.params, config), key=_export_order)
+    unused = sorted(weights.unused.items())
 
     # Units are written whole into one shard: a parameter (all its stacked tensors) or an unused tensor.
     units = [("param", s, [(k, s.torch_shape()) for k in s.torch_keys]) for s in specs]
@@ -62,28 +111,28 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             entries = [(k, shape) for u in shard for k, shape in u[2]]
-            written = _write_safetensors(tmp / name, entries, dt, _tensors(ckpt, shard, dt))
+            written = _write_safetensors(tmp / name, entries, dt, _tensors(weights, shard, dt))
             total += written
             progress.update(len(shard), written)
             weight_map.update({k: name for k, _ in entries})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf = dict(meta["hf_config"])
+        hf = dict(weights.hf_config)
         hf["torch_dtype"] = dt.name
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         for name in SIDE_FILES:
-            if (ckpt / name).is_file():
-                shutil.copy2(ckpt / name, tmp / name)
+            if (weights.side_dir / name).is_file():
+                shutil.copy2(weights.side_dir / name, tmp / name)
     return out
 
 
-def _tensors(ckpt: Path, shard: list, dt) -> Iterator[np.ndarray]:
-    """The shard's tensors in order, restoring one parameter at a time."""
+def _tensors(weights: _Weights, shard: list, dt) -> Iterator[np.ndarray]:
+    """The shard's tensors in order, reading one parameter at a time."""
     for kind, what, entries in shard:
         if kind == "param":
-            yield from what.to_torch(restore_leaf(ckpt, ("params", *what.path), what.shape, dt))
+            yield from what.to_torch(weights.read_param(what.path, what.shape, dt))
         else:
-            yield restore_leaf(ckpt, ("unused", *what.split(".")), entries[0][1], dt)
+            yield weights.read_unused(what, entries[0][1], dt)
 
 
 def _write_safetensors(path: Path, entries: list[tuple[str, tuple]], dt, tensors: Iterator[np.ndarray]) -> int:

@@ -15,11 +15,15 @@ from mgjax.layers.rope import apply_rope
 Dtype = Any
 
 
-def causal_mask(valid: jax.Array) -> jax.Array:
-    """Bool [B, 1, T, T]: query t sees key s <= t when key s is valid (valid: bool [B, T])."""
+def causal_mask(valid: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+    """Bool [B, 1, T, T]: query t sees key s <= t when key s is valid (valid: bool [B, T]) and, with
+    `segments` int [B, T] (packed rows), only when s and t are in the same segment."""
     t = valid.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    return (causal[None] & valid[:, None, :])[:, None]
+    mask = causal[None] & valid[:, None, :]
+    if segments is not None:
+        mask = mask & (segments[:, :, None] == segments[:, None, :])
+    return mask[:, None]
 
 
 class Attention(nn.Module):

@@ -82,14 +82,16 @@ class Decoder(nn.Module):
         """int [B, T] -> [B, T, D] (unscaled: Gemma's scaling happens in `__call__`)."""
         return self.embed_tokens(ids)
 
-    def __call__(self, embeds: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
-        """embeds [B, L, D], positions int [B, L], valid bool [B, L] -> float32 logits [B, L, V]."""
+    def __call__(self, embeds: jax.Array, positions: jax.Array, valid: jax.Array,
+                 segments: jax.Array | None = None) -> jax.Array:
+        """embeds [B, L, D], positions int [B, L], valid bool [B, L] -> float32 logits [B, L, V].
+        `segments` int [B, L] (packed rows; 0 at padding): attention stays within a segment."""
         c = self.config
         x = embeds.astype(self.dtype)
         if c.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
-        mask = causal_mask(valid)
+        mask = causal_mask(valid, segments)
         rope = rope_tables(positions, c.head_dim, c.rope_theta)
         if c.scan_layers:
             x, _ = self.layers(x, mask, rope)

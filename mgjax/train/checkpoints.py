@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint.experimental.v1 as ocp
@@ -57,13 +58,17 @@ class RunCheckpoints:
         with a warning. Leaves without a sharding land on the first device."""
         for step in reversed(self.steps()):
             try:
-                with loading_context(partial):
-                    return step, self._ckpt.load_checkpointables(step, placed(abstract))
+                return step, self.load(step, abstract, partial)
             except Exception as e:  # Orbax raises many types for damaged checkpoints
                 log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it",
                             self.directory / str(step), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         raise MGJaxError(f"{self.directory}: no checkpoint could be read (steps {self.steps()}); move the folder "
                          "away to start afresh")
+
+    def load(self, step: int, abstract: dict, partial: bool = True) -> dict:
+        """The leaves of `abstract` ({"state": ..., "frozen": ..., "data": None}, any part) at `step`."""
+        with loading_context(partial):
+            return self._ckpt.load_checkpointables(step, placed(abstract))
 
     def wait(self) -> None:
         self._ckpt.wait()
@@ -84,18 +89,51 @@ def is_run_dir(path: str | os.PathLike) -> bool:
         return False
 
 
+def _parts(run_dir: Path, abstract: dict) -> dict:
+    """The checkpointables holding the parameters of `abstract`: trainable ones under state/params, the
+    others under frozen. Orbax cannot load a checkpointable into an empty tree: only non-empty parts."""
+    from mgjax.train.step import split_params
+
+    trainable = json.loads((run_dir / "mgjax_config.json").read_text())["trainable"]
+    a_train, a_frozen = split_params(abstract, trainable)
+    return {k: v for k, v in (("state", {"params": a_train}), ("frozen", a_frozen)) if jax.tree.leaves(v)}
+
+
+def _params(out: dict) -> dict:
+    from mgjax.train.step import merge_params
+
+    return merge_params(out.get("state", {}).get("params", {}), out.get("frozen", {}))
+
+
 def restore_run_params(run_dir: str | os.PathLike, abstract: dict) -> tuple[int, dict]:
     """(step, parameters) of a run's newest readable checkpoint: the leaves of `abstract` (ShapeDtypeStructs,
     with shardings or not; any subset of the model's parameters), from its trainable and frozen parts."""
-    from mgjax.train.step import merge_params, split_params
-
-    trainable = json.loads((Path(run_dir) / "mgjax_config.json").read_text())["trainable"]
-    a_train, a_frozen = split_params(abstract, trainable)
-    # Orbax cannot load a checkpointable into an empty tree: ask only for the parts that are wanted
-    wanted = {k: v for k, v in (("state", {"params": a_train}), ("frozen", a_frozen)) if jax.tree.leaves(v)}
     ckpts = RunCheckpoints(Path(run_dir) / "checkpoints", 1, 1 << 30)
     try:
-        step, out = ckpts.load_latest(wanted)
+        step, out = ckpts.load_latest(_parts(Path(run_dir), abstract))
     finally:
         ckpts.close()
-    return step, merge_params(out.get("state", {}).get("params", {}), out.get("frozen", {}))
+    return step, _params(out)
+
+
+@contextmanager
+def run_param_reader(run_dir: str | os.PathLike) -> Iterator[tuple[int, Callable[[dict], dict]]]:
+    """(step, read): `read(abstract)` returns those parameters (any subset) of the run's newest complete
+    checkpoint, so that a caller can go through a big model a few parameters at a time."""
+    run_dir = Path(run_dir)
+    ckpts = RunCheckpoints(run_dir / "checkpoints", 1, 1 << 30)
+    try:
+        if not ckpts.steps():
+            raise MGJaxError(f"{run_dir}: the run has no complete checkpoint yet")
+        step = ckpts.steps()[-1]
+
+        def read(abstract: dict) -> dict:
+            try:
+                return _params(ckpts.load(step, _parts(run_dir, abstract)))
+            except Exception as e:  # Orbax raises many types for damaged checkpoints
+                raise MGJaxError(f"{ckpts.directory / str(step)} is unreadable ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); move that step folder away to "
+                                 "use the one before it") from None
+        yield step, read
+    finally:
+        ckpts.close()

@@ -71,20 +71,22 @@ class Model:
     config: MGMConfig
     tokenizer_dir: Path
     init: Source | Path | None  # where the initial weights come from (None: random)
+    hf_config: dict  # the released config.json behind `init` ({} without one), for `mgjax export`
 
 
 def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
     m = cfg.model
     init: Source | Path | None = None
+    hf: dict = {}
     if m.init is not None:
         path = Path(m.init).expanduser().resolve()
-        if is_mgjax_checkpoint(path):
-            config, init = read_meta(path)[0], path
+        if is_run_dir(path) or is_mgjax_checkpoint(path):  # an earlier run, or a converted release
+            config, meta = read_meta(path)
+            init, hf, tokenizer_dir = path, meta.get("hf_config", {}), Path(meta.get("tokenizer", path))
         else:
             init = open_source(path)
             template = checkpoint_template(init.config.lm.family, path, (path, path.parent))[0]
-            config = dataclasses.replace(init.config, template=template)
-        tokenizer_dir = path
+            config, hf, tokenizer_dir = dataclasses.replace(init.config, template=template), init.hf_config, path
     elif m.preset is not None:
         config = DEMO_CONFIG if m.preset == "demo" else preset(m.preset)
         tokenizer_dir = None
@@ -101,7 +103,12 @@ def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
         tokenizer_dir = Path(m.tokenizer or m.base_llm).expanduser().resolve()
     if tokenizer_dir is None:
         raise MGJaxError("train config: set model.tokenizer (a tokenizer folder, or 'demo')")
-    return Model(config, tokenizer_dir, init)
+    return Model(config, tokenizer_dir, init, hf)
+
+
+def _placed(shapes: dict, shardings: dict) -> dict:
+    """float32 ShapeDtypeStructs of `shapes` with `shardings` (what a run keeps its parameters as)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s), shapes, shardings)
 
 
 def _stage1_params(path: Path, shapes: dict, shardings: dict) -> dict:
@@ -109,8 +116,7 @@ def _stage1_params(path: Path, shapes: dict, shardings: dict) -> dict:
     shapes = {k: v for k, v in shapes.items() if k.startswith(STAGE1_PREFIXES)}
     shardings = {k: v for k, v in shardings.items() if k in shapes}
     if is_run_dir(path):  # a stage-1 run of mgjax
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s), shapes, shardings)
-        step, params = restore_run_params(path, abstract)
+        step, params = restore_run_params(path, _placed(shapes, shardings))
         print(f"stage 2 starts from the projector and mining of {path} (step {step})", file=sys.stderr)
         return params
     if is_mgjax_checkpoint(path):
@@ -143,7 +149,10 @@ def initial_params(cfg: TrainConfig, model: Model, module: MGM, mesh, rules, sha
     else:
         if isinstance(model.init, Source):
             model.init.config = model.config
-        params = load_params(model.init, shapes, jnp.float32, shardings)
+        if isinstance(model.init, Path) and is_run_dir(model.init):
+            params = restore_run_params(model.init, _placed(shapes, shardings))[1]
+        else:
+            params = load_params(model.init, shapes, jnp.float32, shardings)
     parts = _parts(cfg)
     if parts:
         if model.init is not None:
@@ -271,8 +280,7 @@ def train(cfg: TrainConfig) -> dict:
     tx = optimizer(cfg, trainable_sh)
 
     ckpts = RunCheckpoints(run_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
-                            abstract_params(module), shardings)
+    abstract = _placed(abstract_params(module), shardings)
     a_train, a_frozen = split_params(abstract, cfg.trainable)
     # Adam's moments are laid out like their parameters (what XLA propagates); counters replicated.
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -293,7 +301,7 @@ def train(cfg: TrainConfig) -> dict:
         state = TrainState(*state) if not isinstance(state, TrainState) else state
         data_iter.set_state(data_state)
         print(f"resumed {run_dir} from step {start}", file=sys.stderr)
-    _write_run_files(run_dir, cfg, config, model.tokenizer_dir)
+    _write_run_files(run_dir, cfg, config, model)
 
     lr = schedule(cfg)
     pad_id = dataset.pad_id
@@ -383,11 +391,12 @@ def _metrics_upto(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def _write_run_files(run_dir: Path, cfg: TrainConfig, config: MGMConfig, tokenizer_dir: Path) -> None:
+def _write_run_files(run_dir: Path, cfg: TrainConfig, config: MGMConfig, model: Model) -> None:
     """The run's config (YAML) and what `mgjax export` needs to read its checkpoints."""
     if jax.process_index() != 0:
         return
     (run_dir / "train_config.yaml").write_text(yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False))
     meta = {"format": RUN_FORMAT, "format_version": FORMAT_VERSION, "dtype": "float32",
-            "config": config_to_dict(config), "tokenizer": str(tokenizer_dir), "trainable": list(cfg.trainable)}
+            "config": config_to_dict(config), "tokenizer": str(model.tokenizer_dir), "trainable": list(cfg.trainable),
+            "hf_config": model.hf_config}
     (run_dir / MGJAX_CONFIG).write_text(json.dumps(meta, indent=1))

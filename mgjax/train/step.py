@@ -45,9 +45,8 @@ def batch_nll(module: MGM, params: dict, batch: dict, length: int,
     (its Trainer puts the frozen tower in training mode too)."""
     logits, plan = module.apply({"params": params}, batch["input_ids"], batch["images"], batch["images_aux"],
                                 batch["attention_mask"], length=length, deterministic=rng is None,
-                                **({"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}),
-                                rngs=None if rng is None else {"dropout": rng})
-    return next_token_nll(logits, splice_labels(plan, batch["labels"]))
+                                segment_ids=batch.get("segment_ids"), rngs=None if rng is None else {"dropout": rng})
+    return next_token_nll(logits, splice_labels(plan, batch["labels"]), plan.segments)
 
 
 def loss_fn(module: MGM, params: dict, batch: dict, length: int) -> jax.Array:
