@@ -219,7 +219,8 @@ def _sigterm_after(metrics: Path, lines: int):
 
 def test_resume_after_sigterm_is_bitwise(tmp_path, capsys):
     """Interrupted by SIGTERM (saved where it stopped) and re-run: the same losses, bit for bit, as a run
-    never interrupted; the data order included (the iterator state is in the checkpoint)."""
+    never interrupted; the data order included (the iterator state is in the checkpoint), the frozen
+    parameters too when their folder was lost (rebuilt from the run's config)."""
     args = ["steps=8", "checkpoint_every=100", "model.stage1=null"]
     whole = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "a", *args)))
     assert whole["step"] == 8
@@ -227,6 +228,10 @@ def test_resume_after_sigterm_is_bitwise(tmp_path, capsys):
     cut = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "b", *args)))
     assert cut["stopped"] and 3 <= cut["step"] < 8
     assert f"saved step {cut['step']}" in capsys.readouterr().err
+    # The frozen towers are written once beside the steps, not in them; a lost copy is rebuilt on resume.
+    assert (tmp_path / "b" / "frozen").is_dir()
+    assert not list((tmp_path / "b" / "checkpoints").glob("*/frozen"))
+    shutil.rmtree(tmp_path / "b" / "frozen")
     resumed = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "b", *args)))
     assert resumed["step"] == 8
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")

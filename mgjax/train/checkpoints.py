@@ -1,10 +1,12 @@
-"""A run's checkpoints: `{run_dir}/checkpoints/{step}/` written by Orbax's training Checkpointer.
+"""A run's checkpoints: `{run_dir}/checkpoints/{step}/` written by Orbax's training Checkpointer, and
+`{run_dir}/frozen/`, the parameters that do not train, written once (they never change: stage 1's frozen
+LLM and towers would otherwise be rewritten at every checkpoint).
 
-Each holds `state` (step, trainable parameters, optimizer state), `frozen` (the other parameters) and
-`data` (the input iterator's JSON state), so a resumed run continues bitwise. Orbax writes a step into a
-temporary folder and renames it when complete: a run killed mid-save leaves no step that looks complete.
-A step that is complete but unreadable (a damaged disk, a file removed by hand) is skipped with a
-warning in favour of the one before it.
+Each step holds `state` (step, trainable parameters, optimizer state) and `data` (the input iterator's
+JSON state), so a resumed run continues bitwise. Orbax writes a step (and `frozen`) into a temporary
+folder and renames it when complete: a run killed mid-save leaves no step that looks complete. A step
+that is complete but unreadable (a damaged disk, a file removed by hand) is skipped with a warning in
+favour of the one before it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Callable, Iterator
 import jax
 import orbax.checkpoint.experimental.v1 as ocp
 
-from mgjax.checkpoint import loading_context, placed
+from mgjax.checkpoint import loading_context, placed, restore
 from mgjax.errors import MGJaxError
 
 log = logging.getLogger(__name__)
@@ -38,20 +40,19 @@ class RunCheckpoints:
     def steps(self) -> list[int]:
         return sorted(int(c.step) for c in self._ckpt.checkpoints)
 
-    def save(self, step: int, state: Any, frozen: Any, data: dict, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data: dict, force: bool = False) -> bool:
         """Starts saving `step` when the interval (or `force`) says so; returns whether it did."""
         # overwrite: a resumed run replaces the unreadable steps it skipped
-        return self._ckpt.save_checkpointables_async(step, {"state": state, "frozen": frozen, "data": data},
-                                                     force=force, overwrite=True) is not None
+        return self._ckpt.save_checkpointables_async(step, {"state": state, "data": data}, force=force,
+                                                     overwrite=True) is not None
 
-    def restore_latest(self, abstract_state: Any, abstract_frozen: Any) -> tuple[int, Any, Any, dict] | None:
-        """(step, state, frozen, data state) of the newest readable checkpoint, or None when there is none.
-        `abstract_*` are trees of ShapeDtypeStructs with shardings: each process reads only its shards."""
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """(step, state, data state) of the newest readable checkpoint, or None when there is none.
+        `abstract_state` is a tree of ShapeDtypeStructs with shardings: each process reads only its shards."""
         if not self.steps():
             return None
-        step, out = self.load_latest({"state": abstract_state, "frozen": abstract_frozen, "data": None},
-                                     partial=False)
-        return step, out["state"], out["frozen"], out["data"]
+        step, out = self.load_latest({"state": abstract_state, "data": None}, partial=False)
+        return step, out["state"], out["data"]
 
     def load_latest(self, abstract: dict, partial: bool = True) -> tuple[int, dict]:
         """(step, the leaves of `abstract`) from the newest readable checkpoint; an unreadable one is skipped
@@ -89,37 +90,65 @@ def is_run_dir(path: str | os.PathLike) -> bool:
         return False
 
 
-def _parts(run_dir: Path, abstract: dict) -> dict:
-    """The checkpointables holding the parameters of `abstract`: trainable ones under state/params, the
-    others under frozen. Orbax cannot load a checkpointable into an empty tree: only non-empty parts."""
+FROZEN = "frozen"
+
+
+def has_frozen(run_dir: Path) -> bool:
+    return (Path(run_dir) / FROZEN).is_dir()
+
+
+def save_frozen(run_dir: Path, frozen: dict) -> None:
+    """Writes the run's frozen parameters, replacing any earlier ones (an empty tree writes nothing)."""
+    if jax.tree.leaves(frozen):
+        ocp.save(Path(run_dir) / FROZEN, frozen, overwrite=True)
+
+
+def load_frozen(run_dir: Path, abstract: dict) -> dict:
+    """The leaves of `abstract` (any subset of the frozen parameters) from `{run_dir}/frozen`."""
+    if not jax.tree.leaves(abstract):
+        return {}
+    if not has_frozen(run_dir):
+        raise MGJaxError(f"{run_dir}: no {FROZEN}/ folder (the parameters that do not train); re-run the training "
+                         "command, which rebuilds it from the run's model config")
+    return restore(Path(run_dir) / FROZEN, abstract, partial=True)
+
+
+def _split(run_dir: Path, abstract: dict) -> tuple[dict, dict]:
+    """`abstract` split into (trainable, frozen) by the run's trainable prefixes."""
     from mgjax.train.step import split_params
 
-    trainable = json.loads((run_dir / "mgjax_config.json").read_text())["trainable"]
-    a_train, a_frozen = split_params(abstract, trainable)
-    return {k: v for k, v in (("state", {"params": a_train}), ("frozen", a_frozen)) if jax.tree.leaves(v)}
+    return split_params(abstract, json.loads((run_dir / "mgjax_config.json").read_text())["trainable"])
 
 
-def _params(out: dict) -> dict:
-    from mgjax.train.step import merge_params
-
-    return merge_params(out.get("state", {}).get("params", {}), out.get("frozen", {}))
+def _state_part(a_train: dict) -> dict:
+    """The checkpointables to ask a step for: Orbax cannot load one into an empty tree."""
+    return {"state": {"params": a_train}} if jax.tree.leaves(a_train) else {}
 
 
 def restore_run_params(run_dir: str | os.PathLike, abstract: dict) -> tuple[int, dict]:
     """(step, parameters) of a run's newest readable checkpoint: the leaves of `abstract` (ShapeDtypeStructs,
-    with shardings or not; any subset of the model's parameters), from its trainable and frozen parts."""
-    ckpts = RunCheckpoints(Path(run_dir) / "checkpoints", 1, 1 << 30)
+    with shardings or not; any subset of the model's parameters), trainable ones from the step, the others
+    from `frozen/`."""
+    from mgjax.train.step import merge_params
+
+    run_dir = Path(run_dir)
+    a_train, a_frozen = _split(run_dir, abstract)
+    ckpts = RunCheckpoints(run_dir / "checkpoints", 1, 1 << 30)
     try:
-        step, out = ckpts.load_latest(_parts(Path(run_dir), abstract))
+        if not ckpts.steps():
+            raise MGJaxError(f"{run_dir}: the run has no complete checkpoint yet")
+        step, out = ckpts.load_latest(_state_part(a_train)) if jax.tree.leaves(a_train) else (ckpts.steps()[-1], {})
     finally:
         ckpts.close()
-    return step, _params(out)
+    return step, merge_params(out.get("state", {}).get("params", {}), load_frozen(run_dir, a_frozen))
 
 
 @contextmanager
 def run_param_reader(run_dir: str | os.PathLike) -> Iterator[tuple[int, Callable[[dict], dict]]]:
     """(step, read): `read(abstract)` returns those parameters (any subset) of the run's newest complete
     checkpoint, so that a caller can go through a big model a few parameters at a time."""
+    from mgjax.train.step import merge_params
+
     run_dir = Path(run_dir)
     ckpts = RunCheckpoints(run_dir / "checkpoints", 1, 1 << 30)
     try:
@@ -128,12 +157,14 @@ def run_param_reader(run_dir: str | os.PathLike) -> Iterator[tuple[int, Callable
         step = ckpts.steps()[-1]
 
         def read(abstract: dict) -> dict:
+            a_train, a_frozen = _split(run_dir, abstract)
             try:
-                return _params(ckpts.load(step, _parts(run_dir, abstract)))
+                state = ckpts.load(step, _state_part(a_train)) if jax.tree.leaves(a_train) else {}
             except Exception as e:  # Orbax raises many types for damaged checkpoints
                 raise MGJaxError(f"{ckpts.directory / str(step)} is unreadable ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}); move that step folder away to "
                                  "use the one before it") from None
+            return merge_params(state.get("state", {}).get("params", {}), load_frozen(run_dir, a_frozen))
         yield step, read
     finally:
         ckpts.close()

@@ -3,8 +3,9 @@
 Per optimizer step each host pulls `grad_accum` micro-batches from its grain iterator, pads them to one
 text length, stacks them and feeds them as global arrays; one jitted step (`train.step`) accumulates and
 applies the update. Compiled programs are keyed by (text length, merged length), both from a few
-buckets. Checkpoints (`train.checkpoints`) hold the trainable state, the frozen parameters and the data
-iterator; a run restarted on the same `run_dir` resumes from the newest readable one.
+buckets. Checkpoints (`train.checkpoints`) hold the trainable state and the data iterator, the frozen
+parameters are written once beside them; a run restarted on the same `run_dir` resumes from the newest
+readable checkpoint.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from mgjax.presets import preset
 from mgjax.pretrained import length_bucket
 from mgjax.progress import Progress
 from mgjax.sharding import activate, batch_sharding, batch_shards, make_mesh, param_shardings, rules_for
-from mgjax.train.checkpoints import RUN_FORMAT, RunCheckpoints, is_run_dir, restore_run_params
+from mgjax.train.checkpoints import (RUN_FORMAT, RunCheckpoints, has_frozen, is_run_dir, load_frozen,
+                                     restore_run_params, save_frozen)
 from mgjax.train.config import TrainConfig, train_config_to_dict
 from mgjax.train.demo import DEMO_CONFIG, save_demo_tokenizer
 from mgjax.train.step import TrainState, is_trainable, make_train_step, split_params
@@ -290,15 +292,18 @@ def train(cfg: TrainConfig) -> dict:
     a_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          jax.eval_shape(tx.init, a_train), opt_shardings)
     a_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), a_train, a_opt)
-    restored = ckpts.restore_latest(a_state, a_frozen)
-    if restored is None:
+    restored = ckpts.restore_latest(a_state)
+    if restored is None or (jax.tree.leaves(a_frozen) and not has_frozen(run_dir)):
         trainable, frozen = split_params(initial_params(cfg, model, module, mesh, rules, shardings), cfg.trainable)
+        save_frozen(run_dir, frozen)  # once: they never change
+    if restored is None:
         state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), a_state.step.sharding), trainable,
                            opt_init(trainable))
         start = 0
     else:
-        start, state, frozen, data_state = restored
+        start, state, data_state = restored
         state = TrainState(*state) if not isinstance(state, TrainState) else state
+        frozen = load_frozen(run_dir, a_frozen)
         data_iter.set_state(data_state)
         print(f"resumed {run_dir} from step {start}", file=sys.stderr)
     _write_run_files(run_dir, cfg, config, model)
@@ -356,7 +361,7 @@ def train(cfg: TrainConfig) -> dict:
                         metrics_file.flush()
                         tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
                 stopping = stop.event.is_set()  # read once: a signal between save and break must not skip the save
-                if ckpts.save(step, state, frozen, data_state, force=step == cfg.steps or stopping):
+                if ckpts.save(step, state, data_state, force=step == cfg.steps or stopping):
                     result["checkpoint"] = str(ckpts.directory / str(step))
                 if stopping:
                     result["stopped"] = True
