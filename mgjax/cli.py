@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,17 @@ def _add_tower_args(p: argparse.ArgumentParser):
                    help="OpenCLIP ConvNeXt tower folder (overrides config.json's mm_vision_tower_aux)")
     p.add_argument("--base-llm", metavar="DIR",
                    help="base LLM checkpoint folder, for a stage-1 release (mm_projector.bin)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int):
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens,
+                   help=f"answer length limit (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (default 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", action="append", help="a string that ends the answer (repeat for several)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
 
 
 def _add_template_arg(p: argparse.ArgumentParser):
@@ -92,6 +104,140 @@ def cmd_export(args) -> int:
                  overwrite=args.overwrite)
     print(f"exported {args.ckpt} -> {out} in {time.time() - t:.1f} s")
     return 0
+
+
+def _generation_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop or None)
+
+
+def _read_prompts(path: str, image_root: str | None) -> list[dict]:
+    """JSONL prompts {"question_id" | "id", "text" | "question", "image": path | [paths] | absent}, every
+    line checked (and every image opened) before the model loads."""
+    from mgjax.data.image import load_image
+
+    rows, root = [], Path(image_root or Path(path).parent)
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise MGJaxError(f"{path}: cannot read the prompts ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            text = rec.get("text", rec.get("question"))
+            if not isinstance(text, str):
+                raise ValueError('no "text" (or "question") string')
+        except (ValueError, AttributeError) as e:
+            raise MGJaxError(f"{path} line {n}: not a prompt record ({e}); each line is a JSON object with "
+                             '"question_id", "text" and optionally "image"') from None
+        names = rec.get("image") or []
+        names = [names] if isinstance(names, str) else names
+        images = [load_image(root / name) for name in names]
+        rows.append({"question_id": rec.get("question_id", rec.get("id", n)), "text": text, "images": images})
+    if not rows:
+        raise MGJaxError(f"{path}: no prompts")
+    return rows
+
+
+def cmd_generate(args) -> int:
+    """Answers for one image and question, or for a JSONL file of prompts (in batches), greedy by default."""
+    import numpy as np
+
+    import mgjax
+    from mgjax.data.image import load_image
+
+    if not Path(args.checkpoint).is_dir():
+        raise MGJaxError(f"{args.checkpoint}: checkpoint folder not found")
+    if (args.prompts is None) == (args.question is None):
+        raise MGJaxError("give a --question (with --image, or none for text only) or --prompts FILE.jsonl")
+    rows = (_read_prompts(args.prompts, args.image_root) if args.prompts else
+            [{"question_id": 0, "text": args.question, "images": [load_image(i) for i in args.image or ()]}])
+    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, vision_tower=args.vision_tower,
+                                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm,
+                                  template=args.template)
+    # Answers go to OUT.partial, renamed to OUT when every prompt is answered.
+    partial = Path(f"{args.out}.partial") if args.out else None
+    out = open(partial, "w") if partial else None
+    try:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start:start + args.batch_size]
+            inputs = [model.prompt_inputs(r["text"], r["images"]) for r in chunk]
+            result = model.generate([i[0] for i in inputs], np.concatenate([i[1] for i in inputs]),
+                                    np.concatenate([i[2] for i in inputs]), **_generation_kwargs(args))
+            for r, text in zip(chunk, result.text):
+                line = {"question_id": r["question_id"], "prompt": r["text"], "text": text}
+                if out:
+                    out.write(json.dumps(line) + "\n")
+                else:
+                    print(text if not args.prompts else json.dumps(line))
+    finally:
+        if out:
+            out.close()
+    if partial:
+        partial.replace(args.out)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """A multi-turn conversation on stdin: one message per line; `/image PATH` attaches an image to the next
+    message, `/reset` starts over, `/quit` (or end of input) ends. `--gen` asks for images (MGM_SPEC 8)."""
+    import mgjax
+    from mgjax.data.image import load_image
+    from mgjax.infer.chat import Chat, generation_prompt
+
+    if not Path(args.checkpoint).is_dir():
+        raise MGJaxError(f"{args.checkpoint}: checkpoint folder not found")
+    pipeline = _sdxl(args.sdxl) if args.sdxl else None
+    pending = [load_image(p) for p in args.image or ()]
+    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, vision_tower=args.vision_tower,
+                                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm,
+                                  template=args.template)
+    chat = Chat(model, _generation_kwargs(args))
+    out_dir = Path(args.gen_dir)
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            return 0
+        line = line.strip()
+        if line == "/reset":
+            chat.reset()
+            pending = []
+        elif line.startswith("/image"):
+            try:  # a bad path must not end the conversation
+                pending.append(load_image(line[len("/image"):].strip()))
+            except MGJaxError as e:
+                print(f"mgjax chat: {e}", file=sys.stderr)
+        elif line:
+            answer = chat.ask(line, pending, gen=args.gen)
+            pending = []
+            print(answer, flush=True)
+            prompt = generation_prompt(answer) if args.gen else None
+            if prompt is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                n = len(chat.turns) // 2
+                (out_dir / f"gen_{n}.txt").write_text(prompt + "\n")
+                print(f"[image prompt: {prompt!r} -> {out_dir / f'gen_{n}.txt'}]", file=sys.stderr)
+                if pipeline is not None:
+                    pipeline(prompt=prompt).images[0].save(out_dir / f"gen_{n}.png")
+                    print(f"[image: {out_dir / f'gen_{n}.png'}]", file=sys.stderr)
+
+
+def _sdxl(path: str):
+    """An SDXL text-to-image pipeline from a local folder (diffusers, an optional extra)."""
+    try:
+        from diffusers import StableDiffusionXLPipeline
+    except ImportError:
+        raise MGJaxError("--sdxl needs diffusers (pip install diffusers); without --sdxl the image prompt is "
+                         "printed and saved") from None
+    if not Path(path).is_dir():
+        raise MGJaxError(f"--sdxl {path}: folder not found (a local SDXL base pipeline, e.g. "
+                         "stable-diffusion-xl-base-1.0)")
+    return StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True)
 
 
 def cmd_train(args) -> int:
@@ -235,6 +381,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_template_arg(p)
     _add_tower_args(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("generate", help="answer a question about images, or a JSONL file of prompts, in batches")
+    p.add_argument("checkpoint", help="MGM checkpoint folder (released, mgjax convert or a run_dir of mgjax train)")
+    p.add_argument("--question", help="one question (with --image: one or more images; without: text only)")
+    p.add_argument("--image", action="append", help="an image file for --question (repeat for several)")
+    p.add_argument("--prompts", help='JSONL: {"question_id", "text", "image": path | [paths] | absent} per line')
+    p.add_argument("--image-root", help="folder the --prompts image paths are relative to (default: its folder)")
+    p.add_argument("--out", help="write JSONL answers {question_id, prompt, text} here instead of stdout")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per jitted batch (default 8)")
+    _add_generation_args(p, max_new_tokens=128)
+    _add_template_arg(p)
+    _add_tower_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat on stdin (`/image PATH`, `/reset`, `/quit`)")
+    p.add_argument("checkpoint", help="MGM checkpoint folder (released, mgjax convert or a run_dir of mgjax train)")
+    p.add_argument("--image", action="append", help="an image for the first message (repeat for several)")
+    p.add_argument("--gen", action="store_true", help="ask for images: ' <GEN>' ends each message and the "
+                   "answer's <h>...</h> prompt is saved (and rendered with --sdxl)")
+    p.add_argument("--gen-dir", default=".", help="where --gen writes gen_N.txt (and gen_N.png)")
+    p.add_argument("--sdxl", help="a local SDXL pipeline folder to render --gen prompts (needs diffusers)")
+    _add_generation_args(p, max_new_tokens=512)
+    _add_template_arg(p)
+    _add_tower_args(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="released MGM checkpoint -> mgjax Orbax checkpoint (streaming)")
     p.add_argument("src", help="released-layout checkpoint folder, or a stage-1 folder with mm_projector.bin")

@@ -145,13 +145,40 @@ class MGM(nn.Module):
         `segment_ids` int [B, T] (packed rows, see `splice_plan`): positions restart at each segment and
         attention stays within it, so each sample's logits are those it has alone; give `plan.segments`
         to `next_token_loss` so that no target crosses a boundary."""
+        embeds, plan = self._merged(input_ids, images, images_aux, attention_mask, length, self.config.padding_side,
+                                    deterministic, segment_ids)
+        return self.llm(embeds, plan.positions, plan.valid, plan.segments), plan
+
+    def _merged(self, input_ids, images, images_aux, attention_mask, length, padding_side, deterministic=True,
+                segment_ids=None) -> tuple[jax.Array, SplicePlan]:
+        """The merged input embeddings [B, L, D] (text with the visual tokens spliced in) and their plan."""
         c = self.config
         image_embeds = self.encode_images(images, images_aux, deterministic)
-        plan = splice_plan(input_ids, attention_mask, c.tokens_per_image, length, c.padding_side, segment_ids)
+        plan = splice_plan(input_ids, attention_mask, c.tokens_per_image, length, padding_side, segment_ids)
         text = self.llm.embed(jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids))
         embeds = splice_embeds(plan, text, image_embeds)
         self.sow("intermediates", "inputs_embeds", embeds)
-        return self.llm(embeds, plan.positions, plan.valid, plan.segments), plan
+        return embeds, plan
+
+    def prefill(self, input_ids: jax.Array, images: jax.Array, images_aux: jax.Array, attention_mask: jax.Array,
+                length: int, cache: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+        """Generation's first pass: the prompts (as `__call__` takes them) merged, LEFT-padded to `length` so
+        that every row's last token sits at slot length - 1, written into cache slots 0 .. length - 1.
+        Returns (float32 logits [B, V] of each row's last token, the cache, valid bool [B, length], the
+        position of each row's next token int [B])."""
+        embeds, plan = self._merged(input_ids, images, images_aux, attention_mask, length, "left")
+        slots = jax.tree.leaves(cache)[0].shape[-3]
+        valid = jnp.pad(plan.valid, ((0, 0), (0, slots - length)))
+        logits, cache = self.llm(embeds, plan.positions, valid, cache=cache, index=0, last_only=True)
+        return logits[:, 0], cache, plan.valid, plan.positions[:, -1] + 1
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: Any,
+               index: jax.Array) -> tuple[jax.Array, Any]:
+        """One generation step: tokens int [B] at cache slot `index` with rotary positions int [B]; `valid`
+        bool [B, S] over the cache slots -> (float32 logits [B, V] of the next token, the cache)."""
+        embeds = self.llm.embed(tokens[:, None])
+        logits, cache = self.llm(embeds, positions[:, None], valid, cache=cache, index=index, last_only=True)
+        return logits[:, 0], cache
 
 
 def _init_fn(module: MGM):

@@ -7,7 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,10 @@ from mgjax.convert import load_params
 from mgjax.convert.mgjax_ckpt import is_mgjax_checkpoint, read_meta
 from mgjax.convert.source import open_source
 from mgjax.data.image import ImageLike, preprocess_image
-from mgjax.data.templates import build_prompt, get_template
+from mgjax.data.templates import build_prompt, get_template, with_image_markers
 from mgjax.data.tokenize import checkpoint_template, load_tokenizer, tokenize_with_images
 from mgjax.errors import MGJaxError
+from mgjax.infer.generate import make_generate
 from mgjax.model import MGM, abstract_params, merged_lengths
 from mgjax.sharding import DEFAULT_RULES, Rules, activate, batch_sharding, batch_shards, param_shardings
 from mgjax.train.checkpoints import is_run_dir, restore_run_params
@@ -29,6 +30,75 @@ from mgjax.train.checkpoints import is_run_dir, restore_run_params
 DTYPES = ("float32", "bfloat16", "float16")
 # Preprocessed pixels lie in [-1.8, 2.2] (CLIP normalisation of [0, 1]); far beyond is raw pixels.
 PIXEL_LIMIT = 10.0
+
+
+@dataclass
+class Generation:
+    """What `Pretrained.generate` returns: token_ids int [B, N] (N = max_new_tokens; a row's stop token is
+    kept, the pad id follows it), text (B strings: special tokens skipped, stop strings cut, stripped) and,
+    with output_scores, scores float32 [B, N, V] (the logits each token was chosen from)."""
+
+    token_ids: np.ndarray
+    text: list[str]
+    scores: np.ndarray | None = None
+
+
+def _left_padded(input_ids, attention_mask, pad_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """[B, T] ids and mask from a [B, T] array (and mask) or a list of 1-D sequences, left-padded."""
+    if isinstance(input_ids, (list, tuple)):
+        if attention_mask is not None:
+            raise MGJaxError("attention_mask goes with a [B, T] input_ids array; a list of sequences needs none")
+        seqs = [np.asarray(x) for x in input_ids]
+        if not seqs or any(x.ndim != 1 or not len(x) for x in seqs):
+            raise MGJaxError("input_ids as a list must hold B non-empty 1-D id sequences")
+        width = max(len(x) for x in seqs)
+        ids = np.full((len(seqs), width), pad_id, np.int64)
+        mask = np.zeros((len(seqs), width), np.int64)
+        for i, x in enumerate(seqs):
+            if not np.issubdtype(x.dtype, np.integer):
+                raise MGJaxError(f"input_ids[{i}] holds {x.dtype}, not token ids")
+            ids[i, width - len(x):], mask[i, width - len(x):] = x, 1
+        return ids, mask
+    return np.asarray(input_ids), attention_mask
+
+
+def _budget(n: int) -> int:
+    """The cache room compiled for `n` new tokens: a power of two >= 16."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _stops(tokenizer, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(token ids, strings): each stop that is one token of the vocabulary is checked on device as an id,
+    the others on the decoded text; the tokenizer's eos always stops."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    texts = []
+    vocab = tokenizer.get_vocab()
+    for s in dict.fromkeys(stops):
+        encoded = tokenizer.encode(s, add_special_tokens=False)
+        if s in vocab:
+            ids.add(vocab[s])
+        elif len(encoded) == 1 and tokenizer.decode(encoded) == s:
+            ids.add(encoded[0])
+        else:
+            texts.append(s)
+    return tuple(sorted(ids)), tuple(texts)
+
+
+def _stop_at(tokenizer, row: np.ndarray, text_stops: tuple[str, ...]) -> int:
+    """How many of `row`'s tokens stay: up to its first stop string (or its pad tail after a stop id)."""
+    if text_stops and any(s in tokenizer.decode(row) for s in text_stops):
+        for k in range(1, len(row) + 1):
+            if any(s in tokenizer.decode(row[:k]) for s in text_stops):
+                return k
+    return len(row)
+
+
+def _text(tokenizer, ids: np.ndarray, stops: Sequence[str]) -> str:
+    """The answer: special tokens skipped, cut before the first stop string, stripped."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for s in stops:
+        text = text.split(s)[0]
+    return text.strip()
 
 
 def length_bucket(n: int, limit: int) -> int:
@@ -71,6 +141,25 @@ class Pretrained:
         """A one-turn prompt for one image in the checkpoint's template (or `template`)."""
         return build_prompt(question, template or self.config.template)
 
+    def prompt_inputs(self, question: str, images: Sequence[ImageLike] = ()) -> tuple[np.ndarray, np.ndarray,
+                                                                                       np.ndarray]:
+        """(ids [T], images [n, ...], images_aux [n, ...]) of a one-turn prompt in the model's template with
+        one `<image>` per image leading the question; without images, one zero image (which the prompt does
+        not use), as the original feeds text-only samples."""
+        t = get_template(self.config.template)
+        ids = self.tokenize(t.render([with_image_markers(t, question, len(images)), None]))
+        if not images:
+            return ids, *self.zero_images()
+        pre = [self.preprocess(im) for im in images]
+        return ids, np.stack([a for a, _ in pre]), np.stack([b for _, b in pre])
+
+    def zero_images(self, n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """`n` zero (images, images_aux): what a prompt without `<image>` is given, as in the original."""
+        c = self.config
+        views = () if c.num_views == 1 else (c.num_views,)
+        return (np.zeros((n, *views, c.image_size, c.image_size, 3), np.float32),
+                np.zeros((n, c.image_size_aux, c.image_size_aux, 3), np.float32))
+
     def tokenize(self, prompt: str) -> np.ndarray:
         """Prompt text with `<image>` markers -> int ids with -200 placeholders."""
         return np.asarray(tokenize_with_images(self.tokenizer, prompt), np.int32)
@@ -99,6 +188,71 @@ class Pretrained:
             with activate(self.mesh, self.rules):
                 out = self._jitted[bucket](self.params, *(self._place(x) for x in inputs))
         return out[:, :length] if self.config.padding_side == "right" else out[:, bucket - length:]
+
+    def generate(self, input_ids, images, images_aux, *, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, num_beams: int = 1, stop: Sequence[str] | None = None,
+                 seed: int = 0, attention_mask=None, output_scores: bool = False) -> "Generation":
+        """Answers for a batch of prompts, each row what that prompt gives alone (exactly, at temperature 0).
+
+        input_ids: int [B, T] with -200 at image positions (with `attention_mask` for padding), or a list of
+        B 1-D id sequences of any lengths; images, images_aux: batched as for `logits`. Greedy at
+        `temperature` 0, else sampled from softmax(logits / temperature) within the `top_k` most likely
+        (0 = all) and the `top_p` nucleus, from `seed`. A row stops at the tokenizer's eos, at its
+        template's end-of-turn (`Template.stop`) or at any of `stop` (strings), or after `max_new_tokens`.
+        Prompt lengths, batch sizes and budgets are bucketed, so a few compiled programs serve any workload.
+        """
+        if num_beams != 1:
+            raise MGJaxError(f"num_beams={num_beams}: beam search is not implemented yet; use num_beams=1")
+        if max_new_tokens < 1 or top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0:
+            raise MGJaxError(f"max_new_tokens {max_new_tokens} must be >= 1, top_k {top_k} >= 0, top_p {top_p} in "
+                             f"(0, 1], temperature {temperature} >= 0")
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids, mask = _left_padded(input_ids, attention_mask, pad_id)
+        ids, mask, images, images_aux, length = self._check_inputs(ids, images, images_aux, mask, False)
+        rows = ids.shape[0]
+        ids, mask, images, images_aux = self._pad_batch(ids, mask, images, images_aux, pad_id)
+        stops = (*get_template(self.config.template).stop, *(stop or ()))
+        token_stops, text_stops = _stops(tok, stops)
+        bucket, budget = length_bucket(length, self.config.max_length), _budget(max_new_tokens)
+        greedy = temperature == 0.0
+        key = ("generate", bucket, budget, greedy, top_k, token_stops, output_scores)
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(make_generate(self.module, bucket, budget, greedy=greedy, top_k=top_k,
+                                                      stop_ids=token_stops, pad_id=pad_id,
+                                                      with_scores=output_scores))
+        inputs = (ids, images, images_aux, mask)
+        scalars = (jax.random.key(seed), np.int32(max_new_tokens), np.float32(temperature or 1.0),
+                   np.float32(top_p))
+        if self.mesh is None:
+            out, scores = self._jitted[key](self.params, *inputs, *scalars)
+        else:
+            with activate(self.mesh, self.rules):
+                out, scores = self._jitted[key](self.params, *(self._place(x) for x in inputs), *scalars)
+        token_ids = np.array(out)[:rows, :max_new_tokens]
+        texts = []
+        for row in token_ids:
+            cut = _stop_at(tok, row, text_stops)
+            row[cut:] = pad_id
+            texts.append(_text(tok, row[:cut], stops))
+        return Generation(token_ids, texts, None if scores is None else np.asarray(scores)[:rows, :max_new_tokens])
+
+    def _pad_batch(self, ids, mask, images, images_aux, pad_id):
+        """The batch grown to its bucket (a power of two; with a mesh, a multiple of the batch shards) with
+        one-token rows and a zero image each, so that a few programs serve every batch size."""
+        rows = ids.shape[0]
+        target = 1 << (rows - 1).bit_length()
+        if self.mesh is not None:
+            target = -(-target // batch_shards(self.mesh)) * batch_shards(self.mesh)
+        extra = target - rows
+        if not extra:
+            return ids, mask, images, images_aux
+        filler = np.full((extra, ids.shape[1]), pad_id, np.int32)
+        filler_mask = np.zeros_like(filler)
+        filler_mask[:, -1] = 1
+        zeros = lambda x: np.zeros((extra, *x.shape[1:]), x.dtype)  # noqa: E731
+        return (np.concatenate([ids, filler]), np.concatenate([mask, filler_mask]),
+                np.concatenate([images, zeros(images)]), np.concatenate([images_aux, zeros(images_aux)]))
 
     def _place(self, x):
         """A batch array onto the mesh: split like `act_batch` when the batch divides, else replicated."""

@@ -33,6 +33,9 @@ _ACTIVATIONS: Rules = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("act_expert", None),
+    ("cache_batch", BATCH_AXES),
+    ("cache_len", None),
+    ("cache_heads", "tensor"),
 )
 # Weights. The ConvNeXt tower (`conv_*`) stays replicated: it is small (0.2B), frozen, and its
 # channel counts (192 ... 1536) do not divide large FSDP axes.

@@ -22,6 +22,7 @@ class Template:
     roles: tuple[str, str]
     sep: str
     sep2: str = ""
+    stop: tuple[str, ...] = ()  # what ends an answer at generation, besides the tokenizer's eos
 
     def render(self, turns: Sequence[str | None]) -> str:
         seps = (self.sep, self.sep2)
@@ -63,16 +64,17 @@ TEMPLATES = {
         "vicuna_v1", "two",
         "A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-        ("USER", "ASSISTANT"), " ", "</s>"),
-    "gemma": Template("gemma", "gemma", "", ("user", "model"), "", "<eos>"),
-    "mistral_instruct": Template("mistral_instruct", "llama2", "", ("USER", "ASSISTANT"), "<s>", "</s>"),
+        ("USER", "ASSISTANT"), " ", "</s>", ("</s>",)),
+    "gemma": Template("gemma", "gemma", "", ("user", "model"), "", "<eos>", ("<end_of_turn>", "<eos>")),
+    "mistral_instruct": Template("mistral_instruct", "llama2", "", ("USER", "ASSISTANT"), "<s>", "</s>", ("</s>",)),
     "chatml_direct": Template("chatml_direct", "mpt", "<|im_start|>system\nAnswer the questions.",
-                              ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"),
+                              ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>", stop=("<|im_end|>",)),
     # MGM-8B was trained and evaluated with the answer turn headed `system` (docs/mgm_spec.md section 7).
     "llama_3": Template("llama_3", "mpt", f"<|start_header_id|>system<|end_header_id|>\n\n{_LLAMA3_SYSTEM}",
                         ("<|start_header_id|>user<|end_header_id|>\n\n",
-                         "<|start_header_id|>system<|end_header_id|>\n\n"), "<|eot_id|>"),
-    "plain": Template("plain", "plain", "", ("", ""), "\n"),
+                         "<|start_header_id|>system<|end_header_id|>\n\n"), "<|eot_id|>", stop=("<|eot_id|>",)),
+    # stage 1 learns `caption\n`
+    "plain": Template("plain", "plain", "", ("", ""), "\n", stop=("\n",)),
 }
 
 
@@ -83,10 +85,16 @@ def get_template(name: str) -> Template:
         raise MGJaxError(f"unknown conversation template {name!r}; known: {', '.join(TEMPLATES)}") from None
 
 
+def with_image_markers(template: Template, question: str, images: int) -> str:
+    """A user message with one `<image>` per image leading it, as the original writes them (stage-1
+    `plain` prompts are the image alone)."""
+    q = question.replace(IMAGE_MARKER, "").strip()
+    if not images:
+        return q
+    return IMAGE_MARKER * images if template.style == "plain" else f"{IMAGE_MARKER}\n" * images + q
+
+
 def build_prompt(question: str, template: str, with_image: bool = True) -> str:
     """A one-turn prompt with the assistant turn open; the image marker leads the question."""
     t = get_template(template)
-    q = question.replace(IMAGE_MARKER, "").strip()
-    if with_image:
-        q = IMAGE_MARKER if t.style == "plain" else f"{IMAGE_MARKER}\n{q}"
-    return t.render([q, None])
+    return t.render([with_image_markers(t, question, int(with_image)), None])

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mgjax.config import LMConfig
-from mgjax.layers.attention import Attention, causal_mask
+from mgjax.layers.attention import Attention, KVCache, cached_mask, causal_mask
 from mgjax.layers.common import RMSNorm, dense
 from mgjax.layers.mlp import GatedMLP, MoE
 from mgjax.layers.rope import rope_tables
@@ -26,6 +26,16 @@ Dtype = Any
 _REMAT = {"dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, "full": None}
 
 
+def init_cache(config: LMConfig, batch: int, slots: int, dtype) -> Any:
+    """An empty KV cache of `slots` positions for `Decoder.__call__`: one `KVCache` per layer, or one with
+    a leading [num_layers] axis for scanned layers."""
+    shape = (batch, slots, config.num_kv_heads, config.head_dim)
+    if config.scan_layers:
+        shape = (config.num_layers, *shape)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
 class DecoderLayer(nn.Module):
     config: LMConfig
     dtype: Dtype = jnp.float32
@@ -33,12 +43,17 @@ class DecoderLayer(nn.Module):
     scanned: bool = False  # under nn.scan the layer returns (carry, None)
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array]):
+    def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array],
+                 cache: KVCache | None = None, index: jax.Array | None = None):
+        """x [B, T, D] -> [B, T, D]; with a `cache` (generation) -> (x, cache), see `Attention`."""
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.norm_eps, c.gemma_norm, name="input_layernorm", **kw)(x)
-        x = x + Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, name="self_attn", **kw)(
-            h, mask, rope)
+        attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, name="self_attn", **kw)(
+            h, mask, rope, cache, index)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
         h = RMSNorm(c.norm_eps, c.gemma_norm, name="post_attention_layernorm", **kw)(x)
         if c.num_experts:
             x = x + MoE(c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.activation,
@@ -46,7 +61,9 @@ class DecoderLayer(nn.Module):
         else:
             x = x + GatedMLP(c.intermediate_size, c.activation, name="mlp", **kw)(h)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
-        return (x, None) if self.scanned else x
+        if self.scanned:
+            return x, cache
+        return x if cache is None else (x, cache)
 
 
 class Decoder(nn.Module):
@@ -70,7 +87,7 @@ class Decoder(nn.Module):
             layer = nn.remat(DecoderLayer, policy=_REMAT[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
             self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                                  in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(c, scanned=True, name="layers", **kw)
         else:
             self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
@@ -83,28 +100,42 @@ class Decoder(nn.Module):
         return self.embed_tokens(ids)
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, valid: jax.Array,
-                 segments: jax.Array | None = None) -> jax.Array:
+                 segments: jax.Array | None = None, cache: Any = None, index: jax.Array | None = None,
+                 last_only: bool = False):
         """embeds [B, L, D], positions int [B, L], valid bool [B, L] -> float32 logits [B, L, V].
-        `segments` int [B, L] (packed rows; 0 at padding): attention stays within a segment."""
+        `segments` int [B, L] (packed rows; 0 at padding): attention stays within a segment.
+
+        Generation: with a `cache` (`init_cache`), the L new tokens go to cache slots index .. index + L - 1,
+        `valid` is bool [B, S] over all the cache's slots, and the call returns (logits, cache).
+        `last_only`: logits of the last position only ([B, 1, V]), not a [B, L, V] head over a prompt."""
         c = self.config
         x = embeds.astype(self.dtype)
         if c.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
-        mask = causal_mask(valid, segments)
+        mask = causal_mask(valid, segments) if cache is None else cached_mask(valid, index, x.shape[1])
         rope = rope_tables(positions, c.head_dim, c.rope_theta)
         if c.scan_layers:
-            x, _ = self.layers(x, mask, rope)
-        else:
+            x, cache = self.layers(x, mask, rope, cache, index)
+        elif cache is None:
             for layer in self.layers:
                 x = layer(x, mask, rope)
+        else:
+            new = []
+            for layer, layer_cache in zip(self.layers, cache, strict=True):
+                x, layer_cache = layer(x, mask, rope, layer_cache, index)
+                new.append(layer_cache)
+            cache = tuple(new)
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
         if c.tie_word_embeddings:
             logits = jnp.einsum("bld,vd->blv", x, self.embed_tokens.embedding.astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
-        return constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
+        logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
+        return logits if cache is None else (logits, cache)
 
     def forward_ids(self, ids: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
         """A text-only forward: int ids [B, T] -> float32 logits [B, T, V]."""

@@ -1,0 +1,1 @@
+"""Generation: prefill + decode with a KV cache, batched and jitted (`generate`)."""
