@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from mgjax import interrupt
@@ -80,8 +81,6 @@ def cmd_predict(args) -> int:
 
 def cmd_convert(args) -> int:
     """Released PyTorch layout (or stage-1 release + base LLM) -> mgjax (Orbax) checkpoint folder."""
-    import time
-
     from mgjax.convert.mgjax_ckpt import convert
 
     t = time.time()
@@ -95,8 +94,6 @@ def cmd_convert(args) -> int:
 
 def cmd_export(args) -> int:
     """mgjax checkpoint folder -> released layout (config.json, indexed safetensors, tokenizer)."""
-    import time
-
     from mgjax.convert.export import export
 
     t = time.time()
@@ -225,6 +222,32 @@ def cmd_chat(args) -> int:
                 if pipeline is not None:
                     pipeline(prompt=prompt).images[0].save(out_dir / f"gen_{n}.png")
                     print(f"[image: {out_dir / f'gen_{n}.png'}]", file=sys.stderr)
+
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible /v1/chat/completions endpoint that batches concurrent requests."""
+    import mgjax
+    from mgjax.infer.server import Server
+
+    if not Path(args.ckpt).is_dir():
+        raise MGJaxError(f"{args.ckpt}: checkpoint folder not found")
+    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype, vision_tower=args.vision_tower,
+                                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm,
+                                  template=args.template)
+    try:
+        server = Server(model, args.host, args.port, args.max_batch, args.batch_wait_ms / 1000,
+                        allow_paths=args.allow_paths)
+    except OSError as e:
+        raise MGJaxError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    host, port = server.address[:2]
+    print(f"serving {args.ckpt} as {server.model_id!r} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    server.start()
+    try:
+        while True:  # the main thread only waits for Ctrl-C / SIGTERM (a signal Python dropped included)
+            time.sleep(0.2)
+            interrupt.check()
+    finally:
+        server.close()
 
 
 def _sdxl(path: str):
@@ -406,6 +429,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_template_arg(p)
     _add_tower_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible /v1/chat/completions server, requests batched")
+    p.add_argument("--ckpt", required=True, help="MGM checkpoint folder (released, mgjax convert or a run_dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="requests answered together (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits to fill (default 20)")
+    p.add_argument("--allow-paths", action="store_true", help="accept local file paths as image URLs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
+    _add_template_arg(p)
+    _add_tower_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="released MGM checkpoint -> mgjax Orbax checkpoint (streaming)")
     p.add_argument("src", help="released-layout checkpoint folder, or a stage-1 folder with mm_projector.bin")

@@ -41,6 +41,8 @@ class Generation:
     token_ids: np.ndarray
     text: list[str]
     scores: np.ndarray | None = None
+    lengths: np.ndarray | None = None  # int [B]: the answer's tokens, its stop included
+    stopped: np.ndarray | None = None  # bool [B]: ended at a stop (else at max_new_tokens)
 
 
 def _left_padded(input_ids, attention_mask, pad_id: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -230,12 +232,18 @@ class Pretrained:
             with activate(self.mesh, self.rules):
                 out, scores = self._jitted[key](self.params, *(self._place(x) for x in inputs), *scalars)
         token_ids = np.array(out)[:rows, :max_new_tokens]
-        texts = []
+        texts, lengths, stopped = [], [], []
         for row in token_ids:
-            cut = _stop_at(tok, row, text_stops)
+            hits = np.flatnonzero(np.isin(row, token_stops))
+            text_cut = _stop_at(tok, row, text_stops)
+            cut = min(text_cut, int(hits[0]) + 1 if len(hits) else len(row))
+            stopped.append(bool(len(hits)) and int(hits[0]) + 1 == cut or
+                           cut == text_cut and any(s in tok.decode(row[:cut]) for s in text_stops))
             row[cut:] = pad_id
             texts.append(_text(tok, row[:cut], stops))
-        return Generation(token_ids, texts, None if scores is None else np.asarray(scores)[:rows, :max_new_tokens])
+            lengths.append(cut)
+        return Generation(token_ids, texts, None if scores is None else np.asarray(scores)[:rows, :max_new_tokens],
+                          np.asarray(lengths), np.asarray(stopped))
 
     def _pad_batch(self, ids, mask, images, images_aux, pad_id):
         """The batch grown to its bucket (a power of two; with a mesh, a multiple of the batch shards) with
