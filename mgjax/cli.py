@@ -279,18 +279,58 @@ def _run_files(run: Path) -> str:
 
 
 def cmd_eval(args) -> int:
-    """Held-out accuracy of a model on a benchmark (today: the demo's synthetic shapes)."""
+    """A benchmark's question file answered in jitted batches (LLaVA answer JSONL), then scored locally where
+    a deterministic scorer exists; or the demo's held-out shapes."""
     import mgjax
-    from mgjax.train.demo import heldout_accuracy
-
     from mgjax.train.checkpoints import is_run_dir
 
-    model = mgjax.load_pretrained(args.ckpt)
-    accuracy, chance = heldout_accuracy(model.module, model.params, model.tokenizer, model.config,
-                                        num_samples=args.num_samples)
-    if is_run_dir(model.path):
-        print(_run_files(model.path))
-    print(f"held-out accuracy {100 * accuracy:.1f}% (chance {100 * chance:.1f}%)")
+    if args.bench == "shapes":
+        from mgjax.train.demo import heldout_accuracy
+
+        model = mgjax.load_pretrained(args.ckpt)
+        accuracy, chance = heldout_accuracy(model.module, model.params, model.tokenizer, model.config,
+                                            num_samples=args.num_samples)
+        if is_run_dir(model.path):
+            print(_run_files(model.path))
+        print(f"held-out accuracy {100 * accuracy:.1f}% (chance {100 * chance:.1f}%)")
+        return 0
+
+    import jax
+
+    from mgjax.eval.benchmarks import BENCHES
+    from mgjax.eval.runner import merge_parts, read_questions, run
+    from mgjax.eval.scores import mme_scores, pope_scores, read_answers
+
+    if not (args.data and args.images and args.out):
+        raise MGJaxError(f"eval {args.bench} needs --data (the question file), --images and --out")
+    questions = read_questions(args.data)
+    if args.limit:
+        questions = questions[:args.limit]
+    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype)
+    pid, nproc = jax.process_index(), jax.process_count()
+    run(model, BENCHES[args.bench], questions, args.images, args.out, batch_size=args.batch_size, process_index=pid,
+        process_count=nproc)
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mgjax eval: every part written")
+        if pid == 0:
+            merge_parts(questions, args.out, nproc)
+    if pid != 0:
+        return 0
+    print(f"answers: {args.out}")
+    if args.bench == "mmvet":  # what the MM-Vet grader reads (LLaVA's convert_mmvet_for_eval)
+        from mgjax.eval.scores import mmvet_submission
+
+        print(f"MM-Vet grader file: {mmvet_submission(read_answers(args.out), f'{args.out}.mmvet.json')}")
+    if args.annotations:
+        answers = read_answers(args.out)
+        scores = pope_scores(answers, questions, args.annotations) if args.bench == "pope" else \
+            mme_scores(answers, args.annotations) if args.bench == "mme" else None
+        if scores is None:
+            raise MGJaxError(f"no local scorer for {args.bench} yet: score {args.out} with the official tool")
+        Path(f"{args.out}.scores.json").write_text(json.dumps(scores, indent=1))
+        print(json.dumps(scores, indent=1))
     return 0
 
 
@@ -482,10 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted keys overriding the YAML, values in YAML syntax (optim.lr=1e-4 steps=100)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a model on a benchmark (today: shapes, the demo's held-out set)")
-    p.add_argument("bench", choices=["shapes"], help="the benchmark")
+    p = sub.add_parser("eval", help="answer (and score) a benchmark in jitted batches; shapes: the demo's held-out set")
+    p.add_argument("bench", choices=["shapes", "textvqa", "mme", "pope", "mmvet"], help="the benchmark")
     p.add_argument("--ckpt", required=True, help="a run_dir of mgjax train, an mgjax or a released checkpoint")
-    p.add_argument("--num-samples", type=_positive_int, default=256, help="held-out questions to ask")
+    p.add_argument("--data", help="the question file (LLaVA JSONL: question_id, image, text[, category])")
+    p.add_argument("--images", help="the folder the questions' image paths are relative to")
+    p.add_argument("--out", help="the answer file (LLaVA answer JSONL); an existing one is resumed")
+    p.add_argument("--annotations", help="ground truth for the local scorer (POPE: the coco_pope_*.json folder; "
+                   "MME: MME_Benchmark_release_version)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="questions per jitted batch (default 16)")
+    p.add_argument("--limit", type=_positive_int, help="only the first N questions (a quick look)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
+    p.add_argument("--num-samples", type=_positive_int, default=256, help="shapes: held-out questions to ask")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="training data tools")

@@ -1,0 +1,135 @@
+"""Batch evaluation: the runner on tiny benchmark samples made here (synthetic questions, generated
+images) in the LLaVA formats, resuming, bad input; the POPE and MME scorers against hand-computed scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+import mgjax
+from helpers import GOLDEN
+from mgjax.cli import main
+from mgjax.errors import MGJaxError
+from mgjax.eval.scores import mme_scores, pope_scores
+
+CASE = GOLDEN / "llama_vicuna"
+SHORT = "Answer the question using a single word or phrase."
+
+
+def _pope_sample(root):
+    """Two COCO-like images and six POPE questions (two per category) with their label files."""
+    (root / "images").mkdir()
+    for i, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+        Image.new("RGB", (64 + 16 * i, 48), colour).save(root / "images" / f"COCO_{i}.jpg")
+    questions, labels = [], {}
+    for n, cat in enumerate(("adversarial", "popular", "random")):
+        for k in range(2):
+            qid = 10 * n + k
+            q = {"question_id": qid, "image": f"COCO_{k}.jpg", "text": f"Is there a {cat} object in the image?",
+                 "category": cat}
+            questions.append({**q, "text": q["text"] + f"\n{SHORT}"})
+            labels.setdefault(cat, []).append({**q, "label": "yes" if k == 0 else "no"})
+    (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (root / "labels").mkdir()
+    for cat, rows in labels.items():
+        (root / "labels" / f"coco_pope_{cat}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return questions
+
+
+def test_pope_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    """`mgjax eval pope`: LLaVA answer lines, each the answer its question gets alone, in batches of 4 (the
+    last one short); scores written; an answer file cut mid-line resumes without asking again."""
+    questions = _pope_sample(tmp_path)
+    monkeypatch.chdir(CASE)
+    out = tmp_path / "answers.jsonl"
+    args = ["eval", "pope", "--ckpt", "MGM-7B-tiny", "--data", str(tmp_path / "q.jsonl"), "--images",
+            str(tmp_path / "images"), "--out", str(out), "--batch-size", "4", "--annotations", str(tmp_path / "labels")]
+    assert main(args) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
+    assert set(answers[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    model = mgjax.load_pretrained(CASE / "MGM-7B-tiny")
+    for q, a in zip(questions[:2], answers[:2]):
+        ids, im, aux = model.prompt_inputs(q["text"], [tmp_path / "images" / q["image"]])
+        assert a["text"] == model.generate([ids], im, aux, max_new_tokens=128).text[0]
+    scores = json.loads((tmp_path / "answers.jsonl.scores.json").read_text())
+    assert set(scores) == {"adversarial", "popular", "random"} and scores["random"]["questions"] == 2
+    # A kill mid-write: two whole lines and half a third. The re-run keeps the two, asks the other four.
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]) + lines[2][:10])
+    assert main(args) == 0
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["question_id"] for a in again] == [q["question_id"] for q in questions]
+    assert [a["answer_id"] for a in again[:2]] == [a["answer_id"] for a in answers[:2]]
+    assert [a["text"] for a in again] == [a["text"] for a in answers]
+
+
+def test_eval_bad_input(tmp_path, monkeypatch, capsys):
+    questions = _pope_sample(tmp_path)
+    monkeypatch.chdir(CASE)
+    base = ["eval", "pope", "--ckpt", "MGM-7B-tiny", "--images", str(tmp_path / "images"), "--out",
+            str(tmp_path / "a.jsonl")]
+    (tmp_path / "missing.jsonl").write_text(json.dumps({**questions[0], "image": "nope.jpg"}) + "\n")
+    assert main([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "nope.jpg" in capsys.readouterr().err
+    (tmp_path / "dup.jsonl").write_text(json.dumps(questions[0]) + "\n" + json.dumps(questions[0]) + "\n")
+    assert main([*base, "--data", str(tmp_path / "dup.jsonl")]) == 2
+    assert "appears twice" in capsys.readouterr().err
+    assert main(["eval", "pope", "--ckpt", "MGM-7B-tiny"]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_pope_scores_by_hand(tmp_path):
+    """LLaVA's rule: the first sentence, commas dropped; 'No' / 'not' / 'no' as a word means no."""
+    texts = ["Yes, there is one.", "No.", "There is not.", "yes", "The answer: no, none", "Yes. But no."]
+    truth = [True, True, False, False, False, True]  # predictions: yes, no, no, yes, no, yes
+    questions = [{"question_id": i, "category": "random"} for i in range(6)]
+    (tmp_path / "coco_pope_random.json").write_text(
+        "".join(json.dumps({"question_id": i, "label": "yes" if t else "no"}) + "\n" for i, t in enumerate(truth)))
+    s = pope_scores([{"question_id": i, "text": t} for i, t in enumerate(texts)], questions, tmp_path)["random"]
+    # TP 2 (0, 5), FN 1 (1), TN 2 (2, 4), FP 1 (3)
+    assert s["accuracy"] == pytest.approx(4 / 6) and s["precision"] == pytest.approx(2 / 3)
+    assert s["recall"] == pytest.approx(2 / 3) and s["f1"] == pytest.approx(2 / 3)
+    assert s["yes_ratio"] == pytest.approx(3 / 6)
+
+
+def test_mme_scores_by_hand(tmp_path):
+    """acc and acc+ per category from MME's release layout (a folder with images/ + questions_answers_YN/,
+    a flat one), LLaVA's prompt conversion (the release's double space before 'Please' included)."""
+    art = tmp_path / "artwork"
+    (art / "images").mkdir(parents=True)
+    (art / "questions_answers_YN").mkdir()
+    (art / "questions_answers_YN" / "1.txt").write_text(
+        "Is this by Monet? Please answer yes or no.\tYes\nIs this by Dali? Please answer yes or no.\tNo\n")
+    (art / "questions_answers_YN" / "2.txt").write_text(
+        "Is this a sculpture?  Please answer yes or no.\tNo\nIs this a painting?  Please answer yes or no.\tYes\n")
+    code = tmp_path / "code_reasoning"
+    code.mkdir()
+    (code / "7.txt").write_text("Does it print 3? Please answer yes or no.\tYes\nDoes it print 4? Please answer "
+                                "yes or no.\tNo\n")
+    def ans(qid, question, text):
+        return {"question_id": qid, "prompt": f"{question}\n{SHORT}", "text": text}
+
+    answers = [ans("artwork/1.jpg", "Is this by Monet?", "Yes"),
+               ans("artwork/1.jpg", "Is this by Dali?", "no"),
+               ans("artwork/2.jpg", "Is this a sculpture?", "Yes, it is"),
+               ans("artwork/2.jpg", "Is this a painting?", "yes"),
+               ans("code_reasoning/7.png", "Does it print 3?", "Nope"),
+               ans("code_reasoning/7.png", "Does it print 4?", "no")]
+    s = mme_scores(answers, tmp_path)
+    # artwork: 3 of 4 right (the sculpture answer is wrong), 1 of 2 images both right: 75 + 50
+    assert s["artwork"] == {"acc": 75.0, "acc_plus": 50.0, "score": 125.0}
+    # code: "Nope" reads as no (first four characters), wrong; "no" right: 50 + 0
+    assert s["code_reasoning"] == {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}
+    assert s["perception"] == 125.0 and s["cognition"] == 50.0
+    with pytest.raises(MGJaxError, match="no ground truth"):
+        mme_scores([ans("artwork/1.jpg", "Unknown?", "yes")], tmp_path)
+
+
+def test_mmvet_grader_file(tmp_path):
+    from mgjax.eval.scores import mmvet_submission
+
+    path = mmvet_submission([{"question_id": 3, "text": "a cat"}, {"question_id": "v2", "text": ""}], tmp_path / "m.json")
+    assert json.loads(path.read_text()) == {"v1_3": "a cat", "v1_v2": ""}
