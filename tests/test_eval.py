@@ -131,5 +131,6 @@ def test_mme_scores_by_hand(tmp_path):
 def test_mmvet_grader_file(tmp_path):
     from mgjax.eval.scores import mmvet_submission
 
-    path = mmvet_submission([{"question_id": 3, "text": "a cat"}, {"question_id": "v2", "text": ""}], tmp_path / "m.json")
+    answers = [{"question_id": 3, "text": "a cat"}, {"question_id": "v2", "text": ""}]
+    path = mmvet_submission(answers, tmp_path / "m.json")
     assert json.loads(path.read_text()) == {"v1_3": "a cat", "v1_v2": ""}
