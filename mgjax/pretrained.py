@@ -22,6 +22,7 @@ from mgjax.data.image import ImageLike, preprocess_image
 from mgjax.data.templates import build_prompt, get_template, with_image_markers
 from mgjax.data.tokenize import checkpoint_template, load_tokenizer, tokenize_with_images
 from mgjax.errors import MGJaxError
+from mgjax.infer.beam import make_beam_search
 from mgjax.infer.generate import make_generate
 from mgjax.model import MGM, abstract_params, merged_lengths
 from mgjax.sharding import DEFAULT_RULES, Rules, activate, batch_sharding, batch_shards, param_shardings
@@ -203,11 +204,12 @@ class Pretrained:
         template's end-of-turn (`Template.stop`) or at any of `stop` (strings), or after `max_new_tokens`.
         Prompt lengths, batch sizes and budgets are bucketed, so a few compiled programs serve any workload.
         """
-        if num_beams != 1:
-            raise MGJaxError(f"num_beams={num_beams}: beam search is not implemented yet; use num_beams=1")
-        if max_new_tokens < 1 or top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0:
+        if max_new_tokens < 1 or top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0 or num_beams < 1:
             raise MGJaxError(f"max_new_tokens {max_new_tokens} must be >= 1, top_k {top_k} >= 0, top_p {top_p} in "
-                             f"(0, 1], temperature {temperature} >= 0")
+                             f"(0, 1], temperature {temperature} >= 0, num_beams {num_beams} >= 1")
+        if num_beams > 1 and (temperature or output_scores):
+            raise MGJaxError(f"num_beams={num_beams} is beam search at temperature 0 without output_scores; beam "
+                             "sampling (temperature > 0) is not implemented yet")
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids, mask = _left_padded(input_ids, attention_mask, pad_id)
@@ -218,11 +220,15 @@ class Pretrained:
         token_stops, text_stops = _stops(tok, stops)
         bucket, budget = length_bucket(length, self.config.max_length), _budget(max_new_tokens)
         greedy = temperature == 0.0
-        key = ("generate", bucket, budget, greedy, top_k, token_stops, output_scores)
+        key = ("generate", bucket, budget, greedy, top_k, token_stops, output_scores, num_beams)
         if key not in self._jitted:
-            self._jitted[key] = jax.jit(make_generate(self.module, bucket, budget, greedy=greedy, top_k=top_k,
-                                                      stop_ids=token_stops, pad_id=pad_id,
-                                                      with_scores=output_scores))
+            if num_beams > 1:
+                self._jitted[key] = jax.jit(make_beam_search(self.module, bucket, budget, num_beams=num_beams,
+                                                             stop_ids=token_stops, pad_id=pad_id))
+            else:
+                self._jitted[key] = jax.jit(make_generate(self.module, bucket, budget, greedy=greedy, top_k=top_k,
+                                                          stop_ids=token_stops, pad_id=pad_id,
+                                                          with_scores=output_scores))
         inputs = (ids, images, images_aux, mask)
         scalars = (jax.random.key(seed), np.int32(max_new_tokens), np.float32(temperature or 1.0),
                    np.float32(top_p))

@@ -124,6 +124,18 @@ def test_a_batch_row_equals_that_prompt_alone(kind, tokenizers):
     _batched_equals_alone(_model(kind, tokenizers[kind]))
 
 
+def test_beam_search_rows_equal_alone(tokenizers):
+    """Beam search (3 beams) on the mixed batch: each row's answer is the one it gets alone (the B x K cache
+    rows of one prompt never mix with another's)."""
+    model = _model("mixtral", tokenizers["mixtral"])
+    ids, images = _prompts(model.config, model.config.lm.vocab_size)
+    batch = model.generate(ids, np.concatenate([i for i, _ in images]), np.concatenate([a for _, a in images]),
+                           max_new_tokens=6, num_beams=3)
+    for row, (x, (im, aux)) in enumerate(zip(ids, images)):
+        np.testing.assert_array_equal(batch.token_ids[row],
+                                      model.generate([x], im, aux, max_new_tokens=6, num_beams=3).token_ids[0])
+
+
 def test_scanned_layers_and_a_mesh_generate_the_same(tokenizers):
     """Scanned layers (one stacked cache) and a (data, fsdp, tensor) mesh (Gemma's single KV head over a
     tensor axis of 2) give the per-layer single-device tokens."""
@@ -203,7 +215,7 @@ def test_bad_arguments_are_clear_errors(tokenizers):
     model = _model("vicuna", tokenizers["vicuna"])
     ids, images = _prompts(model.config, model.config.lm.vocab_size)
     im, aux = images[0]
-    for kw, culprit in (({"num_beams": 5}, "beam search"), ({"top_p": 0.0}, "top_p"),
+    for kw, culprit in (({"num_beams": 5, "temperature": 1.0}, "beam sampling"), ({"top_p": 0.0}, "top_p"),
                         ({"max_new_tokens": 0}, "max_new_tokens")):
         with pytest.raises(MGJaxError, match=culprit):
             model.generate([ids[0]], im, aux, **{"max_new_tokens": 4, **kw})

@@ -376,3 +376,59 @@ def test_mixtral_logits_match_hf():
     decoder, params = load_decoder(hf, lm)
     assert params["layers_0"]["block_sparse_moe"]["experts"]["w1"].shape == (4, 64, 96)
     check(run_ours(decoder, params, ids), out.logits.numpy(), "Mixtral logits")
+
+
+# --- generation ----------------------------------------------------------------------------------------
+
+def _word_tokenizer(folder, vocab: int, eos: str):
+    """A word-level tokenizer whose ids cover the whole vocabulary: <pad> 0, <s> 1, </s> 2, w3 ..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", *(f"w{i}" for i in range(3, vocab))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, pad_token="<pad>")
+    fast.save_pretrained(str(folder))
+
+
+def _hf_beams(hf, prompts, eos: set[int], new: int = 8) -> np.ndarray:
+    """HF's beam search answers [B, new], left-padded prompts; what follows a row's end token is 0."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, num_beams=3, do_sample=False,
+                          eos_token_id=sorted(eos), pad_token_id=0)[:, width:].numpy()
+    return _after_end_zeroed(np.pad(out, ((0, 0), (0, new - out.shape[1]))), eos)
+
+
+def _after_end_zeroed(ids: np.ndarray, eos: set[int]) -> np.ndarray:
+    """What follows the first end token: padding, whatever a library fills it with."""
+    ended = np.cumsum(np.isin(ids, list(eos)), axis=1) - np.isin(ids, list(eos)) > 0
+    return np.where(ended, 0, ids)
+
+
+@pytest.mark.parametrize("frequent_ends", [False, True], ids=["rare-end", "frequent-ends"])
+def test_beam_search_matches_hf_generate(llama, tmp_path, frequent_ends):
+    """`generate(num_beams=3)` on text prompts of two lengths (left-padded, so positions per row) gives HF
+    LlamaForCausalLM.generate(num_beams=3, do_sample=False)'s tokens; with end tokens the model likes (the
+    later tokens of HF's beams without them, as `stop` words here and eos ids there), finished hypotheses,
+    length normalisation, the early-stop rule and the wider candidate pool all take part."""
+    from mgjax.model import MGM, init_params
+    from mgjax.pretrained import Pretrained
+
+    _, hf, _, params = llama
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128, 9), rng.integers(3, 128, 5)]
+    ends = {2}
+    if frequent_ends:
+        ends |= {int(t) for t in np.unique(_hf_beams(hf, prompts, {2})[:, 2:]) if t > 2}
+    _word_tokenizer(tmp_path, 128, "</s>")
+    config = tiny.mgm("vicuna", small=True, lm=lm_config_from_hf(hf.config))
+    module = MGM(config)
+    model = Pretrained(config, {**init_params(module, jax.random.key(0)), "llm": params}, module, tmp_path)
+    ours = model.generate(prompts, *model.zero_images(2), max_new_tokens=8, num_beams=3,
+                          stop=[f"w{t}" for t in sorted(ends - {2})]).token_ids
+    np.testing.assert_array_equal(_after_end_zeroed(ours, ends), _hf_beams(hf, prompts, ends))
+    if frequent_ends:
+        assert np.isin(ours, list(ends - {2})).any()  # end tokens did end answers
