@@ -200,16 +200,17 @@ class Pretrained:
         input_ids: int [B, T] with -200 at image positions (with `attention_mask` for padding), or a list of
         B 1-D id sequences of any lengths; images, images_aux: batched as for `logits`. Greedy at
         `temperature` 0, else sampled from softmax(logits / temperature) within the `top_k` most likely
-        (0 = all) and the `top_p` nucleus, from `seed`. A row stops at the tokenizer's eos, at its
+        (0 = all) and the `top_p` nucleus, from `seed`. `num_beams` > 1: beam search as HF's generate does it,
+        or at `temperature` > 0 its beam sampling (MMMU's protocol). A row stops at the tokenizer's eos, at its
         template's end-of-turn (`Template.stop`) or at any of `stop` (strings), or after `max_new_tokens`.
         Prompt lengths, batch sizes and budgets are bucketed, so a few compiled programs serve any workload.
         """
         if max_new_tokens < 1 or top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0 or num_beams < 1:
             raise MGJaxError(f"max_new_tokens {max_new_tokens} must be >= 1, top_k {top_k} >= 0, top_p {top_p} in "
                              f"(0, 1], temperature {temperature} >= 0, num_beams {num_beams} >= 1")
-        if num_beams > 1 and (temperature or output_scores):
-            raise MGJaxError(f"num_beams={num_beams} is beam search at temperature 0 without output_scores; beam "
-                             "sampling (temperature > 0) is not implemented yet")
+        if num_beams > 1 and (output_scores or top_k or top_p < 1.0):
+            raise MGJaxError(f"num_beams={num_beams}: beam search gives no output_scores and takes no top_k / top_p "
+                             "(beam sampling draws from the whole softmax)")
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids, mask = _left_padded(input_ids, attention_mask, pad_id)
@@ -224,7 +225,7 @@ class Pretrained:
         if key not in self._jitted:
             if num_beams > 1:
                 self._jitted[key] = jax.jit(make_beam_search(self.module, bucket, budget, num_beams=num_beams,
-                                                             stop_ids=token_stops, pad_id=pad_id))
+                                                             stop_ids=token_stops, pad_id=pad_id, sample=not greedy))
             else:
                 self._jitted[key] = jax.jit(make_generate(self.module, bucket, budget, greedy=greedy, top_k=top_k,
                                                           stop_ids=token_stops, pad_id=pad_id,

@@ -126,7 +126,8 @@ def test_a_batch_row_equals_that_prompt_alone(kind, tokenizers):
 
 def test_beam_search_rows_equal_alone(tokenizers):
     """Beam search (3 beams) on the mixed batch: each row's answer is the one it gets alone (the B x K cache
-    rows of one prompt never mix with another's)."""
+    rows of one prompt never mix with another's). Beam sampling repeats with its seed and, nearly cold,
+    draws what beam search takes."""
     model = _model("mixtral", tokenizers["mixtral"])
     ids, images = _prompts(model.config, model.config.lm.vocab_size)
     batch = model.generate(ids, np.concatenate([i for i, _ in images]), np.concatenate([a for _, a in images]),
@@ -134,6 +135,12 @@ def test_beam_search_rows_equal_alone(tokenizers):
     for row, (x, (im, aux)) in enumerate(zip(ids, images)):
         np.testing.assert_array_equal(batch.token_ids[row],
                                       model.generate([x], im, aux, max_new_tokens=6, num_beams=3).token_ids[0])
+    # Beam sampling (MMMU's protocol): a seed repeats; nearly cold, the draws are the best candidates.
+    args = (ids, np.concatenate([i for i, _ in images]), np.concatenate([a for _, a in images]))
+    hot = [model.generate(*args, max_new_tokens=6, num_beams=3, temperature=1.0, seed=1).token_ids for _ in range(2)]
+    np.testing.assert_array_equal(hot[0], hot[1])
+    cold = model.generate(*args, max_new_tokens=6, num_beams=3, temperature=1e-4, seed=3).token_ids
+    np.testing.assert_array_equal(cold, batch.token_ids)
 
 
 def test_scanned_layers_and_a_mesh_generate_the_same(tokenizers):
@@ -215,7 +222,7 @@ def test_bad_arguments_are_clear_errors(tokenizers):
     model = _model("vicuna", tokenizers["vicuna"])
     ids, images = _prompts(model.config, model.config.lm.vocab_size)
     im, aux = images[0]
-    for kw, culprit in (({"num_beams": 5, "temperature": 1.0}, "beam sampling"), ({"top_p": 0.0}, "top_p"),
+    for kw, culprit in (({"num_beams": 5, "top_k": 3}, "no top_k"), ({"top_p": 0.0}, "top_p"),
                         ({"max_new_tokens": 0}, "max_new_tokens")):
         with pytest.raises(MGJaxError, match=culprit):
             model.generate([ids[0]], im, aux, **{"max_new_tokens": 4, **kw})

@@ -26,11 +26,15 @@ def _beam_rows(cache, index: jax.Array):
 
 
 def make_beam_search(module: MGM, length: int, max_new: int, *, num_beams: int, stop_ids: tuple[int, ...],
-                     pad_id: int, length_penalty: float = 1.0) -> Callable:
+                     pad_id: int, length_penalty: float = 1.0, sample: bool = False) -> Callable:
     """run(params, input_ids [B, T], images, images_aux, attention_mask [B, T], rng, limit, temperature, top_p)
     -> (token ids int32 [B, max_new] of each row's best hypothesis, its stop token kept and pad after; None):
-    the signature of `generate.make_generate`'s program (rng, temperature and top_p unused: no sampling).
-    `limit` (traced) <= max_new."""
+    the signature of `generate.make_generate`'s program. `limit` (traced) <= max_new.
+
+    `sample` (static) is HF's beam sampling (`do_sample=True`, MMMU's protocol): log-probabilities divided
+    by `temperature` (what the beams accumulate) and the candidates drawn without replacement from the
+    softmax of the accumulated scores (the Gumbel top-k trick) instead of taken best first; `rng` seeds it,
+    one key per row and step. Without `sample`, rng, temperature and top_p are unused."""
     config, k = module.config, num_beams
 
     def run(params, input_ids, images, images_aux, attention_mask, rng, limit, temperature, top_p):
@@ -48,6 +52,7 @@ def make_beam_search(module: MGM, length: int, max_new: int, *, num_beams: int, 
         vocab = logits.shape[-1]
         rows = jnp.arange(b)[:, None]
         keep = max(2, 1 + len(stop_ids)) * k  # enough candidates that K of them go on whatever stops
+        row_keys = jax.random.split(rng, b)  # a row's draws do not depend on the other rows
 
         state = dict(
             seqs=jnp.full((b, k, max_new), pad_id, jnp.int32),
@@ -62,7 +67,18 @@ def make_beam_search(module: MGM, length: int, max_new: int, *, num_beams: int, 
         def body(s):
             i = s["i"]
             logp = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1).reshape(b, k, vocab)
-            top, flat = jax.lax.top_k((s["scores"][..., None] + logp).reshape(b, k * vocab), keep)
+            if sample:
+                logp = logp / temperature
+            total = (s["scores"][..., None] + logp).reshape(b, k * vocab)
+            if sample:  # `keep` draws without replacement from softmax(total), then best first
+                keys = jax.vmap(lambda key: jax.random.fold_in(key, i))(row_keys)
+                noisy = total + jax.vmap(lambda key: jax.random.gumbel(key, (k * vocab,)))(keys)
+                flat = jax.lax.top_k(noisy, keep)[1]
+                top = jnp.take_along_axis(total, flat, axis=1)
+                top, order = jax.lax.top_k(top, keep)
+                flat = jnp.take_along_axis(flat, order, axis=1)
+            else:
+                top, flat = jax.lax.top_k(total, keep)
             beam, token = flat // vocab, (flat % vocab).astype(jnp.int32)
             seqs = jnp.take_along_axis(s["seqs"], beam[..., None], axis=1).at[:, :, i].set(token)  # [B, keep, N]
             # at the budget's last token every candidate ends (HF's max-length criterion)
