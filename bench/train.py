@@ -41,15 +41,14 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from children import ROOT, child, device_info, run_child  # bench/, the script's folder, is on sys.path
+
+ERROR_KEYS = ("config", "remat", "framework")  # what a failed case's row keeps of its spec
 RESULTS = ROOT / "bench" / "results" / "train.json"
 GB = 1e9
 # Per config: (rows per step, merged length L). L is a length bucket (`mgjax.pretrained.length_bucket`),
@@ -91,14 +90,6 @@ def count(tree) -> int:
 
 
 # --- child processes -------------------------------------------------------------------------------
-
-def _device_info() -> dict:
-    import jax
-
-    d = jax.devices()[0]
-    return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
-            "jax": jax.__version__}
-
 
 def _peak_device_bytes() -> int | None:
     import jax
@@ -145,7 +136,7 @@ def child_matmul(spec: dict) -> dict:
         chain(x, w).block_until_ready()
         times.append(time.perf_counter() - t)
     flops = 2 * n**3 * reps
-    return {**_device_info(), "n": n, "reps": reps, "dtype": spec["dtype"], "best_s": min(times),
+    return {**device_info(), "n": n, "reps": reps, "dtype": spec["dtype"], "best_s": min(times),
             "median_s": statistics.median(times), "flops_per_s": flops / min(times),
             "median_flops_per_s": flops / statistics.median(times)}
 
@@ -243,7 +234,7 @@ def child_step(spec: dict) -> dict:
     tokens = rows * length
     valid = int(np.minimum(merged_lengths(host["input_ids"], host["attention_mask"], config.tokens_per_image),
                            length).sum())
-    return {**_device_info(), "config": spec["config"], "remat": spec["remat"],
+    return {**device_info(), "config": spec["config"], "remat": spec["remat"],
             "layout": "scan" if spec["scan"] else "unrolled", "dtype": spec["dtype"],
             "params": n_params, "trainable_params": n_trainable,
             "params_by_part": {k: count(v) for k, v in {**state.params, **frozen}.items()},
@@ -323,7 +314,7 @@ def child_llm(spec: dict) -> dict:
             times.append(time.perf_counter() - t0)
     n = count(params)
     step_s = statistics.median(times)
-    return {**_device_info(), "config": spec["config"], "remat": spec["remat"], "framework": "jax",
+    return {**device_info(), "config": spec["config"], "remat": spec["remat"], "framework": "jax",
             "layout": "scan" if spec["scan"] else "unrolled", "dtype": spec["dtype"], "params": n,
             "rows": rows, "merged_len": length, "tokens_per_step": rows * length, "compile_s": compile_s,
             "step_times_s": times, "step_s": step_s, "tokens_per_s": rows * length / step_s,
@@ -376,33 +367,6 @@ def _torch_llm(lm, rows: int, length: int, spec: dict) -> dict:
             "model_flops_6n_per_step": 6 * n * rows * length, "loss": value}
 
 
-def child(kind: str, spec_file: str, out_file: str) -> None:
-    spec = json.loads(Path(spec_file).read_text())
-    row = {"matmul": child_matmul, "step": child_step, "llm": child_llm}[kind](spec)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    row["ru_maxrss_bytes"] = usage.ru_maxrss * 1024
-    Path(out_file).write_text(json.dumps(row))
-
-
-def run_child(kind: str, spec: dict, env: dict) -> dict:
-    """Runs `kind` with `spec` in a fresh interpreter; its result row plus its peak RSS and wall time."""
-    with tempfile.TemporaryDirectory(prefix="mgjax-trainbench-") as tmp:
-        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_file.write_text(json.dumps(spec))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_child", kind, str(spec_file), str(out_file)]
-        load = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not out_file.is_file():
-            print(proc.stdout + proc.stderr, file=sys.stderr)
-            return {"error": (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1],
-                    **{k: spec.get(k) for k in ("config", "remat", "framework")}}
-        row = json.loads(out_file.read_text())
-    row["child_wall_s"] = time.perf_counter() - t0
-    row["loadavg_1min_before"] = load
-    return row
-
-
 # --- main ----------------------------------------------------------------------------------------
 
 def _fmt_bytes(n) -> str:
@@ -418,7 +382,7 @@ def main(argv=None) -> int:
         argv = sys.argv[1:]
     sys.path.insert(0, str(ROOT))  # this checkout's mgjax
     if argv[:1] == ["_child"]:
-        child(*argv[1:])
+        child({"matmul": child_matmul, "step": child_step, "llm": child_llm}, *argv[1:])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="tiny,100m", help="comma-separated: tiny, 100m")
@@ -448,7 +412,7 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # children take what they use, one at a time
 
-    probe = run_child("matmul", {"n": 256, "reps": 1, "calls": 1, "dtype": "float32"}, env)
+    probe = run_child(__file__, "matmul", {"n": 256, "reps": 1, "calls": 1, "dtype": "float32"}, env, ERROR_KEYS)
     if "error" in probe:
         raise SystemExit(f"cannot start JAX: {probe['error']}")
     on_cpu = probe["platform"] == "cpu"
@@ -457,7 +421,7 @@ def main(argv=None) -> int:
     print(f"device: {probe['device_kind']} ({probe['platform']}, {probe['device_count']} device(s)), "
           f"jax {probe['jax']}, compute dtype {dtype}, {os.cpu_count()} CPUs", flush=True)
     mm_spec = {"n": n, "reps": 2 if on_cpu else 20, "calls": 5, "dtype": dtype}
-    ceilings = [run_child("matmul", mm_spec, env)]
+    ceilings = [run_child(__file__, "matmul", mm_spec, env, ERROR_KEYS)]
     if "error" in ceilings[0]:
         raise SystemExit(f"matmul ceiling: {ceilings[0]['error']}")
     print(f"matmul ceiling (before): {ceilings[0]['flops_per_s'] / 1e12:.3f} TFLOP/s ({n} x {n} {dtype}, best of "
@@ -469,7 +433,7 @@ def main(argv=None) -> int:
             spec = {"config": c, "remat": r, "batch": batch, "seq": seq, "accum": args.accum, "steps": args.steps,
                     "warmup": args.warmup, "dtype": dtype, "scan": args.layout == "scan"}
             print(f"{c} remat={r}: batch {batch} x {args.accum}, L {seq} ...", flush=True)
-            row = run_child("step", spec, env)
+            row = run_child(__file__, "step", spec, env, ERROR_KEYS)
             row["kind"] = "mgm"
             rows.append(row)
             if "error" in row:
@@ -485,13 +449,14 @@ def main(argv=None) -> int:
                         "framework": fw}
                 print(f"{c} LLM only ({fw}) ...", flush=True)
                 env_fw = env if fw == "jax" else {**env, "CUDA_VISIBLE_DEVICES": ""}
-                row = run_child("llm", spec, env_fw)
+                row = run_child(__file__, "llm", spec, env_fw, ERROR_KEYS)
                 row["kind"] = f"llm-only {fw}"
                 rows.append(row)
                 if "error" in row:
                     print(f"  failed: {row['error']}", flush=True)
 
-    after = run_child("matmul", mm_spec, env)  # again: other load on the machine only lowers a measurement
+    # again: other load on the machine only lowers a measurement
+    after = run_child(__file__, "matmul", mm_spec, env, ERROR_KEYS)
     if "error" not in after:
         ceilings.append(after)
         print(f"matmul ceiling (after): {after['flops_per_s'] / 1e12:.3f} TFLOP/s", flush=True)

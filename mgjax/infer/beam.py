@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from mgjax.lm.decoder import init_cache
+from mgjax.infer.generate import prefill
 from mgjax.model import MGM
 
 NEG = -1e9  # a score no hypothesis reaches (not -inf: sums of it must stay finite)
@@ -35,19 +35,15 @@ def make_beam_search(module: MGM, length: int, max_new: int, *, num_beams: int, 
     by `temperature` (what the beams accumulate) and the candidates drawn without replacement from the
     softmax of the accumulated scores (the Gumbel top-k trick) instead of taken best first; `rng` seeds it,
     one key per row and step. Without `sample`, rng, temperature and top_p are unused."""
-    config, k = module.config, num_beams
+    k = num_beams
 
     def run(params, input_ids, images, images_aux, attention_mask, rng, limit, temperature, top_p):
         b = input_ids.shape[0]
-        apply = lambda *a, **kw: module.apply({"params": params}, *a, **kw)  # noqa: E731
-        cache = init_cache(config.lm, b, length + max_new, module.dtype)
-        logits, cache, valid, position = apply(input_ids, images, images_aux, attention_mask, length, cache,
-                                               method=MGM.prefill)
+        logits, cache, valid, position = prefill(module, params, input_ids, images, images_aux, attention_mask,
+                                                 length, max_new)
         # every beam of a row starts as its prompt; only beam 0 may expand at the first step
-        repeat = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
         cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=x.ndim - 4), cache)
-        valid = repeat(jnp.concatenate([valid, jnp.ones((b, max_new), bool)], axis=1))
-        position, logits = repeat(position), repeat(logits)
+        valid, position, logits = (jnp.repeat(x, k, axis=0) for x in (valid, position, logits))
         stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
         vocab = logits.shape[-1]
         rows = jnp.arange(b)[:, None]
@@ -98,7 +94,8 @@ def make_beam_search(module: MGM, length: int, max_new: int, *, num_beams: int, 
             reachable = alive_scores[:, 0] / (i + 1.0) ** length_penalty
             done = s["done"] | (full & (done_scores[:, -1] >= reachable))
             cache = _beam_rows(s["cache"], (rows * k + alive_beam).reshape(-1))
-            logits, cache = apply(alive_token.reshape(-1), s["position"], valid, cache, length + i, method=MGM.decode)
+            logits, cache = module.apply({"params": params}, alive_token.reshape(-1), s["position"], valid, cache,
+                                         length + i, method=MGM.decode)
             return dict(seqs=alive_seqs, scores=alive_scores, done_seqs=done_seqs, done_scores=done_scores,
                         done=done, logits=logits, cache=cache, position=s["position"] + 1, i=i + 1)
 

@@ -19,6 +19,17 @@ from mgjax.lm.decoder import init_cache
 from mgjax.model import MGM
 
 
+def prefill(module: MGM, params, input_ids, images, images_aux, attention_mask, length: int, max_new: int):
+    """The prompts (left-padded to `length`) written into a fresh cache with room for `max_new` tokens:
+    (float32 logits [B, V] of each prompt's last token, the cache, valid bool [B, length + max_new] over its
+    slots, each row's next rotary position int [B])."""
+    b = input_ids.shape[0]
+    cache = init_cache(module.config.lm, b, length + max_new, module.dtype)
+    logits, cache, valid, position = module.apply({"params": params}, input_ids, images, images_aux, attention_mask,
+                                                  length, cache, method=MGM.prefill)
+    return logits, cache, jnp.concatenate([valid, jnp.ones((b, max_new), bool)], axis=1), position
+
+
 def make_generate(module: MGM, length: int, max_new: int, *, greedy: bool, top_k: int, stop_ids: tuple[int, ...],
                   pad_id: int, with_scores: bool = False) -> Callable:
     """run(params, input_ids [B, T], images, images_aux, attention_mask [B, T], rng, limit, temperature, top_p)
@@ -27,15 +38,10 @@ def make_generate(module: MGM, length: int, max_new: int, *, greedy: bool, top_k
     `length` (static) is the merged prompt length the prompts are left-padded to; `max_new` (static) the
     cache's room for new tokens; `limit` (traced) how many to generate (<= max_new), so one program serves
     every budget up to `max_new`. A row stops after emitting one of `stop_ids` (kept in its ids)."""
-    config = module.config
-
     def run(params, input_ids, images, images_aux, attention_mask, rng, limit, temperature, top_p):
         b = input_ids.shape[0]
-        apply = lambda *a, **k: module.apply({"params": params}, *a, **k)  # noqa: E731
-        cache = init_cache(config.lm, b, length + max_new, module.dtype)
-        logits, cache, valid, position = apply(input_ids, images, images_aux, attention_mask, length, cache,
-                                               method=MGM.prefill)
-        valid = jnp.concatenate([valid, jnp.ones((b, max_new), bool)], axis=1)
+        logits, cache, valid, position = prefill(module, params, input_ids, images, images_aux, attention_mask,
+                                                 length, max_new)
         row_keys = jax.random.split(rng, b)  # a row's samples do not depend on the other rows
         stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
         vocab = logits.shape[-1]
@@ -63,7 +69,8 @@ def make_generate(module: MGM, length: int, max_new: int, *, greedy: bool, top_k
 
         def body(carry):
             i, token, position, cache, out, scores, done = carry
-            logits, cache = apply(token, position, valid, cache, length + i - 1, method=MGM.decode)
+            logits, cache = module.apply({"params": params}, token, position, valid, cache, length + i - 1,
+                                         method=MGM.decode)
             token = choose(logits, i)
             out, scores, done = record((out, scores, done), i, token, logits)
             return i + 1, jnp.where(done, pad_id, token), position + 1, cache, out, scores, done

@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
     config: LMConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    scanned: bool = False  # under nn.scan the layer returns (carry, None)
+    scanned: bool = False  # under nn.scan the layer returns (carry, its cache or None)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array],
