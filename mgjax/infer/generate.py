@@ -38,6 +38,7 @@ def make_generate(module: MGM, length: int, max_new: int, *, greedy: bool, top_k
     `length` (static) is the merged prompt length the prompts are left-padded to; `max_new` (static) the
     cache's room for new tokens; `limit` (traced) how many to generate (<= max_new), so one program serves
     every budget up to `max_new`. A row stops after emitting one of `stop_ids` (kept in its ids)."""
+
     def run(params, input_ids, images, images_aux, attention_mask, rng, limit, temperature, top_p):
         b = input_ids.shape[0]
         logits, cache, valid, position = prefill(module, params, input_ids, images, images_aux, attention_mask,
