@@ -134,3 +134,30 @@ def test_mmvet_grader_file(tmp_path):
     answers = [{"question_id": 3, "text": "a cat"}, {"question_id": "v2", "text": ""}]
     path = mmvet_submission(answers, tmp_path / "m.json")
     assert json.loads(path.read_text()) == {"v1_3": "a cat", "v1_v2": ""}
+
+
+def test_hosts_split_the_questions_and_host_0_merges(tmp_path, monkeypatch):
+    """Two hosts (run one after the other here): disjoint shares in part files, merged in question order;
+    a missing answer is an error, not a short file."""
+    from mgjax.eval.benchmarks import BENCHES
+    from mgjax.eval.runner import merge_parts, part_path, read_questions, run
+
+    questions = _pope_sample(tmp_path)
+    monkeypatch.chdir(CASE)
+    model = mgjax.load_pretrained(CASE / "MGM-7B-tiny")
+    out = tmp_path / "answers.jsonl"
+    qs = read_questions(tmp_path / "q.jsonl")
+    for host in (0, 1):
+        run(model, BENCHES["pope"], qs, tmp_path / "images", out, batch_size=4, process_index=host, process_count=2)
+    shares = [[json.loads(line)["question_id"] for line in part_path(out, h, 2).read_text().splitlines()]
+              for h in (0, 1)]
+    assert shares == [[q["question_id"] for q in questions[0::2]], [q["question_id"] for q in questions[1::2]]]
+    lost = part_path(out, 1, 2).read_text().splitlines()
+    part_path(out, 1, 2).write_text("\n".join(lost[:-1]) + "\n")
+    with pytest.raises(MGJaxError, match="no answer"):
+        merge_parts(qs, out, 2)
+    part_path(out, 1, 2).write_text("\n".join(lost) + "\n")
+    merge_parts(qs, out, 2)
+    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == \
+        [q["question_id"] for q in questions]
+    assert not part_path(out, 0, 2).exists()

@@ -108,3 +108,18 @@ def test_models_route_and_unknown_routes(served):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/v2/other", timeout=30)
     assert e.value.code == 404
+
+
+def test_stream_true_gets_server_sent_events(served):
+    """OpenAI clients with stream=True read `data: {chunk}` events ending in `data: [DONE]`."""
+    _, url, _ = served
+    body = {"max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    whole = _post(url, {**body, "stream": False})[1]["choices"][0]["message"]["content"]
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode())
+    with urllib.request.urlopen(req, timeout=300) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        events = [e[len("data: "):] for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")

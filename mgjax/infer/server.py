@@ -215,6 +215,20 @@ def _handler(server: Server):
             self.end_headers()
             self.wfile.write(data)
 
+        def _stream(self, reply: dict) -> None:
+            """`stream: true`: the whole answer as one server-sent chunk, then its finish reason and [DONE]
+            (answers are generated in batches, not token by token)."""
+            choice = reply["choices"][0]
+            head = {k: reply[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+            events = [{**head, "choices": [{"index": 0, "delta": choice["message"], "finish_reason": None}]},
+                      {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]}]
+            data = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def _error(self, code: int, message: str) -> None:
             self._send(code, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
 
@@ -232,7 +246,11 @@ def _handler(server: Server):
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"null")
-                self._send(200, server.complete(body))
+                reply = server.complete(body)
+                if body.get("stream"):
+                    self._stream(reply)
+                else:
+                    self._send(200, reply)
             except json.JSONDecodeError as e:
                 self._error(400, f"the body is not JSON ({e})")
             except BadRequest as e:
