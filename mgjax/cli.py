@@ -295,20 +295,27 @@ def cmd_eval(args) -> int:
         print(f"held-out accuracy {100 * accuracy:.1f}% (chance {100 * chance:.1f}%)")
         return 0
 
+    import dataclasses
+
     import jax
 
-    from mgjax.eval.benchmarks import BENCHES
+    from mgjax.eval.benchmarks import BENCHES, read_mmbench
     from mgjax.eval.runner import merge_parts, read_questions, run
-    from mgjax.eval.scores import mme_scores, pope_scores, read_answers
+    from mgjax.eval.scores import mmbench_scores, mmbench_submission, mme_scores, pope_scores, read_answers
 
-    if not (args.data and args.images and args.out):
-        raise MGJaxError(f"eval {args.bench} needs --data (the question file), --images and --out")
-    questions = read_questions(args.data)
+    embedded = args.bench == "mmbench"  # its TSV holds the images
+    if not (args.data and args.out and (args.images or embedded)):
+        raise MGJaxError(f"eval {args.bench} needs --data (the question file), --out"
+                         f"{'' if embedded else ' and --images'}")
+    questions = read_mmbench(args.data) if embedded else read_questions(args.data)
     if args.limit:
         questions = questions[:args.limit]
     model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype)
     pid, nproc = jax.process_index(), jax.process_count()
-    run(model, BENCHES[args.bench], questions, args.images, args.out, batch_size=args.batch_size, process_index=pid,
+    bench = BENCHES[args.bench]
+    if args.max_new_tokens:
+        bench = dataclasses.replace(bench, max_new_tokens=args.max_new_tokens)
+    run(model, bench, questions, args.images or ".", args.out, batch_size=args.batch_size, process_index=pid,
         process_count=nproc)
     if nproc > 1:
         from jax.experimental import multihost_utils
@@ -323,6 +330,13 @@ def cmd_eval(args) -> int:
         from mgjax.eval.scores import mmvet_submission
 
         print(f"MM-Vet grader file: {mmvet_submission(read_answers(args.out), f'{args.out}.mmvet.json')}")
+    if embedded:
+        sheet = mmbench_submission(read_answers(args.out), questions, f"{args.out}.submission.tsv")
+        print(f"MMBench prediction sheet: {sheet}")
+        if all(q["answer"] is not None for q in questions):  # dev: the TSV has the answers
+            scores = mmbench_scores(read_answers(args.out), questions)
+            Path(f"{args.out}.scores.json").write_text(json.dumps(scores, indent=1))
+            print(json.dumps(scores, indent=1))
     if args.annotations:
         answers = read_answers(args.out)
         scores = pope_scores(answers, questions, args.annotations) if args.bench == "pope" else \
@@ -523,15 +537,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="answer (and score) a benchmark in jitted batches; shapes: the demo's held-out set")
-    p.add_argument("bench", choices=["shapes", "textvqa", "mme", "pope", "mmvet"], help="the benchmark")
+    p.add_argument("bench", choices=["shapes", "textvqa", "mme", "pope", "mmvet", "mmbench"], help="the benchmark")
     p.add_argument("--ckpt", required=True, help="a run_dir of mgjax train, an mgjax or a released checkpoint")
-    p.add_argument("--data", help="the question file (LLaVA JSONL: question_id, image, text[, category])")
+    p.add_argument("--data", help="the question file (LLaVA JSONL: question_id, image, text[, category]; "
+                   "mmbench: its TSV)")
     p.add_argument("--images", help="the folder the questions' image paths are relative to")
     p.add_argument("--out", help="the answer file (LLaVA answer JSONL); an existing one is resumed")
     p.add_argument("--annotations", help="ground truth for the local scorer (POPE: the coco_pope_*.json folder; "
                    "MME: MME_Benchmark_release_version)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="questions per jitted batch (default 16)")
     p.add_argument("--limit", type=_positive_int, help="only the first N questions (a quick look)")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="answer length limit (default: the paper's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
     p.add_argument("--num-samples", type=_positive_int, default=256, help="shapes: held-out questions to ask")
     p.set_defaults(func=cmd_eval)

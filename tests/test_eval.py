@@ -3,6 +3,7 @@ images) in the LLaVA formats, resuming, bad input; the POPE and MME scorers agai
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -161,3 +162,54 @@ def test_hosts_split_the_questions_and_host_0_merges(tmp_path, monkeypatch):
     assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == \
         [q["question_id"] for q in questions]
     assert not part_path(out, 0, 2).exists()
+
+
+def _mmbench_sample(path):
+    """Two MMBench rows: a hint and four options (answer C), three options and no hint (answer A)."""
+    import base64
+    import io
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    rows = [["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"],
+            ["7", "What colour is it?", "Look closely.", "red", "green", "blue", "grey", "C", "colour", png("blue")],
+            ["9", "Which shape?", "nan", "square", "circle", "line", "nan", "A", "shape", png("red")]]
+    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+
+
+def test_mmbench_rounds_prompt_and_circular_score(tmp_path, monkeypatch):
+    """Circular evaluation: one record per rotation of the options (the right letter rotates with them), the
+    paper's prompt, and a question counts only when every rotation is answered right."""
+    from mgjax.eval.benchmarks import read_mmbench
+    from mgjax.eval.scores import mmbench_letter, mmbench_scores
+
+    _mmbench_sample(tmp_path / "dev.tsv")
+    qs = read_mmbench(tmp_path / "dev.tsv")
+    assert [q["question_id"] for q in qs] == ["7/0", "7/1", "7/2", "7/3", "9/0", "9/1", "9/2"]
+    assert qs[0]["text"] == ("Look closely.\nWhat colour is it?\nA. red\nB. green\nC. blue\nD. grey\n"
+                             "Answer with the option's letter from the given choices directly.")
+    assert qs[1]["options"] == ["green", "blue", "grey", "red"] and qs[1]["answer"] == "B"
+    assert qs[5]["text"].startswith("Which shape?\nA. circle\nB. line\nC. square\nAnswer")
+    assert [q["answer"] for q in qs[4:]] == ["A", "C", "B"]
+    assert [mmbench_letter(t, ["x", "y", "z"]) for t in ("B", "C.", "A) x", "y", "Because", "D")] == \
+        ["B", "C", "A", "B", None, None]
+    answers = [{"question_id": q["question_id"], "text": q["answer"]} for q in qs]
+    answers[6]["text"] = "A"  # one rotation of question 9 wrong: question 9 does not count
+    s = mmbench_scores(answers, qs)
+    assert s["circular_accuracy"] == 50.0 and s["per_category"] == {"colour": 100.0, "shape": 0.0}
+
+    monkeypatch.chdir(CASE)
+    out = tmp_path / "mmbench.jsonl"
+    assert main(["eval", "mmbench", "--ckpt", "MGM-7B-tiny", "--data", str(tmp_path / "dev.tsv"), "--out", str(out),
+                 "--max-new-tokens", "3", "--batch-size", "8"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(a["index"], a["round_id"]) for a in lines] == [(q["index"], q["round_id"]) for q in qs]
+    assert lines[1]["options"] == qs[1]["options"] and lines[1]["option_char"] == ["A", "B", "C", "D"]
+    with open(tmp_path / "mmbench.jsonl.submission.tsv", newline="") as f:
+        sheet = list(csv.reader(f, delimiter="\t"))  # questions span lines: quoted cells
+    assert len(sheet) == 8 and sheet[0][-1] == "prediction" and sheet[2][:2] == ["7", "1"]
+    assert sheet[2][2] == qs[1]["text"] and [a["text"] for a in lines] == [r[-1] for r in sheet[1:]]
+    assert "circular_accuracy" in json.loads((tmp_path / "mmbench.jsonl.scores.json").read_text())

@@ -1,10 +1,19 @@
-"""The paper's benchmarks as LLaVA question files (MGM_SPEC section 10): prompt and decoding of each."""
+"""The paper's benchmarks (MGM_SPEC section 10): the question file of each and how it is prompted and
+decoded."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import os
+import sys
+
+from mgjax.errors import MGJaxError
 from mgjax.eval.runner import Bench
 
 SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+OPTION_LETTERS = "ABCD"  # MMBench's option columns
 
 
 def _llava_text(q: dict) -> str:
@@ -12,9 +21,49 @@ def _llava_text(q: dict) -> str:
     return q["text"]
 
 
+def _present(value) -> bool:
+    """An MMBench cell that holds something (pandas writes missing cells as empty or 'nan')."""
+    return value is not None and str(value).strip().lower() not in ("", "nan", "none")
+
+
+def read_mmbench(path: str | os.PathLike, all_rounds: bool = True) -> list[dict]:
+    """MMBench's TSV (index, question, hint, A..D, answer, category, image as base64) -> question records,
+    one per round: round r rotates the options r places left (circular evaluation), as LLaVA's
+    `model_vqa_mmbench --all-rounds --single-pred-prompt`. The prompt: hint, question, `X. option` lines,
+    then the letter instruction. A record's `answer` is the right letter in its round (None on test)."""
+    csv.field_size_limit(sys.maxsize)  # the images are long cells
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except OSError as e:
+        raise MGJaxError(f"{path}: cannot read the MMBench TSV ({e.strerror})") from None
+    records = []
+    for n, row in enumerate(rows, 2):
+        try:
+            options = [row[c] for c in OPTION_LETTERS if _present(row.get(c))]
+            image = base64.b64decode(row["image"], validate=True)
+            index = int(row["index"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise MGJaxError(f"{path} line {n}: not an MMBench row ({type(e).__name__}: {e}); it needs index, "
+                             "question, A, B, ..., image (base64)") from None
+        answer = row.get("answer")
+        right = OPTION_LETTERS.index(answer) if answer and answer in OPTION_LETTERS[:len(options)] else None
+        for r in range(len(options) if all_rounds else 1):
+            rotated = options[r:] + options[:r]
+            text = f"{row['hint']}\n{row['question']}" if _present(row.get("hint")) else row["question"]
+            text += "".join(f"\n{c}. {o}" for c, o in zip(OPTION_LETTERS, rotated)) + f"\n{LETTER}"
+            records.append({"question_id": f"{index}/{r}", "index": index, "round_id": r, "text": text,
+                            "image_bytes": [image], "options": rotated, "category": row.get("category"),
+                            "answer": None if right is None else OPTION_LETTERS[(right - r) % len(options)]})
+    return records
+
+
 BENCHES = {
     "textvqa": Bench("textvqa", _llava_text, 128),
     "mme": Bench("mme", _llava_text, 128),
     "pope": Bench("pope", _llava_text, 128),
     "mmvet": Bench("mmvet", _llava_text, 1024),  # the raw question; GPT-4 grades the answers
+    "mmbench": Bench("mmbench", _llava_text, 1024, answer_fields=lambda q: {
+        "index": q["index"], "round_id": q["round_id"], "options": q["options"],
+        "option_char": list(OPTION_LETTERS[:len(q["options"])])}),
 }

@@ -33,6 +33,8 @@ class Bench:
     prompt: Callable[[dict], str]  # question record -> the user's text (the image marker is added)
     max_new_tokens: int
     temperature: float = 0.0
+    # what else an answer line carries for the benchmark's scorer (e.g. MMBench's round and options)
+    answer_fields: Callable[[dict], dict] = lambda q: {}
 
 
 def read_questions(path: str | os.PathLike) -> list[dict]:
@@ -60,6 +62,11 @@ def read_questions(path: str | os.PathLike) -> list[dict]:
 def _image_names(record: dict) -> list[str]:
     names = record.get("image") or []
     return [names] if isinstance(names, str) else list(names)
+
+
+def _images(record: dict, root: Path) -> list:
+    """A question's images: files under `root` named by "image", or encoded bytes in "image_bytes"."""
+    return [root / n for n in _image_names(record)] + list(record.get("image_bytes", ()))
 
 
 def _answered(path: Path) -> set:
@@ -105,7 +112,7 @@ def run(model, bench: Bench, questions: list[dict], image_root: str | os.PathLik
             inputs = []
             for q in batch:
                 try:
-                    inputs.append(model.prompt_inputs(bench.prompt(q), [root / n for n in _image_names(q)]))
+                    inputs.append(model.prompt_inputs(bench.prompt(q), _images(q, root)))
                 except MGJaxError as e:
                     raise MGJaxError(f"question {q['question_id']!r}: {e}") from None
             result = model.generate([i[0] for i in inputs], np.concatenate([i[1] for i in inputs]),
@@ -113,7 +120,8 @@ def run(model, bench: Bench, questions: list[dict], image_root: str | os.PathLik
                                     temperature=bench.temperature)
             for q, text in zip(batch, result.text):
                 f.write(json.dumps({"question_id": q["question_id"], "prompt": bench.prompt(q), "text": text,
-                                    "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}) + "\n")
+                                    "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {},
+                                    **bench.answer_fields(q)}) + "\n")
             f.flush()
             bar.update(len(batch))
     return path

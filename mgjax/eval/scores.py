@@ -116,3 +116,50 @@ def mmvet_submission(answers: list[dict], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.write_text(json.dumps({f"v1_{a['question_id']}": a["text"] for a in answers}, indent=2))
     return path
+
+
+def mmbench_letter(text: str, options: list[str]) -> str | None:
+    """The option an answer picks: a leading option letter ("B", "B.", "B) ..."), or the text of an option;
+    None when it picks none."""
+    letters = "ABCD"[:len(options)]
+    t = text.strip()
+    if t and t[0] in letters and (len(t) == 1 or not t[1].isalnum()):
+        return t[0]
+    return next((c for c, o in zip(letters, options) if t.lower() == o.strip().lower()), None)
+
+
+def mmbench_scores(answers: list[dict], questions: list[dict]) -> dict:
+    """Circular accuracy (a question counts when every rotation of its options is answered right), overall
+    and per category, in %, on a split with answers (dev)."""
+    truth = {q["question_id"]: q for q in questions}
+    right: dict[int, list[bool]] = defaultdict(list)
+    category: dict[int, str] = {}
+    for a in answers:
+        q = truth[a["question_id"]]
+        if q.get("answer") is None:
+            raise MGJaxError("MMBench: the questions have no answers (the test split): submit the sheet instead")
+        right[q["index"]].append(mmbench_letter(a["text"], q["options"]) == q["answer"])
+        category[q["index"]] = q.get("category") or "-"
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for index, rs in right.items():
+        by_category[category[index]].append(all(rs))
+    ok = [all(rs) for rs in right.values()]
+    return {"circular_accuracy": 100 * sum(ok) / len(ok), "questions": len(ok),
+            "per_category": {c: 100 * sum(v) / len(v) for c, v in sorted(by_category.items())}}
+
+
+def mmbench_submission(answers: list[dict], questions: list[dict], path: str | os.PathLike) -> Path:
+    """The prediction sheet of every round (TSV: index, round, question, A..D, prediction), the columns of
+    LLaVA's `convert_mmbench_for_submission.py` (which writes it as .xlsx for the MMBench server)."""
+    import csv
+
+    truth = {q["question_id"]: q for q in questions}
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "round", "question", "A", "B", "C", "D", "prediction"])
+        for a in answers:
+            q = truth[a["question_id"]]
+            options = q["options"] + [""] * (4 - len(q["options"]))
+            w.writerow([q["index"], q["round_id"], q["text"], *options, a["text"]])
+    return path
