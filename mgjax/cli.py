@@ -299,15 +299,17 @@ def cmd_eval(args) -> int:
 
     import jax
 
-    from mgjax.eval.benchmarks import BENCHES, read_mmbench
+    from mgjax.eval.benchmarks import BENCHES, read_mmbench, read_scienceqa
     from mgjax.eval.runner import merge_parts, read_questions, run
-    from mgjax.eval.scores import mmbench_scores, mmbench_submission, mme_scores, pope_scores, read_answers
+    from mgjax.eval.scores import (mmbench_scores, mmbench_submission, mme_scores, pope_scores, read_answers,
+                                   scienceqa_scores)
 
     embedded = args.bench == "mmbench"  # its TSV holds the images
     if not (args.data and args.out and (args.images or embedded)):
         raise MGJaxError(f"eval {args.bench} needs --data (the question file), --out"
                          f"{'' if embedded else ' and --images'}")
-    questions = read_mmbench(args.data) if embedded else read_questions(args.data)
+    questions = read_mmbench(args.data) if embedded else read_scienceqa(args.data) if args.bench == "scienceqa" \
+        else read_questions(args.data)
     if args.limit:
         questions = questions[:args.limit]
     model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype)
@@ -339,8 +341,10 @@ def cmd_eval(args) -> int:
             print(json.dumps(scores, indent=1))
     if args.annotations:
         answers = read_answers(args.out)
-        scores = pope_scores(answers, questions, args.annotations) if args.bench == "pope" else \
-            mme_scores(answers, args.annotations) if args.bench == "mme" else None
+        scorers = {"pope": lambda: pope_scores(answers, questions, args.annotations),
+                   "mme": lambda: mme_scores(answers, args.annotations),
+                   "scienceqa": lambda: scienceqa_scores(answers, args.annotations)}
+        scores = scorers[args.bench]() if args.bench in scorers else None
         if scores is None:
             raise MGJaxError(f"no local scorer for {args.bench} yet: score {args.out} with the official tool")
         Path(f"{args.out}.scores.json").write_text(json.dumps(scores, indent=1))
@@ -537,14 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="answer (and score) a benchmark in jitted batches; shapes: the demo's held-out set")
-    p.add_argument("bench", choices=["shapes", "textvqa", "mme", "pope", "mmvet", "mmbench"], help="the benchmark")
+    p.add_argument("bench", choices=["shapes", "textvqa", "mme", "pope", "mmvet", "mmbench", "scienceqa"],
+                   help="the benchmark")
     p.add_argument("--ckpt", required=True, help="a run_dir of mgjax train, an mgjax or a released checkpoint")
     p.add_argument("--data", help="the question file (LLaVA JSONL: question_id, image, text[, category]; "
                    "mmbench: its TSV)")
     p.add_argument("--images", help="the folder the questions' image paths are relative to")
     p.add_argument("--out", help="the answer file (LLaVA answer JSONL); an existing one is resumed")
     p.add_argument("--annotations", help="ground truth for the local scorer (POPE: the coco_pope_*.json folder; "
-                   "MME: MME_Benchmark_release_version)")
+                   "MME: MME_Benchmark_release_version; ScienceQA: problems.json)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="questions per jitted batch (default 16)")
     p.add_argument("--limit", type=_positive_int, help="only the first N questions (a quick look)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="answer length limit (default: the paper's)")

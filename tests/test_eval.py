@@ -213,3 +213,40 @@ def test_mmbench_rounds_prompt_and_circular_score(tmp_path, monkeypatch):
     assert len(sheet) == 8 and sheet[0][-1] == "prediction" and sheet[2][:2] == ["7", "1"]
     assert sheet[2][2] == qs[1]["text"] and [a["text"] for a in lines] == [r[-1] for r in sheet[1:]]
     assert "circular_accuracy" in json.loads((tmp_path / "mmbench.jsonl.scores.json").read_text())
+
+
+def test_scienceqa_file_parsing_and_score(tmp_path, monkeypatch):
+    """LLaVA's ScienceQA file (an IMG question, a text-only one) answered end to end with the letter
+    prompt; the scorer's parsing and the IMG accuracy against hand-computed values."""
+    from mgjax.eval.benchmarks import read_scienceqa
+    from mgjax.eval.scores import scienceqa_letter, scienceqa_scores
+
+    (tmp_path / "images" / "1").mkdir(parents=True)
+    Image.new("RGB", (50, 40), (0, 120, 0)).save(tmp_path / "images" / "1" / "image.png")
+    leaf = "Context: A leaf.\nQuestion: What colour?\nOptions: (A) red (B) green"
+    rows = [{"id": "1", "image": "1/image.png", "conversations": [{"from": "human", "value": f"{leaf}\n<image>"},
+                                                                   {"from": "gpt", "value": "The answer is B."}]},
+            {"id": "2", "conversations": [{"from": "human", "value": "Question: 2+2?\nOptions: (A) 3 (B) 4 (C) 5"},
+                                          {"from": "gpt", "value": "The answer is B."}]}]
+    (tmp_path / "q.json").write_text(json.dumps(rows))
+    problems = {"1": {"choices": ["red", "green"], "answer": 1, "image": "image.png"},
+                "2": {"choices": ["3", "4", "5"], "answer": 1, "image": None},
+                "3": {"choices": ["x", "y"], "answer": 0, "image": "image.png"}}
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    qs = read_scienceqa(tmp_path / "q.json")
+    assert qs[0] == {"question_id": "1", "image": "1/image.png", "text": leaf}
+    assert "image" not in qs[1]
+    assert [scienceqa_letter(t, "ABC") for t in ("B", "C. 5", "The answer is A.", "A or B", "B is it")] == \
+        ["B", "C", "A", None, None]
+    s = scienceqa_scores([{"question_id": "1", "text": "B"}, {"question_id": "2", "text": "C. 5"},
+                          {"question_id": "3", "text": "The answer is A."}], tmp_path / "problems.json")
+    assert s == {"accuracy": pytest.approx(200 / 3), "img_accuracy": 100.0, "questions": 3, "img_questions": 2}
+
+    monkeypatch.chdir(CASE)
+    out = tmp_path / "sqa.jsonl"
+    assert main(["eval", "scienceqa", "--ckpt", "MGM-7B-tiny", "--data", str(tmp_path / "q.json"), "--images",
+                 str(tmp_path / "images"), "--out", str(out), "--annotations", str(tmp_path / "problems.json"),
+                 "--max-new-tokens", "3"]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert answers[0]["prompt"].endswith("(B) green\nAnswer with the option's letter from the given choices directly.")
+    assert json.loads((tmp_path / "sqa.jsonl.scores.json").read_text())["questions"] == 2

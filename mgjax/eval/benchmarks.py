@@ -58,11 +58,28 @@ def read_mmbench(path: str | os.PathLike, all_rounds: bool = True) -> list[dict]
     return records
 
 
+def read_scienceqa(path: str | os.PathLike) -> list[dict]:
+    """LLaVA's ScienceQA question file (`llava_test_CQM-A.json`: id, image for the IMG questions, the human
+    turn "Context: ... Question: ... Options: (A) ... <image>") -> question records."""
+    import json
+
+    try:
+        rows = json.loads(open(path).read())
+        return [{"question_id": r["id"], **({"image": r["image"]} if r.get("image") else {}),
+                 "text": r["conversations"][0]["value"].replace("<image>", "").strip()} for r in rows]
+    except OSError as e:
+        raise MGJaxError(f"{path}: cannot read the questions ({e.strerror})") from None
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise MGJaxError(f"{path}: not LLaVA's ScienceQA question file ({type(e).__name__}: {e})") from None
+
+
 BENCHES = {
     "textvqa": Bench("textvqa", _llava_text, 128),
     "mme": Bench("mme", _llava_text, 128),
     "pope": Bench("pope", _llava_text, 128),
     "mmvet": Bench("mmvet", _llava_text, 1024),  # the raw question; GPT-4 grades the answers
+    # LLaVA's model_vqa_science --single-pred-prompt; answers are short
+    "scienceqa": Bench("scienceqa", lambda q: f"{q['text']}\n{LETTER}", 128),
     "mmbench": Bench("mmbench", _llava_text, 1024, answer_fields=lambda q: {
         "index": q["index"], "round_id": q["round_id"], "options": q["options"],
         "option_char": list(OPTION_LETTERS[:len(q["options"])])}),

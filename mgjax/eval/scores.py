@@ -163,3 +163,37 @@ def mmbench_submission(answers: list[dict], questions: list[dict], path: str | o
             options = q["options"] + [""] * (4 - len(q["options"]))
             w.writerow([q["index"], q["round_id"], q["text"], *options, a["text"]])
     return path
+
+
+def scienceqa_letter(text: str, letters: str) -> str | None:
+    """LLaVA's `eval_science_qa.py` parsing: the text is a letter, or starts "X. ", or holds exactly one
+    "The answer is X."; else None (FAILED)."""
+    import re
+
+    if text in letters:
+        return text
+    if len(text) >= 3 and text[0] in letters and text[1:3] == ". ":
+        return text[0]
+    found = re.findall(r"The answer is ([A-Z]).", text)
+    return found[0] if len(found) == 1 else None
+
+
+def scienceqa_scores(answers: list[dict], problems_file: str | os.PathLike) -> dict:
+    """Accuracy (%) over all answered questions and over those with an image (ScienceQA-IMG, the paper's
+    number), from ScienceQA's `problems.json` (choices, answer index, image)."""
+    try:
+        problems = json.loads(Path(problems_file).read_text())
+    except (OSError, ValueError) as e:
+        raise MGJaxError(f"{problems_file}: not ScienceQA's problems.json ({e})") from None
+    right, right_img = [], []
+    for a in answers:
+        p = problems.get(str(a["question_id"]))
+        if p is None:
+            raise MGJaxError(f"ScienceQA: question {a['question_id']!r} is not in {problems_file}")
+        letters = "ABCDE"[:len(p["choices"])]
+        ok = scienceqa_letter(a["text"], letters) == letters[p["answer"]]
+        right.append(ok)
+        if p.get("image"):
+            right_img.append(ok)
+    return {"accuracy": 100 * sum(right) / len(right), "img_accuracy": 100 * sum(right_img) / max(len(right_img), 1),
+            "questions": len(right), "img_questions": len(right_img)}
