@@ -165,7 +165,8 @@ def test_hosts_split_the_questions_and_host_0_merges(tmp_path, monkeypatch):
 
 
 def _mmbench_sample(path):
-    """Two MMBench rows: a hint and four options (answer C), three options and no hint (answer A)."""
+    """Two MMBench questions with a circular variant each (index + 1e6, options shifted): a hint and four
+    options (answer C), three options and no hint (answer A)."""
     import base64
     import io
 
@@ -174,30 +175,33 @@ def _mmbench_sample(path):
         Image.new("RGB", (40, 30), colour).save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode()
 
-    rows = [["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"],
-            ["7", "What colour is it?", "Look closely.", "red", "green", "blue", "grey", "C", "colour", png("blue")],
-            ["9", "Which shape?", "nan", "square", "circle", "line", "nan", "A", "shape", png("red")]]
-    path.write_text("".join("\t".join(r) + "\n" for r in rows))
+    head = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source"]
+    rows = [["7", "What colour is it?", "Look closely.", "red", "green", "blue", "grey", "C", "colour",
+             png("blue"), "s"],
+            ["1000007", "What colour is it?", "Look closely.", "green", "blue", "grey", "red", "B", "colour",
+             png("blue"), "s"],
+            ["9", "Which shape?", "nan", "square", "circle", "line", "nan", "A", "shape", png("red"), "s"],
+            ["1000009", "Which shape?", "nan", "circle", "line", "square", "nan", "C", "shape", png("red"), "s"]]
+    path.write_text("".join("\t".join(r) + "\n" for r in [head, *rows]))
 
 
-def test_mmbench_rounds_prompt_and_circular_score(tmp_path, monkeypatch):
-    """Circular evaluation: one record per rotation of the options (the right letter rotates with them), the
-    paper's prompt, and a question counts only when every rotation is answered right."""
+def test_mmbench_prompt_circular_score_and_sheet(tmp_path, monkeypatch):
+    """The paper's prompt per TSV row; a question counts only when all its circular variants (index modulo
+    1e6) are right; the prediction sheet has LLaVA's columns."""
     from mgjax.eval.benchmarks import read_mmbench
     from mgjax.eval.scores import mmbench_letter, mmbench_scores
 
     _mmbench_sample(tmp_path / "dev.tsv")
     qs = read_mmbench(tmp_path / "dev.tsv")
-    assert [q["question_id"] for q in qs] == ["7/0", "7/1", "7/2", "7/3", "9/0", "9/1", "9/2"]
+    assert [q["question_id"] for q in qs] == [7, 1000007, 9, 1000009]
     assert qs[0]["text"] == ("Look closely.\nWhat colour is it?\nA. red\nB. green\nC. blue\nD. grey\n"
                              "Answer with the option's letter from the given choices directly.")
-    assert qs[1]["options"] == ["green", "blue", "grey", "red"] and qs[1]["answer"] == "B"
-    assert qs[5]["text"].startswith("Which shape?\nA. circle\nB. line\nC. square\nAnswer")
-    assert [q["answer"] for q in qs[4:]] == ["A", "C", "B"]
+    assert qs[2]["text"].startswith("Which shape?\nA. square\nB. circle\nC. line\nAnswer") and qs[2]["options"] == \
+        ["square", "circle", "line"]
     assert [mmbench_letter(t, ["x", "y", "z"]) for t in ("B", "C.", "A) x", "y", "Because", "D")] == \
         ["B", "C", "A", "B", None, None]
     answers = [{"question_id": q["question_id"], "text": q["answer"]} for q in qs]
-    answers[6]["text"] = "A"  # one rotation of question 9 wrong: question 9 does not count
+    answers[3]["text"] = "A"  # one variant of question 9 wrong: question 9 does not count
     s = mmbench_scores(answers, qs)
     assert s["circular_accuracy"] == 50.0 and s["per_category"] == {"colour": 100.0, "shape": 0.0}
 
@@ -206,12 +210,13 @@ def test_mmbench_rounds_prompt_and_circular_score(tmp_path, monkeypatch):
     assert main(["eval", "mmbench", "--ckpt", "MGM-7B-tiny", "--data", str(tmp_path / "dev.tsv"), "--out", str(out),
                  "--max-new-tokens", "3", "--batch-size", "8"]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(a["index"], a["round_id"]) for a in lines] == [(q["index"], q["round_id"]) for q in qs]
-    assert lines[1]["options"] == qs[1]["options"] and lines[1]["option_char"] == ["A", "B", "C", "D"]
+    assert [a["question_id"] for a in lines] == [7, 1000007, 9, 1000009]
+    assert lines[0]["prompt"] == qs[0]["prompt"] and lines[2]["option_char"] == ["A", "B", "C"]
     with open(tmp_path / "mmbench.jsonl.submission.tsv", newline="") as f:
-        sheet = list(csv.reader(f, delimiter="\t"))  # questions span lines: quoted cells
-    assert len(sheet) == 8 and sheet[0][-1] == "prediction" and sheet[2][:2] == ["7", "1"]
-    assert sheet[2][2] == qs[1]["text"] and [a["text"] for a in lines] == [r[-1] for r in sheet[1:]]
+        sheet = list(csv.reader(f, delimiter="\t"))
+    assert sheet[0] == ["index", "question", "A", "B", "C", "D", "prediction", "answer"]
+    assert [r[0] for r in sheet[1:]] == ["7", "1000007", "9", "1000009"]
+    assert [r[6] for r in sheet[1:]] == [a["text"] for a in lines]
     assert "circular_accuracy" in json.loads((tmp_path / "mmbench.jsonl.scores.json").read_text())
 
 

@@ -26,11 +26,11 @@ def _present(value) -> bool:
     return value is not None and str(value).strip().lower() not in ("", "nan", "none")
 
 
-def read_mmbench(path: str | os.PathLike, all_rounds: bool = True) -> list[dict]:
-    """MMBench's TSV (index, question, hint, A..D, answer, category, image as base64) -> question records,
-    one per round: round r rotates the options r places left (circular evaluation), as LLaVA's
-    `model_vqa_mmbench --all-rounds --single-pred-prompt`. The prompt: hint, question, `X. option` lines,
-    then the letter instruction. A record's `answer` is the right letter in its round (None on test)."""
+def read_mmbench(path: str | os.PathLike) -> list[dict]:
+    """MMBench's TSV (index, question, hint, A..D, answer, category, image as base64, ...) -> one question
+    record per row, prompted as LLaVA's `model_vqa_mmbench --single-pred-prompt` (MGM_SPEC 10): hint,
+    question, an `X. option` line per option (up to the first missing one), the letter instruction. The
+    circular variants of a question are rows of the TSV itself (index + k * 1e6, the options shifted)."""
     csv.field_size_limit(sys.maxsize)  # the images are long cells
     try:
         with open(path, newline="") as f:
@@ -40,21 +40,23 @@ def read_mmbench(path: str | os.PathLike, all_rounds: bool = True) -> list[dict]
     records = []
     for n, row in enumerate(rows, 2):
         try:
-            options = [row[c] for c in OPTION_LETTERS if _present(row.get(c))]
+            options = []
+            for c in OPTION_LETTERS:
+                if not _present(row.get(c)):
+                    break
+                options.append(row[c])
             image = base64.b64decode(row["image"], validate=True)
             index = int(row["index"])
+            text = f"{row['hint']}\n{row['question']}" if _present(row.get("hint")) else row["question"]
         except (KeyError, ValueError, TypeError) as e:
             raise MGJaxError(f"{path} line {n}: not an MMBench row ({type(e).__name__}: {e}); it needs index, "
                              "question, A, B, ..., image (base64)") from None
+        text += "".join(f"\n{c}. {o}" for c, o in zip(OPTION_LETTERS, options))
         answer = row.get("answer")
-        right = OPTION_LETTERS.index(answer) if answer and answer in OPTION_LETTERS[:len(options)] else None
-        for r in range(len(options) if all_rounds else 1):
-            rotated = options[r:] + options[:r]
-            text = f"{row['hint']}\n{row['question']}" if _present(row.get("hint")) else row["question"]
-            text += "".join(f"\n{c}. {o}" for c, o in zip(OPTION_LETTERS, rotated)) + f"\n{LETTER}"
-            records.append({"question_id": f"{index}/{r}", "index": index, "round_id": r, "text": text,
-                            "image_bytes": [image], "options": rotated, "category": row.get("category"),
-                            "answer": None if right is None else OPTION_LETTERS[(right - r) % len(options)]})
+        records.append({"question_id": index, "text": f"{text}\n{LETTER}", "prompt": text, "image_bytes": [image],
+                        "options": options, "category": row.get("category"),
+                        "answer": answer if _present(answer) else None,
+                        "row": {k: v for k, v in row.items() if k != "image"}})
     return records
 
 
@@ -80,7 +82,8 @@ BENCHES = {
     "mmvet": Bench("mmvet", _llava_text, 1024),  # the raw question; GPT-4 grades the answers
     # LLaVA's model_vqa_science --single-pred-prompt; answers are short
     "scienceqa": Bench("scienceqa", lambda q: f"{q['text']}\n{LETTER}", 128),
+    # LLaVA's answer line: the prompt without the instruction, round 0, the options and their letters
     "mmbench": Bench("mmbench", _llava_text, 1024, answer_fields=lambda q: {
-        "index": q["index"], "round_id": q["round_id"], "options": q["options"],
+        "prompt": q["prompt"], "round_id": 0, "options": q["options"],
         "option_char": list(OPTION_LETTERS[:len(q["options"])])}),
 }

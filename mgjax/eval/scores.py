@@ -128,9 +128,12 @@ def mmbench_letter(text: str, options: list[str]) -> str | None:
     return next((c for c, o in zip(letters, options) if t.lower() == o.strip().lower()), None)
 
 
+CIRCULAR = 1_000_000  # MMBench numbers a question's circular variants index + k * CIRCULAR
+
+
 def mmbench_scores(answers: list[dict], questions: list[dict]) -> dict:
-    """Circular accuracy (a question counts when every rotation of its options is answered right), overall
-    and per category, in %, on a split with answers (dev)."""
+    """Circular accuracy in % (a question counts when all its variants, index modulo 1e6, are answered
+    right), overall and per category, on a split with answers (dev)."""
     truth = {q["question_id"]: q for q in questions}
     right: dict[int, list[bool]] = defaultdict(list)
     category: dict[int, str] = {}
@@ -138,30 +141,34 @@ def mmbench_scores(answers: list[dict], questions: list[dict]) -> dict:
         q = truth[a["question_id"]]
         if q.get("answer") is None:
             raise MGJaxError("MMBench: the questions have no answers (the test split): submit the sheet instead")
-        right[q["index"]].append(mmbench_letter(a["text"], q["options"]) == q["answer"])
-        category[q["index"]] = q.get("category") or "-"
+        main = int(q["question_id"]) % CIRCULAR
+        right[main].append(mmbench_letter(a["text"], q["options"]) == q["answer"])
+        category[main] = q.get("category") or "-"
     by_category: dict[str, list[bool]] = defaultdict(list)
-    for index, rs in right.items():
-        by_category[category[index]].append(all(rs))
+    for main, rs in right.items():
+        by_category[category[main]].append(all(rs))
     ok = [all(rs) for rs in right.values()]
     return {"circular_accuracy": 100 * sum(ok) / len(ok), "questions": len(ok),
             "per_category": {c: 100 * sum(v) / len(v) for c, v in sorted(by_category.items())}}
 
 
 def mmbench_submission(answers: list[dict], questions: list[dict], path: str | os.PathLike) -> Path:
-    """The prediction sheet of every round (TSV: index, round, question, A..D, prediction), the columns of
-    LLaVA's `convert_mmbench_for_submission.py` (which writes it as .xlsx for the MMBench server)."""
+    """The prediction sheet of LLaVA's `convert_mmbench_for_submission.py`: the TSV's rows without hint,
+    category, source, image, comment and l2-category, a `prediction` column as the 7th. Written as TSV
+    (save it as .xlsx for the MMBench server: openpyxl is not a dependency)."""
     import csv
 
-    truth = {q["question_id"]: q for q in questions}
+    text = {a["question_id"]: a["text"] for a in answers}
+    dropped = {"hint", "category", "source", "image", "comment", "l2-category"}
     path = Path(path)
     with open(path, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t")
-        w.writerow(["index", "round", "question", "A", "B", "C", "D", "prediction"])
-        for a in answers:
-            q = truth[a["question_id"]]
-            options = q["options"] + [""] * (4 - len(q["options"]))
-            w.writerow([q["index"], q["round_id"], q["text"], *options, a["text"]])
+        for n, q in enumerate(questions):
+            cells = [(k, v) for k, v in q["row"].items() if k not in dropped]
+            cells.insert(6, ("prediction", text.get(q["question_id"], "")))
+            if n == 0:
+                w.writerow([k for k, _ in cells])
+            w.writerow([v for _, v in cells])
     return path
 
 
