@@ -194,7 +194,8 @@ class Pretrained:
 
     def generate(self, input_ids, images, images_aux, *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, num_beams: int = 1, stop: Sequence[str] | None = None,
-                 seed: int = 0, attention_mask=None, output_scores: bool = False) -> "Generation":
+                 seed: int = 0, attention_mask=None, output_scores: bool = False,
+                 truncate: bool = False) -> "Generation":
         """Answers for a batch of prompts, each row what that prompt gives alone (exactly, at temperature 0).
 
         input_ids: int [B, T] with -200 at image positions (with `attention_mask` for padding), or a list of
@@ -204,6 +205,8 @@ class Pretrained:
         or at `temperature` > 0 its beam sampling (MMMU's protocol). A row stops at the tokenizer's eos, at its
         template's end-of-turn (`Template.stop`) or at any of `stop` (strings), or after `max_new_tokens`.
         Prompt lengths, batch sizes and budgets are bucketed, so a few compiled programs serve any workload.
+        A prompt longer than `config.max_length` with its images expanded is an error, or with `truncate`
+        cut to it at the end, as the original does.
         """
         if max_new_tokens < 1 or top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0 or num_beams < 1:
             raise MGJaxError(f"max_new_tokens {max_new_tokens} must be >= 1, top_k {top_k} >= 0, top_p {top_p} in "
@@ -214,7 +217,7 @@ class Pretrained:
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids, mask = _left_padded(input_ids, attention_mask, pad_id)
-        ids, mask, images, images_aux, length = self._check_inputs(ids, images, images_aux, mask, False)
+        ids, mask, images, images_aux, length = self._check_inputs(ids, images, images_aux, mask, truncate)
         rows = ids.shape[0]
         ids, mask, images, images_aux = self._pad_batch(ids, mask, images, images_aux, pad_id)
         stops = (*get_template(self.config.template).stop, *(stop or ()))

@@ -230,6 +230,11 @@ def test_bad_arguments_are_clear_errors(tokenizers):
         model.generate([[]], im, aux, max_new_tokens=4)
     with pytest.raises(MGJaxError, match="need 2 images"):
         model.generate([ids[0], ids[2]], im, aux, max_new_tokens=4)
+    long = np.concatenate([ids[0], np.full(model.config.max_length, 5)])
+    with pytest.raises(MGJaxError, match="maximum length"):
+        model.generate([long], im, aux, max_new_tokens=2)
+    with pytest.warns(UserWarning, match="truncated"):  # the original cuts the prompt's end
+        assert model.generate([long], im, aux, max_new_tokens=2, truncate=True).token_ids.shape == (1, 2)
 
 
 def test_generate_command(tmp_path, monkeypatch, capsys):
