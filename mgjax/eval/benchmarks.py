@@ -80,8 +80,8 @@ BENCHES = {
     "mme": Bench("mme", _llava_text, 128),
     "pope": Bench("pope", _llava_text, 128),
     "mmvet": Bench("mmvet", _llava_text, 1024),  # the raw question; GPT-4 grades the answers
-    # LLaVA's model_vqa_science --single-pred-prompt; answers are short
-    "scienceqa": Bench("scienceqa", lambda q: f"{q['text']}\n{LETTER}", 128),
+    # LLaVA's model_vqa_science --single-pred-prompt (its budget: 1024)
+    "scienceqa": Bench("scienceqa", lambda q: f"{q['text']}\n{LETTER}", 1024),
     # LLaVA's answer line: the prompt without the instruction, round 0, the options and their letters
     "mmbench": Bench("mmbench", _llava_text, 1024, answer_fields=lambda q: {
         "prompt": q["prompt"], "round_id": 0, "options": q["options"],
