@@ -115,9 +115,10 @@ def run(model, bench: Bench, questions: list[dict], image_root: str | os.PathLik
                     inputs.append(model.prompt_inputs(bench.prompt(q), _images(q, root)))
                 except MGJaxError as e:
                     raise MGJaxError(f"question {q['question_id']!r}: {e}") from None
+            # truncate: a prompt longer than the model's maximum is cut at its end, as the original does
             result = model.generate([i[0] for i in inputs], np.concatenate([i[1] for i in inputs]),
                                     np.concatenate([i[2] for i in inputs]), max_new_tokens=bench.max_new_tokens,
-                                    temperature=bench.temperature)
+                                    temperature=bench.temperature, truncate=True)
             for q, text in zip(batch, result.text):
                 f.write(json.dumps({"question_id": q["question_id"], "prompt": bench.prompt(q), "text": text,
                                     "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {},
