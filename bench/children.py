@@ -49,3 +49,19 @@ def run_child(script: str, kind: str, spec: dict, env: dict, error_keys: tuple[s
     row["child_wall_s"] = time.perf_counter() - t0
     row["loadavg_1min_before"] = load
     return row
+
+
+def write_results(result: dict, path: str | os.PathLike, optional: tuple[str, ...] = ()) -> Path:
+    """A benchmark's JSON, with the versions of the `optional` packages that are installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in optional:
+        try:
+            result.setdefault("versions", {})[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out}")
+    return out

@@ -40,6 +40,8 @@ import threading
 import time
 from pathlib import Path
 
+from children import write_results  # bench/, the script's folder, is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "convert_memory.json"
 COMPLETE = ".synthetic_complete.json"
@@ -521,10 +523,7 @@ def main(argv=None) -> int:
         "source": {k: info[k] for k in ("total_bytes", "tensors", "shards", "generate_s")},
         "rows": rows,
     }
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
+    write_results(result, args.results)
     return 0
 
 

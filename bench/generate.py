@@ -52,7 +52,6 @@ Results go to bench/results/generate.json (and a table on stdout).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -61,7 +60,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from children import ROOT, child, device_info, run_child  # bench/, the script's folder, is on sys.path
+from children import ROOT, child, device_info, run_child, write_results  # bench/, the script's folder, is on sys.path
 RESULTS = ROOT / "bench" / "results" / "generate.json"
 SPECIAL = ("<s>", "<unk>")  # ids 0, 1; words w2 .. w<V-1>; eos "</s>" = V (outside the model's vocabulary)
 
@@ -355,15 +354,7 @@ def main(argv=None) -> int:
                   "mgjax rows: random weights; eos is one id past the model vocabulary, so rows never stop early"],
         "targets": targets, "rows": rows,
     }
-    for m in ("torch", "transformers"):
-        try:
-            result["versions"][m] = version(m)
-        except Exception:
-            pass
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
+    write_results(result, args.out, optional=("torch", "transformers"))
     return 0
 
 

@@ -38,15 +38,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from children import ROOT, child, device_info, run_child  # bench/, the script's folder, is on sys.path
+from children import ROOT, child, device_info, run_child, write_results  # bench/, the script's folder, is on sys.path
 
 ERROR_KEYS = ("config", "remat", "framework")  # what a failed case's row keeps of its spec
 RESULTS = ROOT / "bench" / "results" / "train.json"
@@ -274,15 +272,17 @@ def child_llm(spec: dict) -> dict:
     tx = optax.adamw(2e-5)
     opt = tx.init(params)
 
-    def step(params, opt, ids):
-        def loss(p):
-            total, n = next_token_nll(dec.apply({"params": p}, ids, pos, valid, method="forward_ids"), ids)
-            return total / n
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, value
+    def step_of(decoder):
+        def step(params, opt, ids):
+            def loss(p):
+                total, n = next_token_nll(decoder.apply({"params": p}, ids, pos, valid, method="forward_ids"), ids)
+                return total / n
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), opt, value
+        return step
 
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+    jitted = jax.jit(step_of(dec), donate_argnums=(0, 1))
     t0 = time.perf_counter()
     lowered = jitted.lower(params, opt, ids)
     compiled = lowered.compile()
@@ -296,15 +296,7 @@ def child_llm(spec: dict) -> dict:
                                                        method="forward_ids"), jax.random.key(0))["params"]
         u_params = jax.tree.map(lambda x: getattr(x, "value", x), u_params, is_leaf=lambda x: hasattr(x, "value"))
 
-        def u_step(params, opt, ids):
-            def loss(p):
-                total, n = next_token_nll(u_dec.apply({"params": p}, ids, pos, valid, method="forward_ids"), ids)
-                return total / n
-            value, grads = jax.value_and_grad(loss)(params)
-            updates, opt = tx.update(grads, opt, params)
-            return optax.apply_updates(params, updates), opt, value
-
-        flops = _flops(jax.jit(u_step).lower(u_params, jax.eval_shape(tx.init, u_params), ids).cost_analysis())
+        flops = _flops(jax.jit(step_of(u_dec)).lower(u_params, jax.eval_shape(tx.init, u_params), ids).cost_analysis())
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
@@ -515,15 +507,7 @@ def main(argv=None) -> int:
                   "peak memory on CPU: the child process's ru_maxrss (whole process)"],
         "rows": rows,
     }
-    for m in ("torch", "transformers"):
-        try:
-            result["versions"][m] = version(m)
-        except Exception:
-            pass
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
+    write_results(result, args.out, optional=("torch", "transformers"))
     return 0
 
 
