@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from mgjax.checkpoint import saved_shapes
+from mgjax.config import MGMConfig
 from mgjax.convert.mgjax_ckpt import PARAMS, SIDE_FILES, atomic_output, read_meta, restore_leaf
 from mgjax.convert.names import ParamSpec, param_specs
 from mgjax.errors import MGJaxError
@@ -35,6 +36,8 @@ def _export_order(spec: ParamSpec) -> int:
 class _Weights:
     """An mgjax model's tensors as export reads them: from an mgjax checkpoint folder or a training run."""
 
+    config: MGMConfig
+    dtype: str  # what the parameters were saved as (the default export dtype)
     hf_config: dict  # config.json to write
     params: dict  # the parameter tree (anything with .shape at the leaves)
     unused: dict  # released tensors mgjax does not use: flat name -> array with .shape
@@ -44,9 +47,10 @@ class _Weights:
 
 
 def _checkpoint_weights(ckpt: Path) -> _Weights:
-    _, meta = read_meta(ckpt)
+    config, meta = read_meta(ckpt)
     saved = saved_shapes(ckpt / PARAMS)
-    return _Weights(meta["hf_config"], saved["params"], traverse_util.flatten_dict(saved.get("unused", {}), sep="."),
+    unused = traverse_util.flatten_dict(saved.get("unused", {}), sep=".")
+    return _Weights(config, meta["dtype"], meta["hf_config"], saved["params"], unused,
                     lambda path, shape, dt: restore_leaf(ckpt, ("params", *path), shape, dt),
                     lambda name, shape, dt: restore_leaf(ckpt, ("unused", *name.split(".")), shape, dt), ckpt)
 
@@ -63,8 +67,8 @@ def _run_weights(run: Path, read: Callable[[dict], dict]) -> _Weights:
         leaf = traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, dt)})
         return np.asarray(traverse_util.flatten_dict(read(leaf))[path])
 
-    return _Weights({**meta.get("hf_config", {}), **config_to_hf(config)}, abstract_params(MGM(config)), {},
-                    read_param, None, Path(meta["tokenizer"]))
+    return _Weights(config, meta["dtype"], {**meta.get("hf_config", {}), **config_to_hf(config)},
+                    abstract_params(MGM(config)), {}, read_param, None, Path(meta["tokenizer"]))
 
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
@@ -83,11 +87,10 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
 def _export(ckpt: Path, weights: _Weights, out: str | os.PathLike, dtype: str | None, max_shard_bytes: int,
             overwrite: bool) -> Path:
     out = Path(out)
-    config, meta = read_meta(ckpt)
-    dt = np.dtype(dtype or meta["dtype"])
+    dt = np.dtype(dtype or weights.dtype)
     if dt not in _ST_NAMES:
         raise MGJaxError(f"export dtype {dt.name} is not one of float32, float16, bfloat16")
-    specs = sorted(param_specs(weights.params, config), key=_export_order)
+    specs = sorted(param_specs(weights.params, weights.config), key=_export_order)
     unused = sorted(weights.unused.items())
 
     # Units are written whole into one shard: a parameter (all its stacked tensors) or an unused tensor.
