@@ -299,17 +299,17 @@ def cmd_eval(args) -> int:
 
     import jax
 
-    from mgjax.eval.benchmarks import BENCHES, read_mmbench, read_scienceqa
+    from mgjax.eval import scores as sc
+    from mgjax.eval.benchmarks import BENCHES, READERS
     from mgjax.eval.runner import merge_parts, read_questions, run
-    from mgjax.eval.scores import (mmbench_scores, mmbench_submission, mme_scores, pope_scores, read_answers,
-                                   scienceqa_scores)
 
-    embedded = args.bench == "mmbench"  # its TSV holds the images
-    if not (args.data and args.out and (args.images or embedded)):
-        raise MGJaxError(f"eval {args.bench} needs --data (the question file), --out"
-                         f"{'' if embedded else ' and --images'}")
-    questions = read_mmbench(args.data) if embedded else read_scienceqa(args.data) if args.bench == "scienceqa" \
-        else read_questions(args.data)
+    if not (args.data and args.out):
+        raise MGJaxError(f"eval {args.bench} needs --data (the question file) and --out")
+    questions = READERS.get(args.bench, read_questions)(args.data)
+    named = next((q["image"] for q in questions if q.get("image")), None)
+    if named and not args.images:  # MMBench's TSV and the Parquet files carry their images
+        raise MGJaxError(f"eval {args.bench}: the questions name image files ({named!r}, ...): give their folder "
+                         "with --images")
     if args.limit:
         questions = questions[:args.limit]
     model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype)
@@ -328,25 +328,35 @@ def cmd_eval(args) -> int:
     if pid != 0:
         return 0
     print(f"answers: {args.out}")
-    if args.bench == "mmvet":  # what the MM-Vet grader reads (LLaVA's convert_mmvet_for_eval)
-        from mgjax.eval.scores import mmvet_submission
-
-        print(f"MM-Vet grader file: {mmvet_submission(read_answers(args.out), f'{args.out}.mmvet.json')}")
-    if embedded:
-        sheet = mmbench_submission(read_answers(args.out), questions, f"{args.out}.submission.tsv")
-        print(f"MMBench prediction sheet: {sheet}")
-        if all(q["answer"] is not None for q in questions):  # dev: the TSV has the answers
-            scores = mmbench_scores(read_answers(args.out), questions)
-            Path(f"{args.out}.scores.json").write_text(json.dumps(scores, indent=1))
-            print(json.dumps(scores, indent=1))
+    answers = sc.read_answers(args.out)
+    has_answers = all(q.get("answer", q.get("problem", {}).get("answer")) not in (None, "") for q in questions)
+    scores = None
+    # the files the official scorers and servers read; the local scores where the data hold the answers
+    if args.bench == "mmvet":
+        print(f"MM-Vet grader file: {sc.mmvet_submission(answers, f'{args.out}.mmvet.json')}")
+    elif args.bench == "mmbench":
+        print(f"MMBench prediction sheet: {sc.mmbench_submission(answers, questions, f'{args.out}.submission.tsv')}")
+        scores = sc.mmbench_scores(answers, questions) if has_answers else None
+    elif args.bench == "mmmu":
+        predictions = sc.mmmu_predictions(answers, questions)
+        Path(f"{args.out}.mmmu.json").write_text(json.dumps(predictions, indent=1))
+        print(f"MMMU predictions: {args.out}.mmmu.json")
+        scores = sc.mmmu_scores(predictions, questions) if has_answers else None
+    elif args.bench == "mathvista":
+        print(f"MathVista responses (for its extract_answer.py): "
+              f"{sc.mathvista_output(answers, questions, f'{args.out}.mathvista.json')}")
+        scores = sc.mathvista_scores(answers, questions) if has_answers else None
     if args.annotations:
-        answers = read_answers(args.out)
-        scorers = {"pope": lambda: pope_scores(answers, questions, args.annotations),
-                   "mme": lambda: mme_scores(answers, args.annotations),
-                   "scienceqa": lambda: scienceqa_scores(answers, args.annotations)}
-        scores = scorers[args.bench]() if args.bench in scorers else None
-        if scores is None:
-            raise MGJaxError(f"no local scorer for {args.bench} yet: score {args.out} with the official tool")
+        scorers = {"textvqa": lambda: sc.textvqa_scores(answers, args.annotations),
+                   "pope": lambda: sc.pope_scores(answers, questions, args.annotations),
+                   "mme": lambda: sc.mme_scores(answers, args.annotations),
+                   "scienceqa": lambda: sc.scienceqa_scores(answers, args.annotations)}
+        if args.bench not in scorers:
+            raise MGJaxError(f"{args.bench} takes no --annotations: "
+                             + ("its data hold the answers" if args.bench in ("mmbench", "mmmu", "mathvista")
+                                else "score it with the official tool"))
+        scores = scorers[args.bench]()
+    if scores is not None:
         Path(f"{args.out}.scores.json").write_text(json.dumps(scores, indent=1))
         print(json.dumps(scores, indent=1))
     return 0
@@ -541,15 +551,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="answer (and score) a benchmark in jitted batches; shapes: the demo's held-out set")
-    p.add_argument("bench", choices=["shapes", "textvqa", "mme", "pope", "mmvet", "mmbench", "scienceqa"],
-                   help="the benchmark")
+    p.add_argument("bench", choices=["shapes", "textvqa", "mme", "pope", "mmvet", "mmbench", "scienceqa", "mmmu",
+                                     "mathvista"], help="the benchmark")
     p.add_argument("--ckpt", required=True, help="a run_dir of mgjax train, an mgjax or a released checkpoint")
     p.add_argument("--data", help="the question file (LLaVA JSONL: question_id, image, text[, category]; "
-                   "mmbench: its TSV)")
+                   "mmbench: its TSV; scienceqa: LLaVA's llava_test_CQM-A.json; mmmu: its Parquet, a folder or a "
+                   "glob of them; mathvista: testmini.json or its Parquet)")
     p.add_argument("--images", help="the folder the questions' image paths are relative to")
     p.add_argument("--out", help="the answer file (LLaVA answer JSONL); an existing one is resumed")
-    p.add_argument("--annotations", help="ground truth for the local scorer (POPE: the coco_pope_*.json folder; "
-                   "MME: MME_Benchmark_release_version; ScienceQA: problems.json)")
+    p.add_argument("--annotations", help="ground truth for the local scorer (TextVQA: TextVQA_0.5.1_val.json; "
+                   "POPE: the coco_pope_*.json folder; MME: MME_Benchmark_release_version; ScienceQA: "
+                   "problems.json; MMBench dev, MMMU and MathVista carry theirs)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="questions per jitted batch (default 16)")
     p.add_argument("--limit", type=_positive_int, help="only the first N questions (a quick look)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="answer length limit (default: the paper's)")

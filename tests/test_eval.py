@@ -75,9 +75,12 @@ def test_eval_bad_input(tmp_path, monkeypatch, capsys):
     (tmp_path / "missing.jsonl").write_text(json.dumps({**questions[0], "image": "nope.jpg"}) + "\n")
     assert main([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "nope.jpg" in capsys.readouterr().err
-    (tmp_path / "dup.jsonl").write_text(json.dumps(questions[0]) + "\n" + json.dumps(questions[0]) + "\n")
-    assert main([*base, "--data", str(tmp_path / "dup.jsonl")]) == 2
-    assert "appears twice" in capsys.readouterr().err
+    (tmp_path / "noid.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+    assert main([*base, "--data", str(tmp_path / "noid.jsonl")]) == 2
+    assert "record 1 has no question_id" in capsys.readouterr().err
+    (tmp_path / "cut.jsonl").write_text(json.dumps(questions[0])[:-5] + "\n")
+    assert main([*base, "--data", str(tmp_path / "cut.jsonl")]) == 2
+    assert "not Parquet, JSON or JSONL" in capsys.readouterr().err
     assert main(["eval", "pope", "--ckpt", "MGM-7B-tiny"]) == 2
     assert "--data" in capsys.readouterr().err
 

@@ -3,13 +3,15 @@ decoded."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import csv
 import os
+import random
 import sys
 
 from mgjax.errors import MGJaxError
-from mgjax.eval.runner import Bench
+from mgjax.eval.runner import Bench, read_rows
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
@@ -63,16 +65,107 @@ def read_mmbench(path: str | os.PathLike) -> list[dict]:
 def read_scienceqa(path: str | os.PathLike) -> list[dict]:
     """LLaVA's ScienceQA question file (`llava_test_CQM-A.json`: id, image for the IMG questions, the human
     turn "Context: ... Question: ... Options: (A) ... <image>") -> question records."""
-    import json
-
+    rows = read_rows(path)
     try:
-        rows = json.loads(open(path).read())
         return [{"question_id": r["id"], **({"image": r["image"]} if r.get("image") else {}),
                  "text": r["conversations"][0]["value"].replace("<image>", "").strip()} for r in rows]
-    except OSError as e:
-        raise MGJaxError(f"{path}: cannot read the questions ({e.strerror})") from None
-    except (ValueError, KeyError, IndexError, TypeError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise MGJaxError(f"{path}: not LLaVA's ScienceQA question file ({type(e).__name__}: {e})") from None
+
+
+def _image_cell(cell) -> dict:
+    """A row's image as the runner takes it: Parquet's {bytes, path} struct -> the bytes, a string -> a file
+    under --images, nothing -> no image."""
+    if isinstance(cell, dict) and cell.get("bytes"):
+        return {"image_bytes": [cell["bytes"]]}
+    if isinstance(cell, str) and cell:
+        return {"image": cell}
+    return {}
+
+
+MMMU_NO_IMAGE = "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"  # the original's answer to open questions
+
+
+def read_mmmu(path: str | os.PathLike) -> list[dict]:
+    """MMMU's rows (id, question, options as a Python list literal, answer, question_type, image_1..7) ->
+    question records prompted as MMMU's `llava1.5` config does (MGM_SPEC 10): multiple-choice
+    "{question}\n(A) ...\n(B) ...\n\n{LETTER}", open "{question}\n{SHORT}"; image_1 only, as the original
+    feeds it. The subject is the id's middle (validation_Art_Theory_3 -> Art_Theory)."""
+    records = []
+    for n, row in enumerate(read_rows(path), 1):
+        try:
+            qid, question, qtype = str(row["id"]), row["question"], row["question_type"]
+            options = ast.literal_eval(row["options"]) if isinstance(row["options"], str) else list(row["options"])
+            if qtype not in ("multiple-choice", "open") or (qtype == "multiple-choice" and not options):
+                raise ValueError(f"question_type {qtype!r} with {len(options)} options")
+        except (KeyError, ValueError, SyntaxError, TypeError) as e:
+            raise MGJaxError(f"{path} record {n}: not an MMMU row ({type(e).__name__}: {e}); it needs id, "
+                             "question, options, question_type, image_1") from None
+        letters = [chr(ord("A") + i) for i in range(len(options))] if qtype == "multiple-choice" else []
+        if letters:
+            text = f"{question}\n" + "".join(f"({c}) {o}\n" for c, o in zip(letters, options)) + f"\n{LETTER}"
+        else:
+            text = f"{question}\n{SHORT}"
+        answer = row.get("answer")
+        if isinstance(answer, str) and answer.startswith("["):  # several accepted open answers
+            answer = ast.literal_eval(answer)
+        records.append({"question_id": qid, "text": text, "question_type": qtype, "options": options,
+                        "letters": letters, "answer": None if answer in (None, "", "?") else answer,
+                        "subject": qid.split("_", 1)[-1].rsplit("_", 1)[0], **_image_cell(row.get("image_1"))})
+    return records
+
+
+def _mmmu_preset(q: dict) -> str | None:
+    """The original does not ask the model a question without image_1: a random letter (seeded by the id
+    here, so that a re-run agrees), or its fixed text for an open question."""
+    if "image" in q or "image_bytes" in q:
+        return None
+    return random.Random(q["question_id"]).choice(q["letters"]) if q["letters"] else MMMU_NO_IMAGE
+
+
+def mathvista_query(problem: dict) -> str:
+    """MathVista's zero-shot query (its `build_query` without caption and OCR): the hint for the answer
+    type, "Question: ..." with the unit, the choices; the data's own `query` field holds the same."""
+    qtype, atype, precision = problem["question_type"], problem["answer_type"], problem.get("precision")
+    if qtype == "multi_choice":
+        hint = "Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end."
+    elif atype == "integer":
+        hint = ("Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, "
+                "3, at the end.")
+    elif atype == "float" and precision == 1:
+        hint = ("Please answer the question requiring a floating-point number with one decimal place and provide "
+                "the final value, e.g., 1.2, 1.3, 1.4, at the end.")
+    elif atype == "float" and precision == 2:
+        hint = ("Please answer the question requiring a floating-point number with two decimal places and provide "
+                "the final value, e.g., 1.23, 1.34, 1.45, at the end.")
+    elif atype == "list":
+        hint = ("Please answer the question requiring a Python list as an answer and provide the final list, "
+                "e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.")
+    else:
+        raise MGJaxError(f"MathVista problem {problem.get('pid')!r}: no hint for question_type {qtype!r}, "
+                         f"answer_type {atype!r}, precision {precision!r}")
+    question = f"Question: {problem['question']}" + (f" (Unit: {problem['unit']})" if problem.get("unit") else "")
+    lines = [f"Hint: {hint}", question]
+    if problem.get("choices"):
+        lines += ["Choices:", *(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(problem["choices"]))]
+    return "\n".join(lines)
+
+
+def read_mathvista(path: str | os.PathLike) -> list[dict]:
+    """MathVista's problems (`testmini.json` {pid: problem}, its Parquet with `decoded_image`, or JSONL) ->
+    question records: the problem's `query` (built by `mathvista_query` where absent), its image, and the
+    problem itself for the scorer."""
+    records = []
+    for n, row in enumerate(read_rows(path), 1):
+        try:
+            problem = {k: v for k, v in row.items() if k != "decoded_image"}
+            image = _image_cell(row.get("decoded_image")) or _image_cell(row.get("image"))
+            records.append({"question_id": str(row["pid"]), "text": row.get("query") or mathvista_query(row),
+                            **image, "problem": problem})
+        except (KeyError, TypeError) as e:
+            raise MGJaxError(f"{path} record {n}: not a MathVista problem ({type(e).__name__}: {e}); it needs "
+                             "pid, question, question_type, answer_type, image (or query)") from None
+    return records
 
 
 BENCHES = {
@@ -86,4 +179,10 @@ BENCHES = {
     "mmbench": Bench("mmbench", _llava_text, 1024, answer_fields=lambda q: {
         "prompt": q["prompt"], "round_id": 0, "options": q["options"],
         "option_char": list(OPTION_LETTERS[:len(q["options"])])}),
+    # MMMU's run: do_sample with 5 beams at temperature 1 (beam sampling), 128 new tokens
+    "mmmu": Bench("mmmu", _llava_text, 128, temperature=1.0, num_beams=5, preset=_mmmu_preset),
+    "mathvista": Bench("mathvista", _llava_text, 1024),
 }
+
+# How each benchmark's --data is read: question records with question_id, text and the image(s).
+READERS = {"mmbench": read_mmbench, "scienceqa": read_scienceqa, "mmmu": read_mmmu, "mathvista": read_mathvista}

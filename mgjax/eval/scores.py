@@ -204,3 +204,341 @@ def scienceqa_scores(answers: list[dict], problems_file: str | os.PathLike) -> d
             right_img.append(ok)
     return {"accuracy": 100 * sum(right) / len(right), "img_accuracy": 100 * sum(right_img) / max(len(right_img), 1),
             "questions": len(right), "img_questions": len(right_img)}
+
+
+# TextVQA: the VQA answer normalisation of the m4c evaluator LLaVA scores with (MGM_SPEC section 10).
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())} | {"none": "0"}
+_ARTICLES = {"a", "an", "the"}
+# Contractions the VQA normaliser restores, each under every spelling with some apostrophes left out.
+_CONTRACTIONS = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
+    "he'd he'd've he's how'd how'll how's I'd I'd've I'm I've isn't it'd it'd've it'll let's ma'am mightn't "
+    "mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she'd "
+    "she's should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd "
+    "someone'd've someone'll someone's something'd something'd've something'll that's there'd there'd've "
+    "there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we'd we're we've "
+    "weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
+    "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd "
+    "you'd've you'll you're you've").split()
+
+
+def _without_apostrophes(word: str) -> list[str]:
+    """`word` with each non-empty subset of its apostrophes removed (couldn't've -> couldntve, ...)."""
+    import itertools
+
+    at = [i for i, c in enumerate(word) if c == "'"]
+    out = []
+    for k in range(1, len(at) + 1):
+        for drop in itertools.combinations(at, k):
+            out.append("".join(c for i, c in enumerate(word) if i not in drop))
+    return out
+
+
+_CONTRACTION_OF = {short: word for word in _CONTRACTIONS for short in _without_apostrophes(word)}
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                "?", "!"]
+
+
+def vqa_normalize(answer: str) -> str:
+    """An answer as the VQA / m4c evaluators compare it: lower case, ',' '?' dropped and "'s" split off,
+    punctuation removed (or made a space when it separates nothing), periods not in numbers removed, number
+    words as digits, articles dropped, contractions restored."""
+    import re
+
+    text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    original, out = text, text
+    for p in _PUNCTUATION:  # the tests look at the text before any replacement, as the reference does
+        if p + " " in original or " " + p in original or re.search(r"(\d)(,)(\d)", original):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    # The reference passes re.UNICODE (32) where `count` goes: at most 32 periods are removed.
+    out = re.sub(r"(?!<=\d)(\.)(?!\d)", "", out, count=32)
+    words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    return " ".join(_CONTRACTION_OF.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
+    """VQA accuracy of one prediction: min(#humans who gave it / 3, 1) averaged over the 10 leave-one-out
+    subsets of the (normalised) human answers."""
+    gts = [vqa_normalize(a) for a in gt_answers]
+    pred = vqa_normalize(prediction)
+    accs = [min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
+    return sum(accs) / len(accs) if accs else 0.0
+
+
+def textvqa_question(prompt: str) -> str:
+    """The question of a TextVQA prompt (its first line, or the second after a leading OCR line), lower case:
+    with the image id it finds the annotation, as LLaVA's `eval_textvqa.py` does."""
+    lines = prompt.split("\n")
+    return (lines[1] if lines[0].startswith("Reference OCR token:") and len(lines) > 1 else lines[0]).lower()
+
+
+def textvqa_scores(answers: list[dict], annotation_file: str | os.PathLike) -> dict:
+    """VQA accuracy (%) against TextVQA's annotation file (`TextVQA_0.5.1_val.json`: data = [{image_id,
+    question, answers (10)}]); an answer's question_id is the image id, as in LLaVA's question file."""
+    try:
+        data = json.loads(Path(annotation_file).read_text())["data"]
+        gt = {(a["image_id"], a["question"].lower()): a["answers"] for a in data}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MGJaxError(f"{annotation_file}: not TextVQA's annotation file ({type(e).__name__}: {e})") from None
+    accs = []
+    for a in answers:
+        key = (a["question_id"], textvqa_question(a["prompt"]))
+        if key not in gt:
+            raise MGJaxError(f"TextVQA: no annotation for image {key[0]!r}, question {key[1]!r} in "
+                             f"{annotation_file}")
+        accs.append(vqa_accuracy(a["text"], gt[key]))
+    return {"accuracy": 100 * sum(accs) / len(accs), "questions": len(accs)}
+
+
+# MMMU: the answer parsing and accuracy of MMMU's own evaluation (`eval_utils`), as MGM's numbers use.
+MMMU_CATEGORIES = {
+    "Art and Design": ("Art", "Art_Theory", "Design", "Music"),
+    "Business": ("Accounting", "Economics", "Finance", "Manage", "Marketing"),
+    "Science": ("Biology", "Chemistry", "Geography", "Math", "Physics"),
+    "Health and Medicine": ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
+                            "Pharmacy", "Public_Health"),
+    "Humanities and Social Science": ("History", "Literature", "Sociology", "Psychology"),
+    "Tech and Engineering": ("Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
+                             "Energy_and_Power", "Materials", "Mechanical_Engineering"),
+}
+
+
+def mmmu_choice(response: str, letters: list[str], options: list[str], rng) -> str:
+    """The letter a multiple-choice response picks, by MMMU's rules: "(B)" anywhere, else " B " as a word,
+    else (in a response of more than five words) an option's text; of several, the one mentioned last;
+    none: a letter drawn from `rng` (a `random.Random`), as MMMU does."""
+    for c in ",.!?;:'":
+        response = response.strip(c)
+    response = f" {response} "
+    bracketed = [c for c in letters if f"({c})" in response]
+    candidates = bracketed or [c for c in letters if f" {c} " in response]
+    by_text = not candidates and len(response.split()) > 5
+    if by_text:
+        candidates = [c for c, o in zip(letters, options) if str(o).lower() in response.lower()]
+    if not candidates:
+        return rng.choice(letters)
+    if by_text:
+        where = [response.lower().rfind(str(options[letters.index(c)]).lower()) for c in candidates]
+    else:
+        where = [response.rfind(f"({c})" if bracketed else f" {c} ") for c in candidates]
+    return candidates[where.index(max(where))]
+
+
+def _mmmu_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _mmmu_normalize(text: str) -> list:
+    """A number rounded to 2 places, or the lower-cased string; a single character also with a space on
+    either side, so that it matches only as a word."""
+    text = text.strip()
+    number = _mmmu_number(text)
+    if number is not None:
+        return [round(number, 2)]
+    text = text.lower()
+    return [" " + text, text + " "] if len(text) == 1 else [text]
+
+
+def _numbers(text: str) -> list[str]:
+    """The numbers in a text as MMMU finds them: with thousands commas, in scientific notation, plain."""
+    import re
+
+    return (re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", text) + re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", text)
+            + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])", text))
+
+
+def mmmu_open_candidates(response: str) -> list:
+    """What an open response may answer, by MMMU's rules: per sentence (split at newlines; the reference's
+    split at ". " before a capital never fires, the text being lower-cased first) the shortest tail after an
+    indicator ("so ", "is ", "therefore ", ... and "=" in the last), else the whole response; plus the
+    numbers in them; normalised, without duplicates."""
+    import re
+
+    response = response.strip().strip(".").lower()
+    sentences = re.split(r"\.\s(?=[A-Z])|\n", response)
+    indicators = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+    keys = []
+    for i, sentence in enumerate(sentences):
+        shortest = ""
+        for ind in indicators + (["="] if i == len(sentences) - 1 else []):
+            tail = sentence.split(ind)[-1].strip()
+            # an empty tail is replaced by the next one found, as the reference does
+            if ind in sentence and (not shortest or len(tail) < len(shortest)):
+                shortest = tail
+        if shortest and shortest not in (":", ",", ".", "!", "?", ";", "'"):
+            keys.append(shortest)
+    keys = keys or [response]
+    found = keys + [n for k in keys for n in _numbers(k)]
+    out = []
+    for x in (y for f in found for y in _mmmu_normalize(f)):
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def mmmu_open_right(response: str, gold) -> bool:
+    """An open answer is right when a normalised gold answer is a number among the candidates, or a string
+    inside a candidate string."""
+    golds = [y for g in (gold if isinstance(gold, list) else [gold]) for y in _mmmu_normalize(str(g))]
+    for pred in mmmu_open_candidates(response):
+        if isinstance(pred, str):
+            if any(isinstance(g, str) and g in pred for g in golds):
+                return True
+        elif pred in golds:
+            return True
+    return False
+
+
+def mmmu_predictions(answers: list[dict], questions: list[dict]) -> dict:
+    """MMMU's output file: {id: the parsed letter of a multiple-choice answer, or the open response}."""
+    import random
+
+    by_id = {q["question_id"]: q for q in questions}
+    out = {}
+    for a in answers:
+        q = by_id[a["question_id"]]
+        out[q["question_id"]] = mmmu_choice(a["text"], q["letters"], q["options"], random.Random(q["question_id"])) \
+            if q["letters"] else a["text"]
+    return out
+
+
+def mmmu_scores(predictions: dict, questions: list[dict]) -> dict:
+    """Accuracy (%) per subject, per category (the six disciplines) and overall, weighted by questions, on a
+    split with answers (dev, validation)."""
+    right: dict[str, list[bool]] = defaultdict(list)
+    for q in questions:
+        if q["question_id"] not in predictions:
+            continue
+        if q["answer"] is None:
+            raise MGJaxError("MMMU: the questions have no answers (the test split): submit the predictions file")
+        pred = predictions[q["question_id"]]
+        gold = q["answer"]
+        ok = (pred in gold if isinstance(gold, list) else pred == gold) if q["letters"] else mmmu_open_right(pred, gold)
+        right[q["subject"]].append(ok)
+
+    def acc(rs):
+        return {"accuracy": 100 * sum(rs) / len(rs), "questions": len(rs)}
+
+    categories = {c: [r for s in subjects for r in right.get(s, [])] for c, subjects in MMMU_CATEGORIES.items()}
+    return {"overall": acc([r for rs in right.values() for r in rs]),
+            "categories": {c: acc(rs) for c, rs in categories.items() if rs},
+            "subjects": {s: acc(rs) for s, rs in sorted(right.items())}}
+
+
+# MathVista: answer extraction, then MathVista's own normalisation and comparison (`calculate_score`).
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def mathvista_extract(response: str, problem: dict) -> str:
+    """The answer in a response. MathVista's own rules first (a response that is a choice, an integer or a
+    float; 'The answer is "X".'); where those fail MathVista asks GPT-4, and this rule-based stand-in takes
+    the last option letter ("(B)", "answer is B", a leading "B.") or choice text for a multiple-choice
+    problem, the last number (list) for a numeric (list) one. Run MathVista's extraction on the
+    `.mathvista.json` file for the official figure."""
+    import re
+
+    response = response.strip()
+    choices = problem.get("choices") or []
+    qtype, atype = problem["question_type"], problem["answer_type"]
+    if not response:
+        return ""
+    if qtype == "multi_choice" and response in choices:
+        return response
+    cast = {"integer": int, "float": float}.get(atype)
+    if cast:
+        try:
+            return str(cast(response))
+        except ValueError:
+            pass
+    quoted = re.search(r'The answer is "(.*)"\.', response)
+    if quoted:
+        return quoted.group(1)
+    if qtype == "multi_choice":
+        letters = "".join(chr(ord("A") + i) for i in range(len(choices)))
+        marked = re.findall(rf"\(([{letters}])\)", response) + \
+            re.findall(rf"(?i:answer|option|choice)(?: is|:)?\s*([{letters}])\b", response)
+        if marked:
+            return marked[-1]
+        if response[0] in letters and (len(response) == 1 or not response[1].isalnum()):
+            return response[0]
+        low = response.lower()
+        named = [(low.rfind(str(c).lower()), str(c)) for c in choices if str(c).lower() in low]
+        return max(named)[1] if named else response
+    if atype == "list":
+        lists = re.findall(r"\[[^\[\]]*\]", response)
+        return lists[-1] if lists else response
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", response.replace(",", ""))
+    return numbers[-1] if numbers else response
+
+
+def mathvista_normalize(extraction: str, problem: dict) -> str | None:
+    """MathVista's `normalize_extracted_answer`: a letter ("B" or "(B) ...") becomes its choice, any other
+    multiple-choice text the most similar choice (edit distance); integers and floats (at the problem's
+    precision) as canonical strings; None when a number does not parse."""
+    import re
+
+    choices = problem.get("choices") or []
+    if problem["question_type"] == "multi_choice":
+        extraction = str(extraction).strip()
+        letter = re.findall(r"\(([a-zA-Z])\)", extraction)
+        if letter:
+            extraction = letter[0].upper()
+        letters = [chr(ord("A") + i) for i in range(len(choices))]
+        if extraction in letters:
+            return choices[letters.index(extraction)]
+        distances = [_edit_distance(extraction, str(c)) for c in choices]
+        return choices[distances.index(min(distances))]
+    try:
+        if problem["answer_type"] == "integer":
+            return str(int(float(extraction)))
+        if problem["answer_type"] == "float":
+            return str(round(float(extraction), int(problem.get("precision") or 0)))
+    except ValueError:
+        return None
+    return str(extraction)
+
+
+def mathvista_scores(answers: list[dict], questions: list[dict]) -> dict:
+    """Accuracy (%) overall, per question and answer type and per metadata value (task, skills, grade,
+    ...), on a split with answers (testmini)."""
+    by_id = {q["question_id"]: q["problem"] for q in questions}
+    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    right = []
+    for a in answers:
+        problem = by_id[a["question_id"]]
+        if problem.get("answer") in (None, ""):
+            raise MGJaxError("MathVista: the problems have no answers (the test split): submit the answers")
+        ok = mathvista_normalize(mathvista_extract(a["text"], problem), problem) == problem["answer"]
+        right.append(ok)
+        for key in ("question_type", "answer_type"):
+            groups[key][problem[key]].append(ok)
+        for key, value in (problem.get("metadata") or {}).items():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, str):
+                    groups[key][v].append(ok)
+    return {"accuracy": 100 * sum(right) / len(right), "questions": len(right),
+            "by": {k: {v: {"accuracy": 100 * sum(rs) / len(rs), "questions": len(rs)} for v, rs in sorted(g.items())}
+                   for k, g in sorted(groups.items())}}
+
+
+def mathvista_output(answers: list[dict], questions: list[dict], path: str | os.PathLike) -> Path:
+    """What MathVista's `extract_answer.py` reads: {pid: the problem with its query and response}."""
+    by_id = {q["question_id"]: q for q in questions}
+    out = {a["question_id"]: {**by_id[a["question_id"]]["problem"], "query": a["prompt"], "response": a["text"]}
+           for a in answers}
+    path = Path(path)
+    path.write_text(json.dumps(out, indent=2))
+    return path
