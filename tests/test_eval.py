@@ -132,6 +132,35 @@ def test_mme_scores_by_hand(tmp_path):
         mme_scores([ans("artwork/1.jpg", "Unknown?", "yes")], tmp_path)
 
 
+def test_mme_and_mmvet_end_to_end(tmp_path, monkeypatch):
+    """`mgjax eval mme` on a tiny MME release (LLaVA's question file: question_id category/image, the
+    instruction appended): answered, scored per category; `mgjax eval mmvet` writes the grader's file."""
+    release = tmp_path / "MME"
+    (release / "artwork" / "images").mkdir(parents=True)
+    (release / "artwork" / "questions_answers_YN").mkdir()
+    Image.new("RGB", (40, 40), (90, 60, 30)).save(release / "artwork" / "images" / "1.jpg")
+    asked = ["Is this by Monet? Please answer yes or no.", "Is this by Dali? Please answer yes or no."]
+    (release / "artwork" / "questions_answers_YN" / "1.txt").write_text(f"{asked[0]}\tYes\n{asked[1]}\tNo\n")
+    questions = [{"question_id": "artwork/1.jpg", "image": "artwork/images/1.jpg", "text": f"{q}\n{SHORT}",
+                  "category": "artwork"} for q in asked]
+    (tmp_path / "mme.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    monkeypatch.chdir(CASE)
+    out = tmp_path / "mme_answers.jsonl"
+    assert main(["eval", "mme", "--ckpt", "MGM-7B-tiny", "--data", str(tmp_path / "mme.jsonl"), "--images",
+                 str(release), "--out", str(out), "--annotations", str(release), "--max-new-tokens", "2"]) == 0
+    assert [a["prompt"] for a in map(json.loads, out.read_text().splitlines())] == [q["text"] for q in questions]
+    art = json.loads((tmp_path / "mme_answers.jsonl.scores.json").read_text())["artwork"]
+    assert art["acc"] in (0.0, 50.0, 100.0) and art["acc_plus"] == (100.0 if art["acc"] == 100.0 else 0.0)
+    assert art["score"] == art["acc"] + art["acc_plus"]
+    mmvet = [{"question_id": i, "image": "artwork/images/1.jpg", "text": q} for i, q in enumerate(asked)]
+    (tmp_path / "mmvet.jsonl").write_text("".join(json.dumps(q) + "\n" for q in mmvet))
+    out = tmp_path / "mmvet_answers.jsonl"
+    assert main(["eval", "mmvet", "--ckpt", "MGM-7B-tiny", "--data", str(tmp_path / "mmvet.jsonl"), "--images",
+                 str(release), "--out", str(out), "--max-new-tokens", "2"]) == 0
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert json.loads((tmp_path / "mmvet_answers.jsonl.mmvet.json").read_text()) == {"v1_0": texts[0], "v1_1": texts[1]}
+
+
 def test_mmvet_grader_file(tmp_path):
     from mgjax.eval.scores import mmvet_submission
 
