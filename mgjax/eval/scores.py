@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
 import os
+import random
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -156,8 +160,6 @@ def mmbench_submission(answers: list[dict], questions: list[dict], path: str | o
     """The prediction sheet of LLaVA's `convert_mmbench_for_submission.py`: the TSV's rows without hint,
     category, source, image, comment and l2-category, a `prediction` column as the 7th. Written as TSV
     (save it as .xlsx for the MMBench server: openpyxl is not a dependency)."""
-    import csv
-
     text = {a["question_id"]: a["text"] for a in answers}
     dropped = {"hint", "category", "source", "image", "comment", "l2-category"}
     path = Path(path)
@@ -175,8 +177,6 @@ def mmbench_submission(answers: list[dict], questions: list[dict], path: str | o
 def scienceqa_letter(text: str, letters: str) -> str | None:
     """LLaVA's `eval_science_qa.py` parsing: the text is a letter, or starts "X. ", or holds exactly one
     "The answer is X."; else None (FAILED)."""
-    import re
-
     if text in letters:
         return text
     if len(text) >= 3 and text[0] in letters and text[1:3] == ". ":
@@ -225,8 +225,6 @@ _CONTRACTIONS = (
 
 def _without_apostrophes(word: str) -> list[str]:
     """`word` with each non-empty subset of its apostrophes removed (couldn't've -> couldntve, ...)."""
-    import itertools
-
     at = [i for i, c in enumerate(word) if c == "'"]
     out = []
     for k in range(1, len(at) + 1):
@@ -244,8 +242,6 @@ def vqa_normalize(answer: str) -> str:
     """An answer as the VQA / m4c evaluators compare it: lower case, ',' '?' dropped and "'s" split off,
     punctuation removed (or made a space when it separates nothing), periods not in numbers removed, number
     words as digits, articles dropped, contractions restored."""
-    import re
-
     text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
     original, out = text, text
@@ -348,8 +344,6 @@ def _mmmu_normalize(text: str) -> list:
 
 def _numbers(text: str) -> list[str]:
     """The numbers in a text as MMMU finds them: with thousands commas, in scientific notation, plain."""
-    import re
-
     return (re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", text) + re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", text)
             + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])", text))
 
@@ -359,8 +353,6 @@ def mmmu_open_candidates(response: str) -> list:
     split at ". " before a capital never fires, the text being lower-cased first) the shortest tail after an
     indicator ("so ", "is ", "therefore ", ... and "=" in the last), else the whole response; plus the
     numbers in them; normalised, without duplicates."""
-    import re
-
     response = response.strip().strip(".").lower()
     sentences = re.split(r"\.\s(?=[A-Z])|\n", response)
     indicators = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
@@ -398,8 +390,6 @@ def mmmu_open_right(response: str, gold) -> bool:
 
 def mmmu_predictions(answers: list[dict], questions: list[dict]) -> dict:
     """MMMU's output file: {id: the parsed letter of a multiple-choice answer, or the open response}."""
-    import random
-
     by_id = {q["question_id"]: q for q in questions}
     out = {}
     for a in answers:
@@ -448,8 +438,6 @@ def mathvista_extract(response: str, problem: dict) -> str:
     the last option letter ("(B)", "answer is B", a leading "B.") or choice text for a multiple-choice
     problem, the last number (list) for a numeric (list) one. Run MathVista's extraction on the
     `.mathvista.json` file for the official figure."""
-    import re
-
     response = response.strip()
     choices = problem.get("choices") or []
     qtype, atype = problem["question_type"], problem["answer_type"]
@@ -488,8 +476,6 @@ def mathvista_normalize(extraction: str, problem: dict) -> str | None:
     """MathVista's `normalize_extracted_answer`: a letter ("B" or "(B) ...") becomes its choice, any other
     multiple-choice text the most similar choice (edit distance); integers and floats (at the problem's
     precision) as canonical strings; None when a number does not parse."""
-    import re
-
     choices = problem.get("choices") or []
     if problem["question_type"] == "multi_choice":
         extraction = str(extraction).strip()
