@@ -22,6 +22,7 @@ IGNORE_INDEX = -100
 FAMILIES = tuple(ARCHS)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 REMAT_POLICIES = ("none", "dots", "full")
+MOE_IMPLS = ("dense", "ragged")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,10 @@ class LMConfig:
     scan_layers: bool = False
     # What the backward pass recomputes of each decoder layer: none | dots (keeps matmul outputs) | full.
     remat: str = "none"
+    # How Mixtral's experts run: "dense" (every expert on every token, weighted 0 where not routed: the
+    # reference) or "ragged" (each token only through its top-k experts, one `jax.lax.ragged_dot` per
+    # projection: k / E of the FLOPs). Equal up to float rounding.
+    moe_impl: str = "dense"
 
     @property
     def gemma_norm(self) -> bool:
@@ -153,6 +158,8 @@ class LMConfig:
             raise MGJaxError(f"LMConfig.activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise MGJaxError(f"LMConfig.remat {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise MGJaxError(f"LMConfig.moe_impl {self.moe_impl!r} is not one of {', '.join(MOE_IMPLS)}")
         if self.num_heads % self.num_kv_heads:
             raise MGJaxError(f"LMConfig: num_heads {self.num_heads} is not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")

@@ -71,7 +71,8 @@ def test_overrides_and_config_errors(tmp_path):
     assert (cfg.optim.lr, cfg.data.buckets, cfg.steps, cfg.data.stage) == (1e-4, (32, 64), 7, 2)
     assert cfg.model.preset == "demo"  # from stage1.yaml through `base:`
     for bad, culprit in ((["optim.lrr=1"], "unknown key optim.lrr"), (["steps=abc"], "steps = 'abc' should be int"),
-                         (["steps"], "write key=value"), (["model.remat=some"], "none|dots|full")):
+                         (["steps"], "write key=value"), (["model.remat=some"], "none|dots|full"),
+                         (["model.moe_impl=sparse"], "dense|ragged")):
         with pytest.raises(MGJaxError, match=culprit):
             load_train_config(CONFIGS / "demo" / "stage2.yaml", bad)
     broken = tmp_path / "x.yaml"

@@ -35,15 +35,13 @@ class Experts(nn.Module):
     num_experts: int
     hidden: int
     act: str
+    impl: str = "dense"  # MOE_IMPLS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, combine: jax.Array) -> jax.Array:
-        """Dense reference path: every expert on every token, mixed by `combine` [B, T, E].
-
-        Exact (unselected experts get weight 0) but E/top_k times the FLOPs of a dispatched MoE.
-        """
+    def __call__(self, x: jax.Array, top_p: jax.Array, top_i: jax.Array) -> jax.Array:
+        """x [B, T, D] through its top-k experts `top_i` [B, T, k], mixed by their weights `top_p` [B, T, k]."""
         e, d, f = self.num_experts, x.shape[-1], self.hidden
         init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         w_in = nn.with_logical_partitioning(init, ("expert", "embed", "mlp"))
@@ -51,10 +49,24 @@ class Experts(nn.Module):
         w3 = self.param("w3", w_in, (e, d, f), self.param_dtype).astype(self.dtype)
         w2 = self.param("w2", nn.with_logical_partitioning(init, ("expert", "mlp", "embed")),
                         (e, f, d), self.param_dtype).astype(self.dtype)
-        x = x.astype(self.dtype)
-        h = activation(self.act)(jnp.einsum("btd,edf->btef", x, w1)) * jnp.einsum("btd,edf->btef", x, w3)
-        y = jnp.einsum("btef,efd->bted", h, w2)
-        return jnp.einsum("bted,bte->btd", y, combine)
+        x, top_p = x.astype(self.dtype), top_p.astype(self.dtype)
+        act = activation(self.act)
+        if self.impl == "dense":
+            # The reference: every expert on every token, unselected ones weighted 0 (E / k times the FLOPs).
+            combine = jnp.einsum("btk,btke->bte", top_p, jax.nn.one_hot(top_i, e, dtype=self.dtype))
+            h = act(jnp.einsum("btd,edf->btef", x, w1)) * jnp.einsum("btd,edf->btef", x, w3)
+            return jnp.einsum("bted,bte->btd", jnp.einsum("btef,efd->bted", h, w2), combine)
+        # Dropless dispatch: the B*T*k (token, expert) pairs sorted by expert, each expert's rows one group of
+        # a ragged matmul, the outputs weighted and added back to their tokens (as HF's index_add does).
+        b, t, k = top_i.shape
+        flat_e = top_i.reshape(-1)
+        order = jnp.argsort(flat_e, stable=True)
+        token = order // k  # [B*T*k] the token of each sorted pair
+        rows = x.reshape(b * t, d)[token]
+        sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
+        h = act(jax.lax.ragged_dot(rows, w1, sizes)) * jax.lax.ragged_dot(rows, w3, sizes)
+        y = jax.lax.ragged_dot(h, w2, sizes) * top_p.reshape(-1)[order][:, None]
+        return jnp.zeros((b * t, d), y.dtype).at[token].add(y).reshape(b, t, d)
 
 
 class MoE(nn.Module):
@@ -65,6 +77,7 @@ class MoE(nn.Module):
     top_k: int
     hidden: int
     act: str
+    impl: str = "dense"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -75,5 +88,4 @@ class MoE(nn.Module):
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         top_p, top_i = jax.lax.top_k(probs, self.top_k)
         top_p = top_p / top_p.sum(-1, keepdims=True)
-        combine = jnp.einsum("btk,btke->bte", top_p, jax.nn.one_hot(top_i, self.num_experts, dtype=jnp.float32))
-        return Experts(self.num_experts, self.hidden, self.act, name="experts", **kw)(x, combine.astype(self.dtype))
+        return Experts(self.num_experts, self.hidden, self.act, self.impl, name="experts", **kw)(x, top_p, top_i)

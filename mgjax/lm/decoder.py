@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
         x = x + attn
         h = RMSNorm(c.norm_eps, c.gemma_norm, name="post_attention_layernorm", **kw)(x)
         if c.num_experts:
-            x = x + MoE(c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.activation,
+            x = x + MoE(c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.activation, c.moe_impl,
                         name="block_sparse_moe", **kw)(h)
         else:
             x = x + GatedMLP(c.intermediate_size, c.activation, name="mlp", **kw)(h)

@@ -37,6 +37,7 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"  # activations; weights and optimizer state stay float32
     remat: str = "dots"  # none | dots | full: what the backward pass recomputes
     scan_layers: bool = True
+    moe_impl: str = "dense"  # Mixtral's experts: dense (the reference) | ragged (top-k only: mgjax.config.LMConfig)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class TrainConfig:
                   (self.micro_batch >= 1 and self.global_batch >= self.micro_batch,
                    f"global_batch {self.global_batch} / micro_batch {self.micro_batch}: need global >= micro >= 1"),
                   (self.model.remat in ("none", "dots", "full"), f"model.remat {self.model.remat!r}: none|dots|full"),
+                  (self.model.moe_impl in ("dense", "ragged"), f"model.moe_impl {self.model.moe_impl!r}: dense|ragged"),
                   (self.data.source in ("json", "packed", "synthetic"),
                    f"data.source {self.data.source!r}: json|packed|synthetic"),
                   (len(self.trainable) > 0, "trainable: name at least one parameter-path prefix")]

@@ -98,7 +98,8 @@ def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
     if isinstance(init, Path) and config.lm.scan_layers != m.scan_layers:
         raise MGJaxError(f"{init} was converted with scan_layers={config.lm.scan_layers}, the run asks for "
                          f"model.scan_layers={m.scan_layers}; set it to match or re-convert with the other layout")
-    config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, scan_layers=m.scan_layers, remat=m.remat))
+    config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, scan_layers=m.scan_layers, remat=m.remat,
+                                                                moe_impl=m.moe_impl))
     if m.tokenizer == "demo":
         tokenizer_dir = save_demo_tokenizer(run_dir / "tokenizer")
     elif m.tokenizer is not None or m.base_llm is not None:
