@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -264,12 +265,35 @@ def _sdxl(path: str):
 
 
 def cmd_train(args) -> int:
-    """Train (or resume) the run of CONFIG.yaml with key=value overrides."""
+    """Train (or resume) the run of CONFIG.yaml with key=value overrides; or only compile its step."""
     from mgjax.train.config import load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
+    if args.dry_run:
+        return _dry_run(args, cfg)
     from mgjax.train.loop import train
 
-    result = train(load_train_config(args.config, args.overrides))
+    result = train(cfg)
     print(f"step {result['step']}: {_run_files(Path(result['run_dir']))}")
+    return 0
+
+
+def _dry_run(args, cfg) -> int:
+    """The step compiled for this machine's devices, or for --devices N fake CPU devices (a child process:
+    the device count is fixed when JAX starts)."""
+    import jax
+
+    want = args.devices or jax.device_count()
+    if want != jax.device_count():
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={want}"}
+        print(f"compiling for {want} fake CPU devices (this machine has {jax.device_count()} "
+              f"{jax.default_backend()} device(s)): the memory figures are XLA:CPU's", file=sys.stderr)
+        return subprocess.call([sys.executable, "-m", "mgjax", "train", args.config, *args.overrides, "--dry-run"],
+                               env=env)
+    from mgjax.train.aot import dry_run, report
+
+    print(report(dry_run(cfg)))
     return 0
 
 
@@ -548,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the run's YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted keys overriding the YAML, values in YAML syntax (optim.lr=1e-4 steps=100)")
+    p.add_argument("--dry-run", action="store_true", help="only lower and compile the step for the configured "
+                   "mesh and print XLA's per-device memory and FLOPs (no data, weights or steps)")
+    p.add_argument("--devices", type=_positive_int, help="--dry-run: compile for N devices (fake CPU devices when "
+                   "the machine has another number)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="answer (and score) a benchmark in jitted batches; shapes: the demo's held-out set")

@@ -20,7 +20,7 @@ import pytest
 
 import tiny
 from mgjax.errors import MGJaxError
-from mgjax.model import MGM, init_params
+from mgjax.model import MGM, abstract_params, init_params
 from mgjax.train.config import load_train_config
 from mgjax.train.loop import optimizer, train
 from mgjax.train.step import TrainState, make_train_step, split_params
@@ -203,6 +203,39 @@ def test_loss_falls_metrics_and_tensorboard(tmp_path):
     assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]]) - 0.3
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [6, 12]
+
+
+def test_dry_run_compiles_the_step_for_the_mesh(tmp_path, capfd):
+    """`--dry-run`: the step compiled for the 8 devices of the test process (in-process) and for 2 fake
+    devices (a child process); XLA's argument bytes per device equal what the layout of the state, frozen
+    parameters and batch implies; nothing is written to the run dir."""
+    from mgjax.cli import main
+    from mgjax.sharding import make_mesh, param_shardings, rules_for
+    from mgjax.train.aot import abstract_batch, dry_run
+    from mgjax.train.loop import abstract_state, build_model
+
+    args = small_run(tmp_path / "run", "trainable=[mm_projector, vlm_uni_, llm]")
+    r = dry_run(load_train_config(CONFIGS / "demo" / "stage1.yaml", args))
+    assert r["devices"] == 8 and r["mesh"]["fsdp"] == 8 and (r["micro_batches"], r["rows"]) == (2, 8)
+    assert (r["text_len"], r["merged_len"]) == (128, 192)  # 128 - 1 + 16 visual tokens -> bucket 192
+    assert r["model_flops"] == 6 * r["params"] * 16 * 192 and r["params"] > r["trainable"] > 0
+    # What the arguments occupy per device: every leaf's shard (fsdp-split parameters and Adam moments,
+    # the batch over the batch axes).
+    cfg = load_train_config(CONFIGS / "demo" / "stage1.yaml", args)
+    module = MGM(build_model(cfg, tmp_path / "tok").config)
+    mesh, rules = make_mesh(cfg.mesh), rules_for(cfg.rules)
+    shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules)
+    state, frozen = abstract_state(cfg, module, optimizer(cfg, split_params(shardings, cfg.trainable)[0]), mesh,
+                                   shardings)
+    leaves = jax.tree.leaves((state, frozen, abstract_batch(cfg, module.config, mesh, rules, 128)))
+    expected = sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in leaves)
+    assert r["argument_bytes"] == expected and r["temp_bytes"] > 0
+    assert not (tmp_path / "run").exists()
+
+    assert main(["train", str(CONFIGS / "demo" / "stage1.yaml"), *args, "--dry-run", "--devices", "2"]) == 0
+    out = capfd.readouterr()
+    assert "2 fake CPU devices" in out.err and "for 2 cpu device(s), mesh {'data': 1, 'fsdp': 2" in out.out
+    assert "per device: arguments" in out.out and not (tmp_path / "run").exists()
 
 
 def _sigterm_after(metrics: Path, lines: int):

@@ -194,6 +194,20 @@ def optimizer(cfg: TrainConfig, trainable: dict) -> optax.GradientTransformation
     return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx) if o.clip_grad_norm else tx
 
 
+def abstract_state(cfg: TrainConfig, module: MGM, tx: optax.GradientTransformation, mesh, shardings: dict
+                   ) -> tuple[TrainState, dict]:
+    """The run's state (step, trainable float32 parameters, optimizer state) and frozen parameters as
+    placed ShapeDtypeStructs."""
+    a_train, a_frozen = split_params(_placed(abstract_params(module), shardings), cfg.trainable)
+    # Adam's moments are laid out like their parameters (what XLA propagates); counters replicated.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
+                                 jax.jit(tx.init).lower(a_train).compile().output_shardings)
+    a_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         jax.eval_shape(tx.init, a_train), opt_shardings)
+    return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), a_train, a_opt), a_frozen
+
+
 # --- batches ---------------------------------------------------------------------------------------
 
 def data_source(cfg: TrainConfig):
@@ -228,6 +242,11 @@ def batch_lengths(micro: list[dict], config: MGMConfig) -> tuple[int, int]:
     merged = max(int(np.max(merged_lengths(b["input_ids"], b["attention_mask"], config.tokens_per_image)))
                  for b in micro)
     return t, length_bucket(merged, config.max_length)
+
+
+def stacked_sharding(mesh, rules, ndim: int) -> NamedSharding:
+    """Sharding of k stacked micro-batches [k, B, ...]: each split over the batch axes like `act_batch`."""
+    return NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, ndim - 1, rules).spec))
 
 
 def stack(micro: list[dict], t: int, pad_id: int) -> dict:
@@ -283,16 +302,8 @@ def train(cfg: TrainConfig) -> dict:
     tx = optimizer(cfg, trainable_sh)
 
     ckpts = RunCheckpoints(run_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
-    abstract = _placed(abstract_params(module), shardings)
-    a_train, a_frozen = split_params(abstract, cfg.trainable)
-    # Adam's moments are laid out like their parameters (what XLA propagates); counters replicated.
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shardings = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
-                                 jax.jit(tx.init).lower(a_train).compile().output_shardings)
-    opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
-    a_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         jax.eval_shape(tx.init, a_train), opt_shardings)
-    a_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), a_train, a_opt)
+    a_state, a_frozen = abstract_state(cfg, module, tx, mesh, shardings)
+    opt_init = jax.jit(tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, a_state.opt_state))
     restored = ckpts.restore_latest(a_state)
     if restored is None or (jax.tree.leaves(a_frozen) and not has_frozen(run_dir)):
         trainable, frozen = split_params(initial_params(cfg, model, module, mesh, rules, shardings), cfg.trainable)
@@ -312,12 +323,11 @@ def train(cfg: TrainConfig) -> dict:
     lr = schedule(cfg)
     pad_id = dataset.pad_id
     steps: dict[int, Any] = {}  # merged length -> jitted step
-    stacked = lambda nd: NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, nd - 1, rules).spec))  # noqa: E731
     tb = EventWriter(run_dir / "tensorboard") if pid == 0 else None
     if pid == 0:
         _metrics_upto(run_dir / "metrics.jsonl", start)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if pid == 0 else None
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract))
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves((a_state.params, a_frozen)))
     # MFU: 6 N FLOPs per token (N all parameters, every row at the merged length), over the chips' bf16 peak
     peak = peak_flops(jax.devices()[0].device_kind)
     peak = peak * jax.device_count() if peak else None
@@ -336,7 +346,8 @@ def train(cfg: TrainConfig) -> dict:
                 if not cfg.data.pack:  # one sample per row: the attention mask says it all
                     del host["segment_ids"]
                 data_state = data_iter.get_state()
-                batch = {k: jax.make_array_from_process_local_data(stacked(v.ndim), v) for k, v in host.items()}
+                batch = {k: jax.make_array_from_process_local_data(stacked_sharding(mesh, rules, v.ndim), v)
+                         for k, v in host.items()}
                 if length not in steps:
                     rng = jax.random.key(cfg.seed + 1)
                     steps[length] = jax.jit(make_train_step(module, tx, length, rng), donate_argnums=0)
