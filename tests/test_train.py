@@ -231,6 +231,8 @@ def test_dry_run_compiles_the_step_for_the_mesh(tmp_path, capfd):
     expected = sum(np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in leaves)
     assert r["argument_bytes"] == expected and r["temp_bytes"] > 0
     assert not (tmp_path / "run").exists()
+    with pytest.raises(MGJaxError, match="micro_batch 4 x 1 host"):  # 4 rows over 8 batch shards
+        dry_run(load_train_config(CONFIGS / "demo" / "stage1.yaml", [*args, "micro_batch=4", "global_batch=8"]))
 
     assert main(["train", str(CONFIGS / "demo" / "stage1.yaml"), *args, "--dry-run", "--devices", "2"]) == 0
     out = capfd.readouterr()

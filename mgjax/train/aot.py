@@ -17,7 +17,7 @@ from mgjax.model import MGM, abstract_params
 from mgjax.pretrained import length_bucket
 from mgjax.sharding import activate, make_mesh, param_shardings, rules_for
 from mgjax.train.config import TrainConfig
-from mgjax.train.loop import abstract_state, build_model, optimizer, stacked_sharding
+from mgjax.train.loop import abstract_state, build_model, check_batch_split, optimizer, stacked_sharding
 from mgjax.train.step import make_train_step, split_params
 
 
@@ -47,6 +47,7 @@ def dry_run(cfg: TrainConfig) -> dict:
         config = build_model(cfg, Path(tmp)).config
     module = MGM(config, dtype=jnp.dtype(cfg.model.compute_dtype), param_dtype=jnp.float32)
     mesh, rules = make_mesh(cfg.mesh), rules_for(cfg.rules)
+    check_batch_split(cfg, mesh, jax.process_count())
     shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules)
     tx = optimizer(cfg, split_params(shardings, cfg.trainable)[0])
     a_state, a_frozen = abstract_state(cfg, module, tx, mesh, shardings)

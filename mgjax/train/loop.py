@@ -194,6 +194,12 @@ def optimizer(cfg: TrainConfig, trainable: dict) -> optax.GradientTransformation
     return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx) if o.clip_grad_norm else tx
 
 
+def check_batch_split(cfg: TrainConfig, mesh, nproc: int) -> None:
+    if (cfg.micro_batch * nproc) % batch_shards(mesh):
+        raise MGJaxError(f"train config: micro_batch {cfg.micro_batch} x {nproc} host(s) rows do not split over the "
+                         f"{batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}; make it a multiple")
+
+
 def abstract_state(cfg: TrainConfig, module: MGM, tx: optax.GradientTransformation, mesh, shardings: dict
                    ) -> tuple[TrainState, dict]:
     """The run's state (step, trainable float32 parameters, optimizer state) and frozen parameters as
@@ -284,9 +290,7 @@ def train(cfg: TrainConfig) -> dict:
     compute = jnp.dtype(cfg.model.compute_dtype)
     module = MGM(config, dtype=compute, param_dtype=jnp.float32)
     mesh, rules = make_mesh(cfg.mesh), rules_for(cfg.rules)
-    if (cfg.micro_batch * nproc) % batch_shards(mesh):
-        raise MGJaxError(f"train config: micro_batch {cfg.micro_batch} x {nproc} host(s) rows do not split over the "
-                         f"{batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}; make it a multiple")
+    check_batch_split(cfg, mesh, nproc)
     shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules)
     trainable_sh, frozen_sh = split_params(shardings, cfg.trainable)
     if not jax.tree.leaves(trainable_sh):
