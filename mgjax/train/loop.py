@@ -205,12 +205,19 @@ def abstract_state(cfg: TrainConfig, module: MGM, tx: optax.GradientTransformati
     """The run's state (step, trainable float32 parameters, optimizer state) and frozen parameters as
     placed ShapeDtypeStructs."""
     a_train, a_frozen = split_params(_placed(abstract_params(module), shardings), cfg.trainable)
-    # Adam's moments are laid out like their parameters (what XLA propagates); counters replicated.
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shardings = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
-                                 jax.jit(tx.init).lower(a_train).compile().output_shardings)
-    a_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         jax.eval_shape(tx.init, a_train), opt_shardings)
+    # A state leaf is a parameter's moment when its path ends with that parameter's path and the shapes
+    # agree: laid out like it. The rest (step counters) is replicated. (XLA gives tx.init's zeros no
+    # sharding of their own: they came out replicated, a full float32 copy of both moments per device.)
+    params = {tuple(k.key for k in path): a for path, a in jax.tree_util.tree_leaves_with_path(a_train)}
+
+    def placed(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        param = next((params[keys[n:]] for n in range(len(keys)) if keys[n:] in params), None)
+        sharding = param.sharding if param is not None and param.shape == leaf.shape else replicated
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    a_opt = jax.tree_util.tree_map_with_path(placed, jax.eval_shape(tx.init, a_train))
     return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), a_train, a_opt), a_frozen
 
 
