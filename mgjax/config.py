@@ -138,7 +138,8 @@ class LMConfig:
     remat: str = "none"
     # How Mixtral's experts run: "dense" (every expert on every token, weighted 0 where not routed: the
     # reference) or "ragged" (each token only through its top-k experts, one `jax.lax.ragged_dot` per
-    # projection: k / E of the FLOPs). Equal up to float rounding.
+    # projection: k / E of the FLOPs where XLA has a grouped matmul, GPU and TPU; on CPU jax lowers
+    # ragged_dot to a masked product over every group, k times the dense path's work). Equal up to rounding.
     moe_impl: str = "dense"
 
     @property

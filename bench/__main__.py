@@ -1,0 +1,92 @@
+"""Every benchmark with one command: `python -m bench` (or `make bench`) from the repository root.
+
+Runs bench/train.py (the training step per config and remat policy, the machine's measured matmul ceiling
+and each case's MFU against it, HF PyTorch's Llama step beside the LLM-only step) and bench/generate.py
+(generation per batch size next to HF's `generate`), each case in its own process as those scripts do, then
+prints one summary table and writes bench/results/summary.json (the scripts' own JSON files stay beside it).
+
+  python -m bench            # tiny and 100m configs (2-core CPU: about 35 minutes)
+  python -m bench --quick    # the tiny config only (2-core CPU: about 5 minutes)
+  python -m bench --no-torch # without the PyTorch reference rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def _suites(quick: bool, torch: bool) -> list[tuple[str, list[str]]]:
+    configs = ["--configs", "tiny"] if quick else []
+    torch_flag = [] if torch else ["--no-torch"]
+    return [("train", [*configs, *torch_flag, "--out", str(RESULTS / "train.json")]),
+            ("generate", [*configs, *torch_flag, "--out", str(RESULTS / "generate.json")])]
+
+
+def _gb(row: dict) -> str:
+    """Peak memory: the device's peak on an accelerator, else the case process's peak RSS."""
+    peak = (row.get("peak_memory") or {}).get("bytes") or row.get("ru_maxrss_bytes")
+    return f"{peak / 1e9:.2f}" if peak else "-"
+
+
+def summary(train: dict, generate: dict) -> tuple[list[str], dict]:
+    """Table lines and the summary's JSON from the two scripts' results."""
+    ceiling = train.get("matmul_ceiling", {}).get("flops_per_s")
+    lines = [f"matmul ceiling {ceiling / 1e12:.3f} TFLOP/s ({train['device']['device_kind']})" if ceiling else
+             "matmul ceiling: not measured",
+             "", "| train step | config | remat | step s | tokens/s | MFU | compile s | peak GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in train.get("rows", []):
+        if "error" in r:
+            lines.append(f"| {r.get('kind', '-')} | {r.get('config')} | {r.get('remat')} | failed: {r['error']} |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
+        lines.append(f"| {r.get('kind', '-')} | {r['config']} | {r.get('remat', '-')} | {r['step_s']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {mfu} | {compile_s} | {_gb(r)} |")
+    lines += ["", "| generate | config | B | questions/s | decode tokens/s | prefill s | compile s | peak GB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in generate.get("rows", []):
+        if "error" in r:
+            lines.append(f"| {r.get('framework')} | {r.get('config')} | {r.get('batch')} | failed: {r['error']} |")
+            continue
+        fw = "mgjax" if r["framework"] == "jax" else "HF PyTorch"
+        compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
+        lines.append(f"| {fw} | {r['config']} | {r['batch']} | {r['questions_per_s']:.3f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['prefill_s']:.2f} | {compile_s} | {_gb(r)} |")
+    return lines, {"matmul_ceiling_flops_per_s": ceiling, "train": train.get("rows", []),
+                   "generate": generate.get("rows", []), "generate_targets": generate.get("targets")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny config only")
+    p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                   help="the HF transformers PyTorch reference rows")
+    args = p.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for name, flags in _suites(args.quick, args.torch):
+        print(f"== bench/{name}.py {' '.join(flags)}", flush=True)
+        code = subprocess.call([sys.executable, str(ROOT / "bench" / f"{name}.py"), *flags], cwd=ROOT)
+        if code:
+            print(f"bench/{name}.py failed (exit {code})", file=sys.stderr)
+            return code
+    results = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in ("train", "generate")}
+    lines, data = summary(results["train"], results["generate"])
+    data.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv, quick=args.quick,
+                wall_s=time.time() - t0, device=results["train"].get("device"), host=results["train"].get("host"))
+    (RESULTS / "summary.json").write_text(json.dumps(data, indent=1))
+    print("\n".join(["", *lines, "", f"written: {RESULTS / 'summary.json'} (and train.json, generate.json)"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
