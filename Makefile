@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: setup
 	$(BIN)/mgjax train configs/demo/stage1.yaml
 	$(BIN)/mgjax train configs/demo/stage2.yaml
 	$(BIN)/mgjax eval shapes --ckpt runs/demo/stage2
+
+# Every benchmark (bench/train.py, bench/generate.py) and one summary table: 2-core CPU about 35 minutes.
+bench: setup
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
