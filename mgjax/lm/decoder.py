@@ -96,8 +96,13 @@ class Decoder(nn.Module):
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
 
     def embed(self, ids: jax.Array) -> jax.Array:
-        """int [B, T] -> [B, T, D] (unscaled: Gemma's scaling happens in `__call__`)."""
-        return self.embed_tokens(ids)
+        """int [B, T] -> [B, T, D] (unscaled: Gemma's scaling happens in `__call__`), split by rows.
+
+        The table's embed axis is gathered first (its vocab axis stays split): looked up in the table's
+        own layout, the rows come out split along D over fsdp, which XLA cannot turn into the row split of
+        the activations on a mesh with data, fsdp and tensor axes without replicating them whole."""
+        table = constrain(self.embed_tokens.embedding.astype(self.dtype), ("vocab", None))
+        return constrain(jnp.take(table, ids, axis=0), ("act_batch", "act_len", "act_embed"))
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, valid: jax.Array,
                  segments: jax.Array | None = None, cache: Any = None, index: jax.Array | None = None,
