@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from mgjax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MGMConfig
 from mgjax.lm.decoder import Decoder
 from mgjax.mining import MLPProjector, UniProjector, visual_tokens
-from mgjax.sharding import DEFAULT_RULES, param_shardings
+from mgjax.sharding import DEFAULT_RULES, constrain, param_shardings
 from mgjax.vision.clip import CLIPVisionTower
 from mgjax.vision.convnext import ConvNextTrunk, multi_stage_map
 
@@ -156,6 +156,9 @@ class MGM(nn.Module):
         image_embeds = self.encode_images(images, images_aux, deterministic)
         plan = splice_plan(input_ids, attention_mask, c.tokens_per_image, length, padding_side, segment_ids)
         text = self.llm.embed(jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids))
+        # Every row may take any image's tokens: gathered whole first (the projector leaves them split along
+        # D over fsdp, a layout XLA cannot turn into the merged rows' split without replicating it anyway).
+        image_embeds = constrain(image_embeds, (None, None, "act_embed"))
         embeds = splice_embeds(plan, text, image_embeds)
         self.sow("intermediates", "inputs_embeds", embeds)
         return embeds, plan

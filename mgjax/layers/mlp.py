@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mgjax.layers.common import activation, dense
+from mgjax.sharding import constrain
 
 Dtype = Any
 
@@ -54,8 +55,12 @@ class Experts(nn.Module):
         if self.impl == "dense":
             # The reference: every expert on every token, unselected ones weighted 0 (E / k times the FLOPs).
             combine = jnp.einsum("btk,btke->bte", top_p, jax.nn.one_hot(top_i, e, dtype=self.dtype))
+            # The [B, T, E, .] intermediates split by rows like every activation: left to XLA, their
+            # gradients took the experts' split and were fully rematerialised on a data x expert mesh.
             h = act(jnp.einsum("btd,edf->btef", x, w1)) * jnp.einsum("btd,edf->btef", x, w3)
-            return jnp.einsum("bted,bte->btd", jnp.einsum("btef,efd->bted", h, w2), combine)
+            h = constrain(h, ("act_batch", "act_len", "act_expert", "act_mlp"))
+            y = constrain(jnp.einsum("btef,efd->bted", h, w2), ("act_batch", "act_len", "act_expert", "act_embed"))
+            return jnp.einsum("bted,bte->btd", y, combine)
         # Dropless dispatch: the B*T*k (token, expert) pairs sorted by expert, each expert's rows one group of
         # a ragged matmul, the outputs weighted and added back to their tokens (as HF's index_add does).
         b, t, k = top_i.shape
