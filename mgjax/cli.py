@@ -353,7 +353,7 @@ def cmd_eval(args) -> int:
         return 0
     print(f"answers: {args.out}")
     answers = sc.read_answers(args.out)
-    has_answers = all(q.get("answer", q.get("problem", {}).get("answer")) not in (None, "") for q in questions)
+    has_answers = all(bench.has_answer(q) for q in questions)
     scores = None
     # the files the official scorers and servers read; the local scores where the data hold the answers
     if args.bench == "mmvet":

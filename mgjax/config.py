@@ -23,6 +23,8 @@ FAMILIES = tuple(ARCHS)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 REMAT_POLICIES = ("none", "dots", "full")
 MOE_IMPLS = ("dense", "ragged")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+DEPTHWISE_IMPLS = ("shifted", "grouped")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,15 @@ class ConvNextConfig:
     # Stochastic depth of the released training recipe; only active when the tower runs with
     # `deterministic=False` (docs/mgm_spec.md section 4: inference is deterministic).
     drop_path_rate: float = 0.1
+    # The 7x7 depthwise convolutions: "shifted" (49 shifted products: fastest on a CPU, and the only one
+    # with a right kernel gradient under SPMD) or "grouped" (XLA's grouped convolution: GPU / TPU, frozen
+    # tower). See `mgjax.vision.convnext.DepthwiseConv`. Equal up to rounding.
+    depthwise_impl: str = "shifted"
+
+    def __post_init__(self):
+        if self.depthwise_impl not in DEPTHWISE_IMPLS:
+            raise MGJaxError(f"ConvNextConfig.depthwise_impl {self.depthwise_impl!r} is not one of "
+                             f"{', '.join(DEPTHWISE_IMPLS)}")
 
     @property
     def out_channels(self) -> int:
@@ -141,6 +152,13 @@ class LMConfig:
     # projection: k / E of the FLOPs where XLA has a grouped matmul, GPU and TPU; on CPU jax lowers
     # ragged_dot to a masked product over every group, k times the dense path's work). Equal up to rounding.
     moe_impl: str = "dense"
+    # Training's loss: the LM head and cross-entropy run over chunks of this many positions, each chunk's
+    # float32 logits recomputed in the backward pass instead of kept ([B, L, V] x 4 bytes, twice, otherwise:
+    # 1 GB per 2048-token row at Llama-3's 128k vocabulary). 0: one [B, L, V] head. Equal up to rounding.
+    loss_chunk: int = 0
+    # Attention without a cache: "xla" (the einsum reference; always used with a cache), "cudnn" (GPU:
+    # jax.nn.dot_product_attention's cuDNN flash kernel) or "splash" (TPU: Pallas splash attention).
+    attention_impl: str = "xla"
 
     @property
     def gemma_norm(self) -> bool:
@@ -161,6 +179,11 @@ class LMConfig:
             raise MGJaxError(f"LMConfig.remat {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if self.moe_impl not in MOE_IMPLS:
             raise MGJaxError(f"LMConfig.moe_impl {self.moe_impl!r} is not one of {', '.join(MOE_IMPLS)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise MGJaxError(f"LMConfig.attention_impl {self.attention_impl!r} is not one of "
+                             f"{', '.join(ATTENTION_IMPLS)}")
+        if self.loss_chunk < 0:
+            raise MGJaxError(f"LMConfig.loss_chunk {self.loss_chunk}: must be >= 0 (0: no chunking)")
         if self.num_heads % self.num_kv_heads:
             raise MGJaxError(f"LMConfig: num_heads {self.num_heads} is not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")

@@ -49,18 +49,27 @@ def mine(x_low: jax.Array, x_high: jax.Array, query: UniProjector, key: UniProje
          value: UniProjector) -> jax.Array:
     """One-head cross-attention of each low-res token over its high-res window.
 
-    x_low [B, N, C] (N = P*P CLIP tokens, row-major), x_high [B, P*M, P*M, Ca] (NHWC).
+    x_low [B, N, C] (N = P*P tokens, row-major), x_high [B, P*M, P*M, Ca] (NHWC).
     Token i = r*P + c attends over the M x M window at rows r*M.., cols c*M.. of x_high.
     Returns the mined features [B, N, C'] (without the residual; C' = the projected width).
+
+    The windows are read in place, one band of M rows of x_high at a time: only a band's LayerNorm and
+    projections exist at once, never a rearranged copy of the whole map (1.7 GB per image in float32 for
+    an HD model's 384 x 384 x 2880 map).
     """
-    p = math.isqrt(x_low.shape[1])
-    windows = rearrange(x_high, "b (p m) (q n) c -> b (p q) (m n) c", p=p, q=p)
-    q = query(x_low)
-    k = key(windows)
-    v = value(windows)
-    scores = jnp.einsum("bnc,bnmc->bnm", q, k, preferred_element_type=jnp.float32) / math.sqrt(k.shape[-1])
-    probs = jax.nn.softmax(jnp.nan_to_num(scores), axis=-1).astype(v.dtype)
-    return jnp.einsum("bnm,bnmc->bnc", probs, v)
+    b, n, _ = x_low.shape
+    p = math.isqrt(n)
+    m = x_high.shape[1] // p
+    q = query(x_low).reshape(b, p, p, -1)
+    rows = []
+    for r in range(p):
+        band = x_high[:, r * m:(r + 1) * m].reshape(b, m, p, m, x_high.shape[-1])  # [B, M, P windows, M, Ca]
+        k, v = key(band), value(band)
+        scores = jnp.einsum("bqc,bmqnc->bqmn", q[:, r], k, preferred_element_type=jnp.float32) / math.sqrt(
+            k.shape[-1])
+        probs = jax.nn.softmax(jnp.nan_to_num(scores).reshape(b, p, m * m), axis=-1).astype(v.dtype)
+        rows.append(jnp.einsum("bqmn,bmqnc->bqc", probs.reshape(b, p, m, m), v))
+    return jnp.stack(rows, axis=1).reshape(b, n, -1)
 
 
 def visual_tokens(clip_feats: jax.Array, aux_map: jax.Array, grid: int, use_global: bool,
@@ -75,9 +84,12 @@ def visual_tokens(clip_feats: jax.Array, aux_map: jax.Array, grid: int, use_glob
         x = clip_feats[:, 0]
         return x + mine(x, aux_map, query, key, value)
     g2 = grid * grid
-    tiles = rearrange(clip_feats[:, :g2], "b v n c -> (b v) n c")
-    tiles_aux = rearrange(aux_map, "b (g h) (k w) c -> (b g k) h w c", g=grid, k=grid)
-    out = rearrange(tiles + mine(tiles, tiles_aux, query, key, value), "(b v) n c -> b (v n) c", b=b)
+    p = math.isqrt(n)
+    # Tile (g, k)'s window (r, c) is window (g*P + r, k*P + c) of the whole map: the tiles' tokens are
+    # mined as one (grid*P)^2 grid over aux_map, so the map is never cut into tile copies.
+    tiles = rearrange(clip_feats[:, :g2], "b (g k) (r c) d -> b (g r k c) d", g=grid, r=p)
+    out = rearrange(tiles + mine(tiles, aux_map, query, key, value), "b (g r k c) d -> b (g k r c) d",
+                    g=grid, k=grid, r=p)
     if use_global:
         glob = clip_feats[:, g2]
         h, w = aux_map.shape[1] // grid, aux_map.shape[2] // grid

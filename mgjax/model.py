@@ -138,16 +138,21 @@ class MGM(nn.Module):
 
     def __call__(self, input_ids: jax.Array, images: jax.Array, images_aux: jax.Array, attention_mask: jax.Array,
                  length: int, deterministic: bool = True,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, SplicePlan]:
+                 segment_ids: jax.Array | None = None, hidden_only: bool = False) -> tuple[jax.Array, SplicePlan]:
         """input_ids int [B, T] with -200 placeholders, attention_mask [B, T] (1 = real token)
         -> float32 logits [B, L, V] over the merged sequence of static `length` L, and its plan.
+        `hidden_only`: the LLM's final-normed hidden states [B, L, D] instead of logits (see `head`).
 
         `segment_ids` int [B, T] (packed rows, see `splice_plan`): positions restart at each segment and
         attention stays within it, so each sample's logits are those it has alone; give `plan.segments`
         to `next_token_loss` so that no target crosses a boundary."""
         embeds, plan = self._merged(input_ids, images, images_aux, attention_mask, length, self.config.padding_side,
                                     deterministic, segment_ids)
-        return self.llm(embeds, plan.positions, plan.valid, plan.segments), plan
+        return self.llm(embeds, plan.positions, plan.valid, plan.segments, hidden_only=hidden_only), plan
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """The LM head: hidden states [B, L, D] from `__call__(hidden_only=True)` -> float32 logits [B, L, V]."""
+        return self.llm.head(hidden)
 
     def _merged(self, input_ids, images, images_aux, attention_mask, length, padding_side, deterministic=True,
                 segment_ids=None) -> tuple[jax.Array, SplicePlan]:

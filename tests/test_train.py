@@ -22,7 +22,7 @@ import tiny
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params, init_params
 from mgjax.train.config import load_train_config
-from mgjax.train.loop import optimizer, train
+from mgjax.train.loop import build_model, optimizer, train
 from mgjax.train.step import TrainState, make_train_step, split_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +64,16 @@ def test_released_recipe_hyperparameters():
         cfg = load_train_config(CONFIGS / "mgm" / name / "stage2.yaml")
         assert cfg.optim.lr == 1e-5 and cfg.optim.lr_multipliers == {"mm_projector": 2.0, "vlm_uni_": 2.0}
     assert load_train_config(CONFIGS / "mgm" / "MGM-13B-HD" / "stage2.yaml").data.buckets[-1] == 4096
+    assert s1.model.loss_chunk == s2.model.loss_chunk == 512
+
+
+def test_fast_path_switches_reach_the_model(tmp_path):
+    """model.attention_impl / loss_chunk / depthwise_impl / moe_impl end up in the MGM config the step runs."""
+    cfg = load_train_config(CONFIGS / "demo" / "stage2.yaml", ["model.attention_impl=splash", "model.loss_chunk=64",
+                                                                "model.depthwise_impl=grouped"])
+    config = build_model(cfg, tmp_path).config
+    assert (config.lm.attention_impl, config.lm.loss_chunk, config.vision_aux.depthwise_impl) == \
+        ("splash", 64, "grouped")
 
 
 def test_overrides_and_config_errors(tmp_path):
@@ -72,7 +82,9 @@ def test_overrides_and_config_errors(tmp_path):
     assert cfg.model.preset == "demo"  # from stage1.yaml through `base:`
     for bad, culprit in ((["optim.lrr=1"], "unknown key optim.lrr"), (["steps=abc"], "steps = 'abc' should be int"),
                          (["steps"], "write key=value"), (["model.remat=some"], "none|dots|full"),
-                         (["model.moe_impl=sparse"], "dense|ragged")):
+                         (["model.moe_impl=sparse"], "dense|ragged"),
+                         (["model.attention_impl=flash"], "xla|cudnn|splash"),
+                         (["model.loss_chunk=-1"], "must be >= 0"), (["model.depthwise_impl=fft"], "shifted|grouped")):
         with pytest.raises(MGJaxError, match=culprit):
             load_train_config(CONFIGS / "demo" / "stage2.yaml", bad)
     broken = tmp_path / "x.yaml"

@@ -12,10 +12,11 @@ import sys
 
 from mgjax.errors import MGJaxError
 from mgjax.eval.runner import Bench, read_rows
+from mgjax.eval.scores import option_letters
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
-OPTION_LETTERS = "ABCD"  # MMBench's option columns
+OPTION_LETTERS = option_letters(4)  # MMBench's option columns
 
 
 def _llava_text(q: dict) -> str:
@@ -101,7 +102,7 @@ def read_mmmu(path: str | os.PathLike) -> list[dict]:
         except (KeyError, ValueError, SyntaxError, TypeError) as e:
             raise MGJaxError(f"{path} record {n}: not an MMMU row ({type(e).__name__}: {e}); it needs id, "
                              "question, options, question_type, image_1") from None
-        letters = [chr(ord("A") + i) for i in range(len(options))] if qtype == "multiple-choice" else []
+        letters = list(option_letters(len(options))) if qtype == "multiple-choice" else []
         if letters:
             text = f"{question}\n" + "".join(f"({c}) {o}\n" for c, o in zip(letters, options)) + f"\n{LETTER}"
         else:
@@ -147,7 +148,8 @@ def mathvista_query(problem: dict) -> str:
     question = f"Question: {problem['question']}" + (f" (Unit: {problem['unit']})" if problem.get("unit") else "")
     lines = [f"Hint: {hint}", question]
     if problem.get("choices"):
-        lines += ["Choices:", *(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(problem["choices"]))]
+        choices = problem["choices"]
+        lines += ["Choices:", *(f"({c}) {o}" for c, o in zip(option_letters(len(choices)), choices))]
     return "\n".join(lines)
 
 
@@ -178,10 +180,11 @@ BENCHES = {
     # LLaVA's answer line: the prompt without the instruction, round 0, the options and their letters
     "mmbench": Bench("mmbench", _llava_text, 1024, answer_fields=lambda q: {
         "prompt": q["prompt"], "round_id": 0, "options": q["options"],
-        "option_char": list(OPTION_LETTERS[:len(q["options"])])}),
+        "option_char": list(option_letters(len(q["options"])))}),
     # MMMU's run: do_sample with 5 beams at temperature 1 (beam sampling), 128 new tokens
     "mmmu": Bench("mmmu", _llava_text, 128, temperature=1.0, num_beams=5, preset=_mmmu_preset),
-    "mathvista": Bench("mathvista", _llava_text, 1024),
+    "mathvista": Bench("mathvista", _llava_text, 1024,  # the answers are in the problems
+                       has_answer=lambda q: q["problem"].get("answer") not in (None, "")),
 }
 
 # How each benchmark's --data is read: question records with question_id, text and the image(s).

@@ -43,6 +43,8 @@ class Bench:
     # the answer the original gives a question without asking the model (MMMU's questions without an image),
     # or None: ask the model
     preset: Callable[[dict], str | None] = lambda q: None
+    # whether a question record carries its answer (the benchmark's data can be scored locally)
+    has_answer: Callable[[dict], bool] = lambda q: q.get("answer") not in (None, "")
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:

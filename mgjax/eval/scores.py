@@ -20,6 +20,11 @@ MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebri
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
+def option_letters(n: int) -> str:
+    """The letters of `n` options: "ABCD" for 4."""
+    return "".join(chr(ord("A") + i) for i in range(n))
+
+
 def read_answers(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -125,7 +130,7 @@ def mmvet_submission(answers: list[dict], path: str | os.PathLike) -> Path:
 def mmbench_letter(text: str, options: list[str]) -> str | None:
     """The option an answer picks: a leading option letter ("B", "B.", "B) ..."), or the text of an option;
     None when it picks none."""
-    letters = "ABCD"[:len(options)]
+    letters = option_letters(len(options))  # MMBench: at most 4
     t = text.strip()
     if t and t[0] in letters and (len(t) == 1 or not t[1].isalnum()):
         return t[0]
@@ -197,7 +202,7 @@ def scienceqa_scores(answers: list[dict], problems_file: str | os.PathLike) -> d
         p = problems.get(str(a["question_id"]))
         if p is None:
             raise MGJaxError(f"ScienceQA: question {a['question_id']!r} is not in {problems_file}")
-        letters = "ABCDE"[:len(p["choices"])]
+        letters = option_letters(len(p["choices"]))  # ScienceQA: at most 5
         ok = scienceqa_letter(a["text"], letters) == letters[p["answer"]]
         right.append(ok)
         if p.get("image"):
@@ -455,7 +460,7 @@ def mathvista_extract(response: str, problem: dict) -> str:
     if quoted:
         return quoted.group(1)
     if qtype == "multi_choice":
-        letters = "".join(chr(ord("A") + i) for i in range(len(choices)))
+        letters = option_letters(len(choices))
         marked = re.findall(rf"\(([{letters}])\)", response) + \
             re.findall(rf"(?i:answer|option|choice)(?: is|:)?\s*([{letters}])\b", response)
         if marked:
@@ -482,7 +487,7 @@ def mathvista_normalize(extraction: str, problem: dict) -> str | None:
         letter = re.findall(r"\(([a-zA-Z])\)", extraction)
         if letter:
             extraction = letter[0].upper()
-        letters = [chr(ord("A") + i) for i in range(len(choices))]
+        letters = list(option_letters(len(choices)))
         if extraction in letters:
             return choices[letters.index(extraction)]
         distances = [_edit_distance(extraction, str(c)) for c in choices]

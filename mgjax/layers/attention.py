@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from mgjax.errors import MGJaxError
 from mgjax.layers.common import dense
 from mgjax.layers.rope import apply_rope
 from mgjax.sharding import constrain
@@ -44,13 +45,88 @@ def cached_mask(valid: jax.Array, index: jax.Array, queries: int) -> jax.Array:
     return (causal[None] & valid[:, None, :])[:, None]
 
 
+def splash_segments(valid: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+    """What splash attention takes instead of a `causal_mask`: int [B, T] segment ids, 0 at padding, so
+    that a token sees the earlier tokens of its own segment (padding sees only padding: those rows are
+    not used)."""
+    return jnp.where(valid, 1 if segments is None else segments, 0).astype(jnp.int32)
+
+
+def _xla(q, k, v, mask, dtype):
+    """The reference: q [B, T, H, hd], k/v [B, S, KV, hd], float32 scores (scaled as the original does,
+    after the product) and softmax."""
+    q = rearrange(q, "b t (k g) d -> b t k g d", k=k.shape[2])
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return rearrange(jnp.einsum("bkgts,bskd->btkgd", probs, v), "b t k g d -> b t (k g) d")
+
+
+def _cudnn(q, k, v, mask):
+    """`jax.nn.dot_product_attention`: cuDNN's fused flash attention on a GPU; XLA's on a CPU, so that
+    the path runs (and is tested) anywhere jax runs; a TPU has splash instead."""
+    backend = jax.default_backend()
+    if backend not in ("gpu", "cpu"):
+        raise MGJaxError(f"attention_impl 'cudnn' runs on a GPU (or a CPU, through XLA), not on {backend}: "
+                         "use 'splash' on a TPU")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                        implementation="cudnn" if backend == "gpu" else "xla")
+
+
+_SPLASH_BLOCK = 128  # the kernel's tile: lengths are padded to a multiple of it
+
+
+def _splash(q, k, v, segments):
+    """Pallas splash attention (TPU; interpreted on a CPU so that the path runs in tests): q [B, T, H, hd],
+    k/v [B, T, KV, hd] (repeated to H heads), segments int [B, T] (`splash_segments`). Under a
+    mesh the kernel runs per shard (`jax.shard_map`: rows by the batch axes, heads by the tensor axis)."""
+    backend = jax.default_backend()
+    if backend not in ("tpu", "cpu"):
+        raise MGJaxError(f"attention_impl 'splash' is a TPU kernel (interpreted on a CPU), not for {backend}: "
+                         "use 'cudnn' on a GPU")
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernel does not scale
+    groups = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(a, groups, axis=2) for a in (k, v))
+    t = q.shape[1]
+    pad = -t % _SPLASH_BLOCK
+    # Padding slots get their own segment (-1): they see only each other and are cut off below.
+    segments = jnp.pad(segments, ((0, 0), (0, pad)), constant_values=-1)
+    q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for a in (q, k, v))
+    length = t + pad
+    block = next(b for b in (512, 256, _SPLASH_BLOCK) if length % b == 0)
+
+    def attend(q, k, v, segments):  # [b, h, T, hd] of one shard
+        heads = q.shape[1]
+        mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * heads)
+        sizes = splash.BlockSizes(**{f: block for f in ("block_q", "block_kv", "block_kv_compute", "block_q_dkv",
+                                                        "block_kv_dkv", "block_kv_dkv_compute", "block_q_dq",
+                                                        "block_kv_dq")})
+        kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                        interpret=backend == "cpu")
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(q, k, v, segments)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        rows, heads = nn.logical_to_mesh_axes(("act_batch", "act_heads"))
+        spec = jax.P(rows, heads, None, None)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, jax.P(rows, None)), out_specs=spec,
+                               check_vma=False)
+    return attend(q, k, v, segments).transpose(0, 2, 1, 3)[:, :t]
+
+
 class Attention(nn.Module):
     """q/k/v/out projections around scaled dot-product attention.
 
-    `mask` is bool, broadcastable to [B, 1, Tq, Tk] (True = attend); `rope` is (cos, sin) or None.
+    `mask` is bool, broadcastable to [B, 1, Tq, Tk] (True = attend), or, with `impl` "splash", the int
+    segment ids [B, T] of `splash_segments` (causal within a segment); `rope` is (cos, sin) or None.
     Kernels: q [D, H, hd], k/v [D, KV, hd], out [H, hd, D] (logical names from the *_axis fields).
     With a `cache`, this call's keys and values are written into it at slot `index` and attention runs
-    over all its slots (`mask` then [B, 1, Tq, S], see `cached_mask`); the call returns (out, cache).
+    over all its slots (`mask` then [B, 1, Tq, S], see `cached_mask`; always the "xla" path); the call
+    returns (out, cache). `impl` (`LMConfig.attention_impl`): "xla", "cudnn" or "splash", equal up to rounding.
     """
 
     num_heads: int
@@ -61,6 +137,7 @@ class Attention(nn.Module):
     embed_axis: str = "embed"
     heads_axis: str = "heads"
     kv_heads_axis: str = "kv_heads"
+    impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -78,13 +155,11 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, axis=1)
             cache = KVCache(constrain(k, _CACHE_AXES), constrain(v, _CACHE_AXES))
-        q = rearrange(q, "b t (k g) d -> b t k g d", k=self.num_kv_heads)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (self.head_dim**-0.5)
-        if mask is not None:
-            scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        out = rearrange(out, "b t k g d -> b t (k g) d")
+        if cache is not None or self.impl == "xla":
+            out = _xla(q, k, v, mask, self.dtype)
+        elif self.impl == "cudnn":
+            out = _cudnn(q, k, v, mask)
+        else:
+            out = _splash(q, k, v, mask)
         out = dense(x.shape[-1], (h, "head_dim", e), in_axes=2, name=self.out_name, **kw)(out)
         return out if cache is None else (out, cache)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mgjax.config import LMConfig
-from mgjax.layers.attention import Attention, KVCache, cached_mask, causal_mask
+from mgjax.layers.attention import Attention, KVCache, cached_mask, causal_mask, splash_segments
 from mgjax.layers.common import RMSNorm, dense
 from mgjax.layers.mlp import GatedMLP, MoE
 from mgjax.layers.rope import rope_tables
@@ -49,7 +49,8 @@ class DecoderLayer(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.norm_eps, c.gemma_norm, name="input_layernorm", **kw)(x)
-        attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, name="self_attn", **kw)(
+        attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, impl=c.attention_impl,
+                         name="self_attn", **kw)(
             h, mask, rope, cache, index)
         if cache is not None:
             attn, cache = attn
@@ -106,19 +107,26 @@ class Decoder(nn.Module):
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, valid: jax.Array,
                  segments: jax.Array | None = None, cache: Any = None, index: jax.Array | None = None,
-                 last_only: bool = False):
+                 last_only: bool = False, hidden_only: bool = False):
         """embeds [B, L, D], positions int [B, L], valid bool [B, L] -> float32 logits [B, L, V].
         `segments` int [B, L] (packed rows; 0 at padding): attention stays within a segment.
 
         Generation: with a `cache` (`init_cache`), the L new tokens go to cache slots index .. index + L - 1,
         `valid` is bool [B, S] over all the cache's slots, and the call returns (logits, cache).
-        `last_only`: logits of the last position only ([B, 1, V]), not a [B, L, V] head over a prompt."""
+        `last_only`: logits of the last position only ([B, 1, V]), not a [B, L, V] head over a prompt.
+        `hidden_only`: the final-normed hidden states [B, L, D] instead of logits (`head` makes them logits:
+        the training loss runs it over chunks of positions)."""
         c = self.config
         x = embeds.astype(self.dtype)
         if c.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
-        mask = causal_mask(valid, segments) if cache is None else cached_mask(valid, index, x.shape[1])
+        if cache is not None:
+            mask = cached_mask(valid, index, x.shape[1])
+        elif c.attention_impl == "splash":
+            mask = splash_segments(valid, segments)
+        else:
+            mask = causal_mask(valid, segments)
         rope = rope_tables(positions, c.head_dim, c.rope_theta)
         if c.scan_layers:
             x, cache = self.layers(x, mask, rope, cache, index)
@@ -134,13 +142,19 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if c.tie_word_embeddings:
+        if hidden_only:
+            return x
+        logits = self.head(x)
+        return logits if cache is None else (logits, cache)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final-normed hidden states [B, L, D] -> float32 logits [B, L, V] (Gemma: the tied embedding)."""
+        if self.config.tie_word_embeddings:
             logits = jnp.einsum("bld,vd->blv", x, self.embed_tokens.embedding.astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
-        logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
-        return logits if cache is None else (logits, cache)
+        return constrain(logits.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
 
     def forward_ids(self, ids: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
         """A text-only forward: int ids [B, T] -> float32 logits [B, T, V]."""

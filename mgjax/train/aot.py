@@ -13,12 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgjax.model import MGM, abstract_params
 from mgjax.pretrained import length_bucket
-from mgjax.sharding import activate, make_mesh, param_shardings, rules_for
+from mgjax.sharding import activate
 from mgjax.train.config import TrainConfig
-from mgjax.train.loop import abstract_state, build_model, check_batch_split, optimizer, stacked_sharding
-from mgjax.train.step import make_train_step, split_params
+from mgjax.train.loop import run_setup, stacked_sharding
+from mgjax.train.step import make_train_step
 
 
 def abstract_batch(cfg: TrainConfig, config, mesh, rules, text_len: int) -> dict:
@@ -44,13 +43,8 @@ def dry_run(cfg: TrainConfig) -> dict:
     the loop compiles for its longest batches). XLA counts the FLOPs of a loop body once, so with scanned
     layers or gradient accumulation its figure is below the step's; `model_flops` is 6 N per token."""
     with tempfile.TemporaryDirectory() as tmp:  # a demo tokenizer is written, and thrown away
-        config = build_model(cfg, Path(tmp)).config
-    module = MGM(config, dtype=jnp.dtype(cfg.model.compute_dtype), param_dtype=jnp.float32)
-    mesh, rules = make_mesh(cfg.mesh), rules_for(cfg.rules)
-    check_batch_split(cfg, mesh, jax.process_count())
-    shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules)
-    tx = optimizer(cfg, split_params(shardings, cfg.trainable)[0])
-    a_state, a_frozen = abstract_state(cfg, module, tx, mesh, shardings)
+        model, module, mesh, rules, _, tx, a_state, a_frozen = run_setup(cfg, Path(tmp))
+    config = model.config
     text_len = max(cfg.data.buckets)
     length = length_bucket(text_len - 1 + config.tokens_per_image, config.max_length)
     batch = abstract_batch(cfg, config, mesh, rules, text_len)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mgjax.config import MeshConfig
+from mgjax.config import ATTENTION_IMPLS, DEPTHWISE_IMPLS, MOE_IMPLS, REMAT_POLICIES, MeshConfig
 from mgjax.errors import MGJaxError
 
 
@@ -38,6 +38,9 @@ class ModelConfig:
     remat: str = "dots"  # none | dots | full: what the backward pass recomputes
     scan_layers: bool = True
     moe_impl: str = "dense"  # Mixtral's experts: dense (the reference) | ragged (top-k only: mgjax.config.LMConfig)
+    attention_impl: str = "xla"  # xla (reference) | cudnn (GPU) | splash (TPU): mgjax.config.LMConfig
+    loss_chunk: int = 0  # LM head + loss over chunks of this many positions (0: one [B, L, V] head)
+    depthwise_impl: str = "shifted"  # ConvNeXt's 7x7 depthwise: shifted (reference, CPU) | grouped (GPU / TPU)
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,13 @@ class TrainConfig:
                   (self.log_every >= 1, f"log_every {self.log_every}: must be >= 1"),
                   (self.micro_batch >= 1 and self.global_batch >= self.micro_batch,
                    f"global_batch {self.global_batch} / micro_batch {self.micro_batch}: need global >= micro >= 1"),
-                  (self.model.remat in ("none", "dots", "full"), f"model.remat {self.model.remat!r}: none|dots|full"),
-                  (self.model.moe_impl in ("dense", "ragged"), f"model.moe_impl {self.model.moe_impl!r}: dense|ragged"),
+                  (self.model.remat in REMAT_POLICIES, f"model.remat {self.model.remat!r}: {'|'.join(REMAT_POLICIES)}"),
+                  (self.model.moe_impl in MOE_IMPLS, f"model.moe_impl {self.model.moe_impl!r}: {'|'.join(MOE_IMPLS)}"),
+                  (self.model.attention_impl in ATTENTION_IMPLS,
+                   f"model.attention_impl {self.model.attention_impl!r}: {'|'.join(ATTENTION_IMPLS)}"),
+                  (self.model.loss_chunk >= 0, f"model.loss_chunk {self.model.loss_chunk}: must be >= 0"),
+                  (self.model.depthwise_impl in DEPTHWISE_IMPLS,
+                   f"model.depthwise_impl {self.model.depthwise_impl!r}: {'|'.join(DEPTHWISE_IMPLS)}"),
                   (self.data.source in ("json", "packed", "synthetic"),
                    f"data.source {self.data.source!r}: json|packed|synthetic"),
                   (len(self.trainable) > 0, "trainable: name at least one parameter-path prefix")]

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,8 +98,10 @@ def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
     if isinstance(init, Path) and config.lm.scan_layers != m.scan_layers:
         raise MGJaxError(f"{init} was converted with scan_layers={config.lm.scan_layers}, the run asks for "
                          f"model.scan_layers={m.scan_layers}; set it to match or re-convert with the other layout")
-    config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, scan_layers=m.scan_layers, remat=m.remat,
-                                                                moe_impl=m.moe_impl))
+    config = dataclasses.replace(
+        config, lm=dataclasses.replace(config.lm, scan_layers=m.scan_layers, remat=m.remat, moe_impl=m.moe_impl,
+                                       attention_impl=m.attention_impl, loss_chunk=m.loss_chunk),
+        vision_aux=dataclasses.replace(config.vision_aux, depthwise_impl=m.depthwise_impl))
     if m.tokenizer == "demo":
         tokenizer_dir = save_demo_tokenizer(run_dir / "tokenizer")
     elif m.tokenizer is not None or m.base_llm is not None:
@@ -221,6 +223,32 @@ def abstract_state(cfg: TrainConfig, module: MGM, tx: optax.GradientTransformati
     return TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), a_train, a_opt), a_frozen
 
 
+class Setup(NamedTuple):
+    """What a run builds before it touches data or weights: shared by `train` and the dry run."""
+    model: Model
+    module: MGM
+    mesh: Any
+    rules: Any
+    shardings: dict  # every parameter's sharding
+    tx: optax.GradientTransformation
+    a_state: TrainState  # `abstract_state`'s placed ShapeDtypeStructs
+    a_frozen: dict
+
+
+def run_setup(cfg: TrainConfig, run_dir: Path) -> Setup:
+    """The model of `cfg` (`build_model`, writing a demo tokenizer under `run_dir`), its module, the mesh and
+    rules (checking the batch splits over them), the parameters' shardings, the optimizer and the abstract
+    state."""
+    model = build_model(cfg, run_dir)
+    module = MGM(model.config, dtype=jnp.dtype(cfg.model.compute_dtype), param_dtype=jnp.float32)
+    mesh, rules = make_mesh(cfg.mesh), rules_for(cfg.rules)
+    check_batch_split(cfg, mesh, jax.process_count())
+    shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules)
+    tx = optimizer(cfg, split_params(shardings, cfg.trainable)[0])
+    a_state, a_frozen = abstract_state(cfg, module, tx, mesh, shardings)
+    return Setup(model, module, mesh, rules, shardings, tx, a_state, a_frozen)
+
+
 # --- batches ---------------------------------------------------------------------------------------
 
 def data_source(cfg: TrainConfig):
@@ -292,15 +320,9 @@ def train(cfg: TrainConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     pid, nproc = jax.process_index(), jax.process_count()
     accum = cfg.grad_accum(nproc)
-    model = build_model(cfg, run_dir)
+    model, module, mesh, rules, shardings, tx, a_state, a_frozen = run_setup(cfg, run_dir)
     config = model.config
-    compute = jnp.dtype(cfg.model.compute_dtype)
-    module = MGM(config, dtype=compute, param_dtype=jnp.float32)
-    mesh, rules = make_mesh(cfg.mesh), rules_for(cfg.rules)
-    check_batch_split(cfg, mesh, nproc)
-    shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules)
-    trainable_sh, frozen_sh = split_params(shardings, cfg.trainable)
-    if not jax.tree.leaves(trainable_sh):
+    if not jax.tree.leaves(a_state.params):  # the trainable parameters
         raise MGJaxError(f"train config: trainable {list(cfg.trainable)} matches no parameter; top-level names: "
                          f"{', '.join(sorted(shardings))}")
     tokenizer = load_tokenizer(model.tokenizer_dir)
@@ -310,10 +332,8 @@ def train(cfg: TrainConfig) -> dict:
     dataset = make_dataset(data_source(cfg), tokenizer, config, data_config(cfg, config), process_index=pid,
                            process_count=nproc)
     data_iter = iter(dataset)
-    tx = optimizer(cfg, trainable_sh)
 
     ckpts = RunCheckpoints(run_dir / "checkpoints", cfg.checkpoint_every, cfg.keep_checkpoints)
-    a_state, a_frozen = abstract_state(cfg, module, tx, mesh, shardings)
     opt_init = jax.jit(tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, a_state.opt_state))
     restored = ckpts.restore_latest(a_state)
     if restored is None or (jax.tree.leaves(a_frozen) and not has_frozen(run_dir)):

@@ -10,7 +10,7 @@ import optax
 from flax import traverse_util
 
 from mgjax.model import MGM, splice_labels
-from mgjax.train.loss import next_token_nll
+from mgjax.train.loss import chunked_next_token_nll, next_token_nll
 
 
 class TrainState(NamedTuple):
@@ -42,11 +42,21 @@ def batch_nll(module: MGM, params: dict, batch: dict, length: int,
     """(summed next-token loss, supervised tokens) of one batch: input_ids, attention_mask, labels
     [B, T]; images, images_aux [N, ...]; optional segment_ids [B, T] (packed rows). `length` is the
     static merged length. With `rng`, the ConvNeXt tower's stochastic depth is on, as in the original
-    (its Trainer puts the frozen tower in training mode too)."""
-    logits, plan = module.apply({"params": params}, batch["input_ids"], batch["images"], batch["images_aux"],
-                                batch["attention_mask"], length=length, deterministic=rng is None,
-                                segment_ids=batch.get("segment_ids"), rngs=None if rng is None else {"dropout": rng})
-    return next_token_nll(logits, splice_labels(plan, batch["labels"]), plan.segments)
+    (its Trainer puts the frozen tower in training mode too). With the LLM's `loss_chunk`, the head and
+    cross-entropy run over chunks of positions (`chunked_next_token_nll`)."""
+    chunk = module.config.lm.loss_chunk
+    out, plan = module.apply({"params": params}, batch["input_ids"], batch["images"], batch["images_aux"],
+                             batch["attention_mask"], length=length, deterministic=rng is None,
+                             segment_ids=batch.get("segment_ids"), hidden_only=bool(chunk),
+                             rngs=None if rng is None else {"dropout": rng})
+    labels = splice_labels(plan, batch["labels"])
+    if not chunk:
+        return next_token_nll(out, labels, plan.segments)
+
+    def head(hidden):
+        return module.apply({"params": params}, hidden, method=MGM.head)
+
+    return chunked_next_token_nll(head, out, labels, plan.segments, chunk)
 
 
 def loss_fn(module: MGM, params: dict, batch: dict, length: int) -> jax.Array:

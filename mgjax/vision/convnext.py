@@ -25,15 +25,18 @@ def _conv(features: int, k: int, stride: int, dtype, param_dtype, name: str) -> 
 
 
 class DepthwiseConv(nn.Module):
-    """k x k depthwise convolution, stride 1, "same" padding, as a sum of k*k shifted products.
+    """k x k depthwise convolution, stride 1, "same" padding.
 
-    Same parameters as a grouped `nn.Conv` (kernel [k, k, 1, C], bias [C]). XLA's SPMD partitioner
-    mis-scales the kernel gradient of a grouped convolution when a mesh axis replicates it (seen on
-    CPU: exactly x2 with tensor=2); the shifted sum has no such gradient and fuses into one loop.
+    Same parameters as a grouped `nn.Conv` (kernel [k, k, 1, C], bias [C]). `impl` "shifted": a sum of
+    k*k shifted products, which fuses into one loop. XLA's SPMD partitioner mis-scales the KERNEL
+    gradient of a grouped convolution when a mesh axis replicates it (seen on CPU: exactly x2 with
+    tensor=2), and on a CPU the grouped convolution is 10-20x slower (README, Performance); "grouped":
+    XLA's grouped convolution, for GPUs and TPUs, correct wherever the tower is frozen (MGM's recipe).
     """
 
     features: int
     kernel_size: int = 7
+    impl: str = "shifted"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -46,6 +49,10 @@ class DepthwiseConv(nn.Module):
                           (c,), self.param_dtype)
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
+        if self.impl == "grouped":
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=c)
+            return y + bias.astype(self.dtype)
         h, w = x.shape[1:3]
         p = k // 2
         xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
@@ -59,13 +66,14 @@ class ConvNextBlock(nn.Module):
     dim: int
     eps: float
     drop_rate: float
+    depthwise_impl: str = "shifted"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = DepthwiseConv(self.dim, name="conv_dw", **kw)(x)
+        h = DepthwiseConv(self.dim, impl=self.depthwise_impl, name="conv_dw", **kw)(x)
         h = LayerNorm(self.eps, "conv_out", name="norm", **kw)(h)
         h = MLP(4 * self.dim, "gelu", ("conv_out", "vis_mlp"), name="mlp", **kw)(h)
         gamma = self.param("gamma", nn.with_logical_partitioning(nn.initializers.constant(1e-6), ("conv_out",)),
@@ -85,6 +93,7 @@ class ConvNextStage(nn.Module):
     downsample: bool
     eps: float
     drop_rates: tuple[float, ...]
+    depthwise_impl: str = "shifted"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -95,7 +104,8 @@ class ConvNextStage(nn.Module):
             x = LayerNorm(self.eps, "conv_out", name="downsample_0", **kw)(x)
             x = _conv(self.dim, 2, 2, name="downsample_1", **kw)(x)
         for j in range(self.depth):
-            x = ConvNextBlock(self.dim, self.eps, self.drop_rates[j], name=f"blocks_{j}", **kw)(x, deterministic)
+            x = ConvNextBlock(self.dim, self.eps, self.drop_rates[j], self.depthwise_impl, name=f"blocks_{j}",
+                              **kw)(x, deterministic)
         return constrain(x, ("act_batch", None, None, "act_embed"))
 
 
@@ -116,7 +126,7 @@ class ConvNextTrunk(nn.Module):
         rates = np.linspace(0.0, c.drop_path_rate, sum(c.depths)).tolist()
         stages, start = [], 0
         for s, (dim, depth) in enumerate(zip(c.dims, c.depths)):
-            x = ConvNextStage(dim, depth, s > 0, c.norm_eps, tuple(rates[start:start + depth]),
+            x = ConvNextStage(dim, depth, s > 0, c.norm_eps, tuple(rates[start:start + depth]), c.depthwise_impl,
                               name=f"vision_stages_{s}", **kw)(x, deterministic)
             stages.append(x)
             start += depth
