@@ -2,7 +2,8 @@
 
 Runs bench/train.py (the training step per config and remat policy, the machine's measured matmul ceiling
 and each case's MFU against it, HF PyTorch's Llama step beside the LLM-only step) and bench/generate.py
-(generation per batch size next to HF's `generate`), each case in its own process as those scripts do, then
+(generation per batch size next to HF's `generate`; mgjax's encode and prefill timed apart with their MFU
+against train's ceiling when that is float32), each case in its own process as those scripts do, then
 prints one summary table and writes bench/results/summary.json (the scripts' own JSON files stay beside it).
 
   python -m bench            # tiny and 100m configs (2-core CPU: about 35 minutes)
@@ -26,14 +27,21 @@ RESULTS = ROOT / "bench" / "results"
 def _suites(quick: bool, torch: bool) -> list[tuple[str, list[str]]]:
     configs = ["--configs", "tiny"] if quick else []
     torch_flag = [] if torch else ["--no-torch"]
+    # generate reuses train's matmul ceiling when it is float32 (a CPU), else measures its own float32 one
     return [("train", [*configs, *torch_flag, "--out", str(RESULTS / "train.json")]),
-            ("generate", [*configs, *torch_flag, "--out", str(RESULTS / "generate.json")])]
+            ("generate", [*configs, *torch_flag, "--ceiling", str(RESULTS / "train.json"),
+                          "--out", str(RESULTS / "generate.json")])]
 
 
 def _gb(row: dict) -> str:
     """Peak memory: the device's peak on an accelerator, else the case process's peak RSS."""
     peak = (row.get("peak_memory") or {}).get("bytes") or row.get("ru_maxrss_bytes")
     return f"{peak / 1e9:.2f}" if peak else "-"
+
+
+def _num(x, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    """x scaled and formatted, or "-" where the row lacks it (torch rows, a failed measurement)."""
+    return "-" if x is None else format(x * scale, spec) + unit
 
 
 def summary(train: dict, generate: dict) -> tuple[list[str], dict]:
@@ -51,8 +59,10 @@ def summary(train: dict, generate: dict) -> tuple[list[str], dict]:
         compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
         lines.append(f"| {r.get('kind', '-')} | {r['config']} | {r.get('remat', '-')} | {r['step_s']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {mfu} | {compile_s} | {_gb(r)} |")
-    lines += ["", "| generate | config | B | questions/s | decode tokens/s | prefill s | compile s | peak GB |",
-              "|---|---|---|---|---|---|---|---|"]
+    # encode / prefill pass: mgjax's two prefill programs timed alone (MFU vs generate's float32 ceiling)
+    lines += ["", "| generate | config | B | questions/s | decode tokens/s | prefill s | compile s | peak GB | "
+              "encode s | encode MFU | prefill pass s | prefill pass MFU | decode of bound |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in generate.get("rows", []):
         if "error" in r:
             lines.append(f"| {r.get('framework')} | {r.get('config')} | {r.get('batch')} | failed: {r['error']} |")
@@ -60,8 +70,13 @@ def summary(train: dict, generate: dict) -> tuple[list[str], dict]:
         fw = "mgjax" if r["framework"] == "jax" else "HF PyTorch"
         compile_s = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
         lines.append(f"| {fw} | {r['config']} | {r['batch']} | {r['questions_per_s']:.3f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['prefill_s']:.2f} | {compile_s} | {_gb(r)} |")
+                     f"{_num(r.get('decode_tokens_per_s'), '.1f')} | {r['prefill_s']:.2f} | {compile_s} | {_gb(r)} | "
+                     f"{_num(r.get('encode_s'), '.4f')} | {_num(r.get('encode_mfu'), '.1f', 100, '%')} | "
+                     f"{_num(r.get('prefill_pass_s'), '.4f')} | {_num(r.get('prefill_pass_mfu'), '.1f', 100, '%')} | "
+                     f"{_num(r.get('decode_bandwidth_util'), '.1f', 100, '%')} |")
     return lines, {"matmul_ceiling_flops_per_s": ceiling, "train": train.get("rows", []),
+                   "generate_matmul_ceiling_flops_per_s": (generate.get("matmul_ceiling") or {}).get("flops_per_s"),
+                   "generate_copy_bytes_per_s": (generate.get("copy_bandwidth") or {}).get("bytes_per_s"),
                    "generate": generate.get("rows", []), "generate_targets": generate.get("targets")}
 
 

@@ -29,6 +29,37 @@ Columns, per config x framework x batch B (B questions in one `generate` call):
   load          the machine's 1-minute load average when the case started (other work skews the times;
                 the run has --repeats calls per budget, no more)
 
+A second table breaks each mgjax case down (the batch grown to generate's power-of-two bucket, as
+`Pretrained.generate` runs it; JSON keys in brackets):
+
+  gen compile s trace + lower + XLA compile of the generate program during the first call, summed from
+                jax.monitoring's compile duration events [generate_compile_s; XLA alone: generate_xla_compile_s]
+  enc s         median of --repeats calls of `MGM.encode_images` (CLIP, ConvNeXt, patch info mining,
+                projector) jitted alone, after one warm-up [encode_s, encode_times_s]
+  enc comp s    its `.lower().compile()` time [encode_compile_s]
+  enc GFLOP     XLA's FLOP count of that compiled program (`cost_analysis()`, read by bench/train.py's
+                `_flops`) [encode_flops; per second: encode_flops_per_s]
+  enc MFU       encode_flops_per_s / the float32 matmul ceiling [encode_mfu]
+  pf s, pf comp s, pf GFLOP, pf MFU   the same for the prompt pass: `MGM.prefill` (splice, the LLM over the
+                bucket's positions into a fresh KV cache with generate's room, the last token's logits) with
+                its `encode_images` answered by encode's output, so the towers count once
+                [prefill_pass_s, _times_s, _compile_s, _flops, _flops_per_s, _mfu]; its greedy token is
+                checked against generate's first one [prefill_first_token_matches]. The `prefill s` column
+                above is different: differenced out of generate's wall time, towers and first token included.
+  decode tok/s  as above
+  bound tok/s   B x copy bandwidth / bytes one decode step must read: the float32 LLM weights (less an untied
+                input table, of which a step reads B rows) and the whole KV cache [decode_bound_tokens_per_s,
+                decode_bytes_per_step]
+  of bound      decode tok/s / bound tok/s [decode_bandwidth_util]
+
+The float32 matmul ceiling (MFU's denominator) is bench/train.py's `child_matmul`, measured once here, or
+taken from a train.py JSON (--ceiling, as `python -m bench` does) when that one was measured in float32; the
+copy bandwidth is a jitted in-place x + 1 over 256 MB (CPU; 1 GiB on an accelerator), best of 5: what XLA
+itself streams, not a vendor figure. The bound assumes the step is bandwidth-bound: it means most for 100m
+(~240 MB of weights + ~33 MB of cache per row); tiny's ~2 MB step is bound by per-step overhead instead
+(and, fitting in the CPU's caches, could in principle beat a DRAM bound).
+Both sit in the JSON's top-level matmul_ceiling and copy_bandwidth.
+
 The PyTorch reference is HF transformers' `LlamaForCausalLM` built from a LlamaConfig of the config's LLM
 (hidden, layers, heads, KV heads, head_dim, intermediate, vocab, RoPE theta; random weights, float32,
 SDPA attention, `torch.set_num_threads(os.cpu_count())`), `model.generate(ids, max_new_tokens=N,
@@ -45,6 +76,7 @@ decoder with a 32000 vocabulary).
   python bench/generate.py                                  # tiny and 100m, B = 1 and 8 (2-core CPU: ~20 min)
   python bench/generate.py --configs tiny                   # tiny only (2-core CPU: ~2 min)
   python bench/generate.py --configs 100m --batch-sizes 1,8,32 --repeats 3   # + batch 32 (2-core CPU: ~40 min)
+  python bench/generate.py --configs tiny --no-torch --matmul-size 1024   # quick look (smaller ceiling matmul)
 
 Results go to bench/results/generate.json (and a table on stdout).
 """
@@ -61,6 +93,8 @@ import time
 from pathlib import Path
 
 from children import ROOT, child, device_info, run_child, write_results  # bench/, the script's folder, is on sys.path
+from train import _flops, child_matmul, matmul_spec
+
 RESULTS = ROOT / "bench" / "results" / "generate.json"
 SPECIAL = ("<s>", "<unk>")  # ids 0, 1; words w2 .. w<V-1>; eos "</s>" = V (outside the model's vocabulary)
 
@@ -132,14 +166,97 @@ def _generated(token_ids, stop_ids, n: int) -> list[int]:
     return out
 
 
+# jax.monitoring's duration events of one compilation: tracing, lowering to StableHLO, XLA's compile
+COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+                  "/jax/core/compile/backend_compile_duration": "xla"}
+
+
+def _compile_log() -> list[tuple[str, float]]:
+    """A list that collects (trace | lower | xla, seconds) of every compilation in this process from now
+    on: the generate program is compiled inside `Pretrained.generate`, where no `.lower()` can be timed."""
+    import jax
+
+    log = []
+
+    def listen(event: str, seconds: float, **_):
+        if event in COMPILE_EVENTS:
+            log.append((COMPILE_EVENTS[event], seconds))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return log
+
+
+def _phase(fn, args: tuple, calls: int):
+    """jax.jit(fn) compiled ahead of time for `args`, run once untimed and `calls` times timed:
+    (its output, {s: median, times_s, compile_s: lower + compile, flops: XLA's count of the program})."""
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    out = jax.block_until_ready(compiled(*args))
+    times = _timed(lambda: jax.block_until_ready(compiled(*args)), calls)
+    return out, {"s": statistics.median(times), "times_s": times, "compile_s": compile_s,
+                 "flops": _flops(compiled.cost_analysis())}
+
+
+def _phases(module, params, inputs: tuple, length: int, room: int, calls: int) -> tuple[dict, tuple]:
+    """The two halves of the generate program's prefill, each its own program on the same padded batch
+    `inputs` (ids int32 [B, T], mask [B, T], images [B, h, w, 3], images_aux [B, S, S, 3]):
+
+      encode   `MGM.encode_images`: both towers, patch info mining, projector -> [B, tokens_per_image, H]
+      prefill  `mgjax.infer.generate.prefill` (`MGM.prefill`: splice, the LLM's pass over the `length`
+               merged positions into a cache of length + `room` slots, the last token's logits) with
+               encode_images answered by encode's output, so the towers are not counted twice
+
+    Returns ({"encode_*", "prefill_pass_*" keys}, prefill's output (logits [B, V], cache, valid, position))."""
+    import flax.linen as nn
+
+    from mgjax.infer.generate import prefill
+    from mgjax.model import MGM
+
+    ids, mask, images, images_aux = inputs
+    embeds, enc = _phase(lambda p, im, aux: module.apply({"params": p}, im, aux, method=MGM.encode_images),
+                         (params, images, images_aux), calls)
+    answered = []
+
+    def prompt_pass(p, ids, images, images_aux, mask, embeds):
+        def given(next_fun, args, kwargs, context):
+            if context.method_name != "encode_images":
+                return next_fun(*args, **kwargs)
+            answered.append(context.method_name)  # at trace time: proof the towers left the program
+            return embeds
+
+        with nn.intercept_methods(given):
+            return prefill(module, p, ids, images, images_aux, mask, length, room)
+
+    out, pf = _phase(prompt_pass, (params, ids, images, images_aux, mask, embeds), calls)
+    if not answered:
+        raise SystemExit("MGM.prefill no longer calls encode_images: the prefill timing would include the towers")
+    return {**{f"encode_{k}": v for k, v in enc.items()}, **{f"prefill_pass_{k}": v for k, v in pf.items()}}, out
+
+
+def _decode_bytes(params, cache, tied: bool) -> int:
+    """Bytes one decode step must read at least: the LLM's weights (an untied input-embedding table only
+    gives B rows, so it is left out) and the whole KV cache (each step attends over all its slots)."""
+    import jax
+
+    llm = dict(params["llm"])
+    if not tied:
+        llm.pop("embed_tokens")
+    return sum(x.nbytes for x in jax.tree.leaves((llm, cache)))
+
+
 def child_jax(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from mgjax.model import MGM, init_params, merged_lengths
-    from mgjax.pretrained import Pretrained, length_bucket
+    from mgjax.pretrained import Pretrained, _budget, length_bucket
 
+    compiles = _compile_log()
     config = model_config(spec["config"])
     b, n, s = spec["batch"], spec["new_tokens"], spec["short"]
     module = MGM(config, dtype=jnp.float32, param_dtype=jnp.float32)
@@ -154,9 +271,10 @@ def child_jax(spec: dict) -> dict:
         merged = int(merged_lengths(ids, np.ones_like(ids), config.tokens_per_image).max())
         gen = lambda k: model.generate(ids, images, images_aux, max_new_tokens=k, stop=())  # noqa: E731
 
-        t0 = time.perf_counter()
+        t0, logged = time.perf_counter(), len(compiles)
         first = gen(n)
         first_s = time.perf_counter() - t0
+        first_compiles = compiles[logged:]
         (jitted,) = model._jitted.values()  # one program: (bucket, budget, greedy, ...) of this workload
         full, short, outs = [], [], []
         for _ in range(spec["repeats"]):  # interleaved, so that load changes hit both alike; S needs no warm-up
@@ -164,14 +282,56 @@ def child_jax(spec: dict) -> dict:
             short += _timed(lambda: gen(s), 1)
         last = outs[-1]
         programs = jitted._cache_size()
+        # the batch as generate runs it: grown to its power-of-two bucket (B = 1, 8, 32 stay as they are)
+        inputs = model._pad_batch(ids, np.ones_like(ids), images, images_aux, 0)
     counts = _generated(last.token_ids, {eos}, n)
     if counts != [n] * b or not (first.token_ids == last.token_ids).all():
         raise SystemExit(f"generated {counts} tokens per row (wanted {n} each), or the calls disagree")
+    bucket = length_bucket(merged, config.max_length)
+    phases, (logits, cache, *_) = _phases(module, params, inputs, bucket, _budget(n), spec["repeats"])
     n_params = sum(x.size for x in jax.tree.leaves(params))
     return {"framework": "jax", "params": n_params, "merged_len": merged,
-            "compiled_len": length_bucket(merged, config.max_length), "init_s": init_s, "first_s": first_s,
+            "compiled_len": bucket, "init_s": init_s, "first_s": first_s,
             "times_s": full, "short_times_s": short, "generated_per_row": counts, "programs": programs,
-            "sample_text": last.text[0][:80], **device_info()}
+            "sample_text": last.text[0][:80], **device_info(),
+            "padded_batch": len(inputs[0]),
+            "generate_compile_s": sum(sec for _, sec in first_compiles),
+            "generate_xla_compile_s": sum(sec for what, sec in first_compiles if what == "xla"),
+            **phases,
+            # the separate prefill is the generate program's own: its greedy pick is the first new token
+            "prefill_first_token_matches": bool((np.argmax(logits[:b], -1) == first.token_ids[:, 0]).all()),
+            "decode_bytes_per_step": _decode_bytes(params, cache, config.lm.tie_word_embeddings)}
+
+
+def _copy_bandwidth(n: int, calls: int) -> dict:
+    """Measured memory bandwidth: a jitted x + 1 over float32 [n] reads and writes n x 4 bytes; best of `calls`.
+    x is donated, so the update is in place, as the decode loop's cache is (a fresh output buffer each
+    call would time the page faults: 7 instead of 51 GB/s on the 2-core CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    bump = jax.jit(lambda x: x + 1, donate_argnums=0)
+    state = [bump(jnp.ones((n,), jnp.float32)).block_until_ready()]
+
+    def step():
+        state[0] = bump(state[0]).block_until_ready()
+
+    nbytes = 2 * state[0].nbytes
+    best = min(_timed(step, calls))
+    return {"bytes": nbytes, "best_s": best, "bytes_per_s": nbytes / best, "what": "in-place x + 1 (donated)"}
+
+
+def child_machine(spec: dict) -> dict:
+    """The machine's float32 ceilings (mgjax generates in float32): bench/train.py's matmul chain, unless
+    spec["matmul"] is false (a ceiling reused from train.json), and the copy bandwidth (256 MB on a CPU, 1 GiB
+    else: well past the caches)."""
+    import jax
+
+    on_cpu = jax.devices()[0].platform == "cpu"
+    out = {**device_info(), "copy": _copy_bandwidth(1 << (26 if on_cpu else 28), 5)}
+    if spec["matmul"]:
+        out["matmul"] = child_matmul(matmul_spec(on_cpu, "float32", spec.get("n")))
+    return out
 
 
 def child_torch(spec: dict) -> dict:
@@ -220,8 +380,9 @@ def child_torch(spec: dict) -> dict:
             "first_s": first_s, "times_s": full, "short_times_s": short, "generated_per_row": [n] * b}
 
 
-def derive(row: dict) -> None:
-    """The table's columns from a child's timings."""
+def derive(row: dict, ceiling: float | None = None, bandwidth: float | None = None) -> None:
+    """The table's columns from a child's timings; with the matmul `ceiling` (FLOP/s) the encode and
+    prefill MFU, with the copy `bandwidth` (bytes/s) the decode's memory-bound tokens/s (jax rows)."""
     b, n, s = row["batch"], row["new_tokens"], row["short"]
     wall, wall_s = statistics.median(row["times_s"]), statistics.median(row["short_times_s"])
     step = (wall - wall_s) / (n - s)
@@ -229,6 +390,39 @@ def derive(row: dict) -> None:
                 "decode_s_per_step": step, "decode_tokens_per_s": b / step if step > 0 else None,
                 "prefill_s": wall - (n - 1) * step,
                 "compile_s": row["first_s"] - wall if row["framework"] == "jax" else None})
+    for phase in ("encode", "prefill_pass"):
+        flops = row.get(f"{phase}_flops")
+        if flops is not None:
+            row[f"{phase}_flops_per_s"] = flops / row[f"{phase}_s"]
+            row[f"{phase}_mfu"] = row[f"{phase}_flops_per_s"] / ceiling if ceiling else None
+    if "decode_bytes_per_step" in row and bandwidth:
+        # every row of the padded batch decodes; the real ones (B of them) are the tokens counted
+        row["decode_bound_tokens_per_s"] = b * bandwidth / row["decode_bytes_per_step"]
+        row["decode_bandwidth_util"] = (row["decode_tokens_per_s"] / row["decode_bound_tokens_per_s"]
+                                        if row["decode_tokens_per_s"] else None)
+
+
+def machine_ceilings(reuse: str | None, n: int | None, env: dict) -> tuple[dict | None, dict | None]:
+    """(matmul ceiling, copy bandwidth) as dicts with flops_per_s / bytes_per_s, or None where unmeasured.
+    The ceiling is bench/train.py's from its JSON `reuse` when that was measured in float32 (train's
+    'auto' dtype is float32 on a CPU only; an accelerator's bfloat16 ceiling would flatter float32 MFU),
+    else measured here by train.py's `child_matmul` in float32."""
+    ceiling = None
+    if reuse and Path(reuse).is_file():
+        import json
+
+        found = json.loads(Path(reuse).read_text()).get("matmul_ceiling") or {}
+        if found.get("dtype") == "float32":
+            ceiling = {**found, "source": str(reuse)}
+        else:
+            print(f"{reuse}: its matmul ceiling is {found.get('dtype')}, not float32: measuring one", flush=True)
+    got = run_child(__file__, "machine", {"matmul": ceiling is None, "n": n}, env, ())
+    if "error" in got:
+        print(f"  machine ceilings failed: {got['error']} (no MFU, no decode bound)", flush=True)
+        return ceiling, None
+    if ceiling is None:
+        ceiling = {**got["matmul"], "source": "measured here: bench/train.py child_matmul, float32"}
+    return ceiling, got["copy"]
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -245,6 +439,29 @@ def _ints(text: str, what: str) -> list[int]:
         raise SystemExit(f"{what}: comma-separated integers, got {text!r}") from None
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _phase_table(rows: list[dict]) -> None:
+    """The mgjax rows' encode / prefill / decode breakdown."""
+    head = (f"{'config':<6} {'B':>3} {'gen compile s':>13} {'enc s':>7} {'enc comp s':>10} {'enc GFLOP':>9} "
+            f"{'enc MFU':>7} {'pf s':>7} {'pf comp s':>9} {'pf GFLOP':>8} {'pf MFU':>7} {'decode tok/s':>12} "
+            f"{'bound tok/s':>11} {'of bound':>8}")
+    print(head)
+    print("-" * len(head))
+    gflop = lambda x: None if x is None else x / 1e9  # noqa: E731
+    for r in rows:
+        if r.get("framework") != "jax" or "error" in r:
+            continue
+        print(f"{r['config']:<6} {r['batch']:>3} {r['generate_compile_s']:>13.2f} {r['encode_s']:>7.4f} "
+              f"{r['encode_compile_s']:>10.2f} {_fmt(gflop(r['encode_flops']), '>9.3f')} "
+              f"{_pct(r.get('encode_mfu')):>7} {r['prefill_pass_s']:>7.4f} {r['prefill_pass_compile_s']:>9.2f} "
+              f"{_fmt(gflop(r['prefill_pass_flops']), '>8.3f')} {_pct(r.get('prefill_pass_mfu')):>7} "
+              f"{_fmt(r['decode_tokens_per_s'], '>12.1f')} {_fmt(r.get('decode_bound_tokens_per_s'), '>11.1f')} "
+              f"{_pct(r.get('decode_bandwidth_util')):>8}")
+
+
 def _with_spec(case):
     """A case whose row also records the spec's settings."""
     keys = ("config", "batch", "new_tokens", "short", "prompt_tokens", "repeats")
@@ -256,7 +473,7 @@ def main(argv=None) -> int:
         argv = sys.argv[1:]
     sys.path.insert(0, str(ROOT))  # this checkout's mgjax
     if argv[:1] == ["_child"]:
-        child({"jax": _with_spec(child_jax), "torch": _with_spec(child_torch)}, *argv[1:])
+        child({"jax": _with_spec(child_jax), "torch": _with_spec(child_torch), "machine": child_machine}, *argv[1:])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="tiny,100m", help="comma-separated: tiny, 100m")
@@ -268,6 +485,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed calls per budget (N and S); the median is used")
     p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
                    help="the HF transformers LlamaForCausalLM.generate reference")
+    p.add_argument("--ceiling", metavar="TRAIN_JSON",
+                   help="reuse the matmul ceiling of a bench/train.py result if it is float32 (else measured)")
+    p.add_argument("--matmul-size", type=int, help="side of the ceiling's square matmul (default: CPU 4096, else 8192)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
@@ -284,6 +504,14 @@ def main(argv=None) -> int:
     print(f"{os.cpu_count()} CPUs; N = {args.new_tokens} new tokens (S = {short} for the decode-only difference), "
           f"{args.prompt_tokens} prompt ids + 1 image per question", flush=True)
 
+    ceiling, copy = machine_ceilings(args.ceiling, args.matmul_size, env) if batches else (None, None)
+    peak, bandwidth = (ceiling or {}).get("flops_per_s"), (copy or {}).get("bytes_per_s")
+    if peak:
+        print(f"float32 matmul ceiling {peak / 1e12:.3f} TFLOP/s ({ceiling['source']})", flush=True)
+    if bandwidth:
+        print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (jitted in-place x + 1 over {copy['bytes'] / 2e6:.0f} MB)",
+              flush=True)
+
     rows = []
     for c in configs:
         cases = [("jax", bt) for bt in batches] + [("torch", bt) for bt in torch_batches]
@@ -295,11 +523,14 @@ def main(argv=None) -> int:
                             ("framework", "config", "batch"))
             rows.append(row)
             if "error" in row:
+                row["framework"] = fw  # not in the spec, so the error row has it as None
                 print(f"  failed: {row['error']}", flush=True)
                 continue
-            derive(row)
+            derive(row, peak, bandwidth)
             print(f"  first {row['first_s']:.1f} s, wall {row['wall_s']:.2f} s, {row['questions_per_s']:.2f} "
                   f"questions/s, {row['tokens_per_s']:.1f} tokens/s (child {row['child_wall_s']:.0f} s)", flush=True)
+            if fw == "jax" and not row["prefill_first_token_matches"]:
+                print("  warning: the separate prefill's greedy token differs from generate's first token", flush=True)
 
     head = (f"{'config':<6} {'framework':<9} {'B':>3} {'L':>4} {'comp L':>6} {'first s':>7} {'compile s':>9} "
             f"{'wall s':>7} {'questions/s':>11} {'tokens/s':>8} {'decode s/step':>13} {'decode tok/s':>12} "
@@ -319,6 +550,14 @@ def main(argv=None) -> int:
               f"{r['questions_per_s']:>11.3f} {r['tokens_per_s']:>8.1f} {r['decode_s_per_step']:>13.4f} "
               f"{_fmt(r['decode_tokens_per_s'], '>12.1f')} {r['prefill_s']:>9.3f} {min(r['generated_per_row']):>4} "
               f"{_fmt(rec, '>10d')} {r['loadavg_1min_before']:>5.1f}")
+
+    if any(r.get("framework") == "jax" and "error" not in r for r in rows):
+        print()
+        print("mgjax phases, each its own program on generate's padded batch: enc = encode_images (towers, mining, "
+              "projector); pf = prefill without the towers (splice, LLM pass into the KV cache, last logits); "
+              "GFLOP = XLA cost_analysis; MFU vs the float32 matmul ceiling; gen compile s = trace + lower + XLA "
+              "compile inside generate's first call; bound tok/s = B x copy bandwidth / decode bytes per step")
+        _phase_table(rows)
 
     targets = {}
     for c in configs:
@@ -351,7 +590,14 @@ def main(argv=None) -> int:
         "notes": ["wall_s: median of `repeats` generate calls of B questions x new_tokens (after a first call)",
                   "decode_s_per_step: (median wall(N) - median wall(S)) / (N - S), same compiled program",
                   "torch rows: HF LlamaForCausalLM.generate on text prompts of the merged length (no vision towers)",
-                  "mgjax rows: random weights; eos is one id past the model vocabulary, so rows never stop early"],
+                  "mgjax rows: random weights; eos is one id past the model vocabulary, so rows never stop early",
+                  "encode_* / prefill_pass_*: MGM.encode_images and MGM.prefill (its encode_images answered by "
+                  "encode's output) as separate AOT-compiled programs on the padded batch; *_flops: "
+                  "compiled.cost_analysis(); *_mfu: flops / median s / matmul_ceiling (float32)",
+                  "generate_compile_s: jax.monitoring trace + lower + XLA compile durations in the first call",
+                  "decode_bound_tokens_per_s: B x copy_bandwidth / decode_bytes_per_step (LLM weights without an "
+                  "untied input table + the whole KV cache)"],
+        "matmul_ceiling": ceiling, "copy_bandwidth": copy,
         "targets": targets, "rows": rows,
     }
     write_results(result, args.out, optional=("torch", "transformers"))

@@ -139,6 +139,12 @@ def child_matmul(spec: dict) -> dict:
             "median_flops_per_s": flops / statistics.median(times)}
 
 
+def matmul_spec(on_cpu: bool, dtype: str, n: int | None = None) -> dict:
+    """`child_matmul`'s spec for the ceiling: [n, n] with n = 4096 on a CPU, else 8192; 5 calls of 2 (CPU)
+    or 20 chained products, enough to hide the call overhead."""
+    return {"n": n or (4096 if on_cpu else 8192), "reps": 2 if on_cpu else 20, "calls": 5, "dtype": dtype}
+
+
 def _batch(config, rows: int, seq: int, accum: int) -> tuple[dict, int, int]:
     """Stacked [k, ...] host batch of k = `accum` micro-batches of `rows` rows, (text length, merged length)."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -409,10 +415,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"cannot start JAX: {probe['error']}")
     on_cpu = probe["platform"] == "cpu"
     dtype = args.dtype if args.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
-    n = args.matmul_size or (4096 if on_cpu else 8192)
+    mm_spec = matmul_spec(on_cpu, dtype, args.matmul_size)
+    n = mm_spec["n"]
     print(f"device: {probe['device_kind']} ({probe['platform']}, {probe['device_count']} device(s)), "
           f"jax {probe['jax']}, compute dtype {dtype}, {os.cpu_count()} CPUs", flush=True)
-    mm_spec = {"n": n, "reps": 2 if on_cpu else 20, "calls": 5, "dtype": dtype}
     ceilings = [run_child(__file__, "matmul", mm_spec, env, ERROR_KEYS)]
     if "error" in ceilings[0]:
         raise SystemExit(f"matmul ceiling: {ceilings[0]['error']}")
