@@ -54,8 +54,7 @@ def mine(x_low: jax.Array, x_high: jax.Array, query: UniProjector, key: UniProje
     Returns the mined features [B, N, C'] (without the residual; C' = the projected width).
 
     The windows are read in place, one band of M rows of x_high at a time: only a band's LayerNorm and
-    projections exist at once, never a rearranged copy of the whole map (1.7 GB per image in float32 for
-    an HD model's 384 x 384 x 2880 map).
+    projections exist at once, never a rearranged copy of the whole map.
     """
     b, n, _ = x_low.shape
     p = math.isqrt(n)

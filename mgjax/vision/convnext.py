@@ -28,7 +28,8 @@ class DepthwiseConv(nn.Module):
     """k x k depthwise convolution, stride 1, "same" padding.
 
     Same parameters as a grouped `nn.Conv` (kernel [k, k, 1, C], bias [C]). `impl` "shifted": a sum of
-    k*k shifted products, which fuses into one loop. XLA's SPMD partitioner mis-scales the KERNEL
+    k*k shifted products (one loop when compiled alone; inside a block, XLA:CPU's dot fusion splits it into
+    ~12 partial sums, each the size of x). XLA's SPMD partitioner mis-scales the KERNEL
     gradient of a grouped convolution when a mesh axis replicates it (seen on CPU: exactly x2 with
     tensor=2), and on a CPU the grouped convolution is 10-20x slower (README, Performance); "grouped":
     XLA's grouped convolution, for GPUs and TPUs, correct wherever the tower is frozen (MGM's recipe).
