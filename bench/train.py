@@ -76,8 +76,9 @@ def model_config(name: str):
     raise SystemExit(f"--configs: unknown config {name!r} (tiny, 100m)")
 
 
-def with_layout(config, remat: str, scan: bool):
-    return dataclasses.replace(config, lm=dataclasses.replace(config.lm, remat=remat, scan_layers=scan))
+def with_layout(config, remat: str, scan: bool, loss_chunk: int = 0):
+    return dataclasses.replace(config, lm=dataclasses.replace(config.lm, remat=remat, scan_layers=scan,
+                                                              loss_chunk=loss_chunk))
 
 
 def count(tree) -> int:
@@ -187,7 +188,7 @@ def child_step(spec: dict) -> dict:
 
     cfg = TrainConfig(run_dir="bench", steps=1000)  # the loop's defaults: AdamW, stage-2 trainable set
     compute = jnp.dtype(spec["dtype"])
-    config = with_layout(model_config(spec["config"]), spec["remat"], spec["scan"])
+    config = with_layout(model_config(spec["config"]), spec["remat"], spec["scan"], spec["loss_chunk"])
     module = MGM(config, dtype=compute, param_dtype=jnp.float32)
     host, t, length = _batch(config, spec["batch"], spec["seq"], spec["accum"])
     rng = jax.random.key(1)  # the towers' stochastic depth, as `mgjax train` runs it
@@ -225,7 +226,8 @@ def child_step(spec: dict) -> dict:
     # the micro-batch scan's trip count.
     flops_compiled = _flops(compiled.cost_analysis())
     if spec["scan"]:
-        unrolled = MGM(with_layout(config, spec["remat"], False), dtype=compute, param_dtype=jnp.float32)
+        unrolled = MGM(with_layout(config, spec["remat"], False, spec["loss_chunk"]), dtype=compute,
+                       param_dtype=jnp.float32)
         a_state, a_frozen, u_tx = _abstract_state(unrolled, cfg.trainable, lambda tree: optimizer(cfg, tree))
         u_low = jax.jit(make_train_step(unrolled, u_tx, length, rng)).lower(a_state, a_frozen, batch)
     else:
@@ -238,7 +240,7 @@ def child_step(spec: dict) -> dict:
     tokens = rows * length
     valid = int(np.minimum(merged_lengths(host["input_ids"], host["attention_mask"], config.tokens_per_image),
                            length).sum())
-    return {**device_info(), "config": spec["config"], "remat": spec["remat"],
+    return {**device_info(), "config": spec["config"], "remat": spec["remat"], "loss_chunk": spec["loss_chunk"],
             "layout": "scan" if spec["scan"] else "unrolled", "dtype": spec["dtype"],
             "params": n_params, "trainable_params": n_trainable,
             "params_by_part": {k: count(v) for k, v in {**state.params, **frozen}.items()},
@@ -253,9 +255,14 @@ def child_step(spec: dict) -> dict:
             "peak_bytes_in_use": _peak_device_bytes()}
 
 
+def _hidden(decoder, ids, positions, valid):
+    """A text-only forward to the final-normed hidden states [B, T, D] (the chunked loss applies the head)."""
+    return decoder(decoder.embed(ids), positions, valid, hidden_only=True)
+
+
 def child_llm(spec: dict) -> dict:
     """The LLM alone (text ids [rows, L], forward + backward + AdamW), in JAX or in PyTorch (transformers)."""
-    config = with_layout(model_config(spec["config"]), spec["remat"], spec["scan"])
+    config = with_layout(model_config(spec["config"]), spec["remat"], spec["scan"], spec["loss_chunk"])
     lm, rows, length = config.lm, spec["batch"] * spec["accum"], spec["seq"]
     if spec["framework"] == "torch":
         return _torch_llm(lm, rows, length, spec)
@@ -265,7 +272,7 @@ def child_llm(spec: dict) -> dict:
     import optax
 
     from mgjax.lm.decoder import Decoder
-    from mgjax.train.loss import next_token_nll
+    from mgjax.train.loss import chunked_next_token_nll, next_token_nll
 
     compute = jnp.dtype(spec["dtype"])
     dec = Decoder(lm, dtype=compute, param_dtype=jnp.float32)
@@ -281,7 +288,13 @@ def child_llm(spec: dict) -> dict:
     def step_of(decoder):
         def step(params, opt, ids):
             def loss(p):
-                total, n = next_token_nll(decoder.apply({"params": p}, ids, pos, valid, method="forward_ids"), ids)
+                if not lm.loss_chunk:
+                    total, n = next_token_nll(decoder.apply({"params": p}, ids, pos, valid, method="forward_ids"),
+                                              ids)
+                    return total / n
+                hidden = decoder.apply({"params": p}, ids, pos, valid, method=_hidden)
+                total, n = chunked_next_token_nll(lambda h: decoder.apply({"params": p}, h, method="head"), hidden,
+                                                  ids, None, lm.loss_chunk)
                 return total / n
             value, grads = jax.value_and_grad(loss)(params)
             updates, opt = tx.update(grads, opt, params)
@@ -312,7 +325,8 @@ def child_llm(spec: dict) -> dict:
             times.append(time.perf_counter() - t0)
     n = count(params)
     step_s = statistics.median(times)
-    return {**device_info(), "config": spec["config"], "remat": spec["remat"], "framework": "jax",
+    return {**device_info(), "config": spec["config"], "remat": spec["remat"], "loss_chunk": spec["loss_chunk"],
+            "framework": "jax",
             "layout": "scan" if spec["scan"] else "unrolled", "dtype": spec["dtype"], "params": n,
             "rows": rows, "merged_len": length, "tokens_per_step": rows * length, "compile_s": compile_s,
             "step_times_s": times, "step_s": step_s, "tokens_per_s": rows * length / step_s,
@@ -387,6 +401,8 @@ def main(argv=None) -> int:
     p.add_argument("--remat", default="none,dots,full", help="comma-separated remat policies: none, dots, full")
     p.add_argument("--batch", type=int, help="rows per micro-batch (default: tiny 8, 100m 2)")
     p.add_argument("--seq", type=int, help="merged length L incl. the visual tokens (default: tiny 256, 100m 768)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="LMConfig.loss_chunk: the LM head + loss over chunks of this many positions (0: one head)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (the step's scan)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per case (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
@@ -429,7 +445,7 @@ def main(argv=None) -> int:
         batch, seq = args.batch or DEFAULTS[c][0], args.seq or DEFAULTS[c][1]
         for r in policies:
             spec = {"config": c, "remat": r, "batch": batch, "seq": seq, "accum": args.accum, "steps": args.steps,
-                    "warmup": args.warmup, "dtype": dtype, "scan": args.layout == "scan"}
+                    "warmup": args.warmup, "dtype": dtype, "scan": args.layout == "scan", "loss_chunk": args.loss_chunk}
             print(f"{c} remat={r}: batch {batch} x {args.accum}, L {seq} ...", flush=True)
             row = run_child(__file__, "step", spec, env, ERROR_KEYS)
             row["kind"] = "mgm"
@@ -444,7 +460,7 @@ def main(argv=None) -> int:
             for fw in ("jax", "torch"):
                 spec = {"config": c, "remat": llm_remat, "batch": batch, "seq": seq, "accum": args.accum,
                         "steps": args.steps, "warmup": args.warmup, "dtype": dtype, "scan": args.layout == "scan",
-                        "framework": fw}
+                        "framework": fw, "loss_chunk": args.loss_chunk}
                 print(f"{c} LLM only ({fw}) ...", flush=True)
                 env_fw = env if fw == "jax" else {**env, "CUDA_VISIBLE_DEVICES": ""}
                 row = run_child(__file__, "llm", spec, env_fw, ERROR_KEYS)

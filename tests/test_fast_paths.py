@@ -22,7 +22,7 @@ import pytest
 
 import tiny
 from mgjax.config import MeshConfig
-from mgjax.lm.decoder import Decoder
+from mgjax.lm.decoder import Decoder, init_cache
 from mgjax.model import MGM, init_params
 from mgjax.sharding import DEFAULT_RULES, activate, make_mesh
 from mgjax.train.loss import chunked_next_token_nll, next_token_nll
@@ -190,3 +190,47 @@ def test_grouped_depthwise_convolution_equals_shifted():
         assert _rel(a, b) <= 1e-5
     assert _rel(l_g, l_s) <= 1e-5
     _assert_trees_close(g_g, g_s)
+
+
+def _cached_run(config, steps=3):
+    """Logits of a prompt pass into a KV cache (rows left-padded by 0 and 3 slots) and `steps` greedy
+    decode steps: [B, T, V] and `steps` x [B, 1, V]. T = 10, S = 13 slots: not a multiple of the block."""
+    rng = np.random.default_rng(5)
+    b, t = 2, 10
+    ids = jnp.asarray(rng.integers(0, config.vocab_size, (b, t)), jnp.int32)
+    prompt_valid = jnp.asarray(np.arange(t)[None] >= np.array([0, 3])[:, None])
+    positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0)
+    valid = jnp.concatenate([prompt_valid, jnp.ones((b, steps), bool)], axis=1)
+    decoder = Decoder(config)
+    params = jax.jit(decoder.init, static_argnames="method")(
+        jax.random.key(0), ids, positions, prompt_valid, method=Decoder.forward_ids)["params"]
+
+    def step(decoder, ids, positions, cache, index):
+        return decoder(decoder.embed(ids), positions, valid, cache=cache, index=index)
+
+    @jax.jit
+    def run(params):
+        logits, cache = decoder.apply({"params": params}, ids, positions, init_cache(config, b, t + steps, jnp.float32),
+                                      0, method=step)
+        out, pos = [logits], positions[:, -1]
+        for i in range(steps):
+            pos = pos + 1
+            token = jnp.argmax(out[-1][:, -1], axis=-1)
+            logits, cache = decoder.apply({"params": params}, token[:, None], pos[:, None], cache, t + i, method=step)
+            out.append(logits)
+        return out
+
+    return run(params), prompt_valid
+
+
+@pytest.mark.parametrize("family,scan", [(f, False) for f in FAMILIES] + [("vicuna", True)])
+def test_blocked_cache_attention_equals_every_slot(family, scan):
+    """`cache_block` 4 (13 slots: the last block overlaps the one before it; the rows' padding differs) gives
+    the logits of attending over every slot, for the prompt pass and each decode step, for every family."""
+    config = tiny.lm(family, scan_layers=scan)
+    ref, prompt_valid = _cached_run(config)
+    got, _ = _cached_run(dataclasses.replace(config, cache_block=4))
+    keep = np.asarray(prompt_valid)
+    assert _rel(np.asarray(got[0])[keep], np.asarray(ref[0])[keep]) <= 1e-5
+    for a, b in zip(got[1:], ref[1:], strict=True):
+        assert _rel(a, b) <= 1e-5

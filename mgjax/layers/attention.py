@@ -63,6 +63,42 @@ def _xla(q, k, v, mask, dtype):
     return rearrange(jnp.einsum("bkgts,bskd->btkgd", probs, v), "b t k g d -> b t (k g) d")
 
 
+def _blocked(q, k, v, valid, index, dtype, block):
+    """Attention over a cache, reading only the blocks of `block` slots that hold tokens: q [B, Tq, H, hd]
+    for slots index .. index + Tq - 1, k/v [B, S, KV, hd], valid bool [B, S]. The blocks from the first
+    one any row uses (rows are left-padded to a common end) up to the one holding slot index + Tq - 1 are
+    visited by a loop with a running (online) softmax, so the cache's empty room for later tokens and the
+    padding every row skips are never read. Equal to `_xla` with `cached_mask` up to rounding."""
+    b, tq, _, hd = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    q = rearrange(q, "b t (k g) d -> b k g t d", k=kv)
+    first = jnp.min(jnp.argmax(valid, axis=1))  # the first slot any row attends to
+    stop = index + tq  # slots >= stop hold nothing yet
+    neg = jnp.finfo(jnp.float32).min
+    queries = index + jnp.arange(tq)
+
+    def visit(j, carry):
+        m, total, acc = carry  # running max [b, k, g, t], softmax denominator, numerator [b, k, g, t, d]
+        start = jnp.minimum(j * block, s - block)  # the last block may overlap the one before it
+        kb, vb, ok = (jax.lax.dynamic_slice_in_dim(a, start, block, axis=1) for a in (k, v, valid))
+        slots = start + jnp.arange(block)
+        seen = (slots >= j * block)[None, :] & (slots[None, :] <= queries[:, None])  # [t, block]
+        scores = jnp.einsum("bkgtd,bskd->bkgts", q, kb, preferred_element_type=jnp.float32) * (hd**-0.5)
+        scores = jnp.where(seen[None, None, None] & ok[:, None, None, None, :], scores, neg)
+        m_new = jnp.maximum(m, scores.max(-1))
+        probs = jnp.exp(scores - m_new[..., None])
+        scale = jnp.exp(m - m_new)  # 0 once a real score replaces the initial `neg`
+        total = total * scale + probs.sum(-1)
+        acc = acc * scale[..., None] + jnp.einsum("bkgts,bskd->bkgtd", probs.astype(dtype), vb,
+                                                  preferred_element_type=jnp.float32)
+        return m_new, total, acc
+
+    shape = (b, kv, q.shape[2], tq)
+    init = (jnp.full(shape, neg), jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, hd), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(first // block, (stop + block - 1) // block, visit, init)
+    return rearrange((acc / total[..., None]).astype(dtype), "b k g t d -> b t (k g) d")
+
+
 def _cudnn(q, k, v, mask):
     """`jax.nn.dot_product_attention`: cuDNN's fused flash attention on a GPU; XLA's on a CPU, so that
     the path runs (and is tested) anywhere jax runs; a TPU has splash instead."""
@@ -125,8 +161,10 @@ class Attention(nn.Module):
     segment ids [B, T] of `splash_segments` (causal within a segment); `rope` is (cos, sin) or None.
     Kernels: q [D, H, hd], k/v [D, KV, hd], out [H, hd, D] (logical names from the *_axis fields).
     With a `cache`, this call's keys and values are written into it at slot `index` and attention runs
-    over all its slots (`mask` then [B, 1, Tq, S], see `cached_mask`; always the "xla" path); the call
-    returns (out, cache). `impl` (`LMConfig.attention_impl`): "xla", "cudnn" or "splash", equal up to rounding.
+    over all its slots (`mask` then [B, 1, Tq, S], see `cached_mask`), or, with `cache_block` > 0 and
+    `valid` bool [B, S] given, over only the blocks of that many slots that hold tokens (`_blocked`); the
+    call returns (out, cache). `impl` (`LMConfig.attention_impl`): "xla", "cudnn" or "splash" for calls
+    without a cache, equal up to rounding.
     """
 
     num_heads: int
@@ -138,12 +176,13 @@ class Attention(nn.Module):
     heads_axis: str = "heads"
     kv_heads_axis: str = "kv_heads"
     impl: str = "xla"
+    cache_block: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, rope: tuple[jax.Array, jax.Array] | None = None,
-                 cache: KVCache | None = None, index: jax.Array | None = None):
+                 cache: KVCache | None = None, index: jax.Array | None = None, valid: jax.Array | None = None):
         kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         e, h, kv = self.embed_axis, self.heads_axis, self.kv_heads_axis
         q = dense((self.num_heads, self.head_dim), (e, h, "head_dim"), name="q_proj", **kw)(x)
@@ -155,7 +194,9 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, axis=1)
             cache = KVCache(constrain(k, _CACHE_AXES), constrain(v, _CACHE_AXES))
-        if cache is not None or self.impl == "xla":
+        if cache is not None and self.cache_block and valid is not None and k.shape[1] >= self.cache_block:
+            out = _blocked(q, k, v, valid, index, self.dtype, self.cache_block)
+        elif cache is not None or self.impl == "xla":
             out = _xla(q, k, v, mask, self.dtype)
         elif self.impl == "cudnn":
             out = _cudnn(q, k, v, mask)

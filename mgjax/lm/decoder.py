@@ -44,14 +44,13 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 cache: KVCache | None = None, index: jax.Array | None = None):
+                 cache: KVCache | None = None, index: jax.Array | None = None, valid: jax.Array | None = None):
         """x [B, T, D] -> [B, T, D]; with a `cache` (generation) -> (x, cache), see `Attention`."""
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.norm_eps, c.gemma_norm, name="input_layernorm", **kw)(x)
         attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, impl=c.attention_impl,
-                         name="self_attn", **kw)(
-            h, mask, rope, cache, index)
+                         cache_block=c.cache_block, name="self_attn", **kw)(h, mask, rope, cache, index, valid)
         if cache is not None:
             attn, cache = attn
         x = x + attn
@@ -88,7 +87,8 @@ class Decoder(nn.Module):
             layer = nn.remat(DecoderLayer, policy=_REMAT[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
             self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.num_layers,
+                                  in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+                                  length=c.num_layers,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(c, scanned=True, name="layers", **kw)
         else:
             self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
@@ -129,14 +129,14 @@ class Decoder(nn.Module):
             mask = causal_mask(valid, segments)
         rope = rope_tables(positions, c.head_dim, c.rope_theta)
         if c.scan_layers:
-            x, cache = self.layers(x, mask, rope, cache, index)
+            x, cache = self.layers(x, mask, rope, cache, index, None if cache is None else valid)
         elif cache is None:
             for layer in self.layers:
                 x = layer(x, mask, rope)
         else:
             new = []
             for layer, layer_cache in zip(self.layers, cache, strict=True):
-                x, layer_cache = layer(x, mask, rope, layer_cache, index)
+                x, layer_cache = layer(x, mask, rope, layer_cache, index, valid)
                 new.append(layer_cache)
             cache = tuple(new)
         if last_only:
