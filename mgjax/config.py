@@ -156,8 +156,9 @@ class LMConfig:
     # float32 logits recomputed in the backward pass instead of kept ([B, L, V] x 4 bytes, twice, otherwise:
     # 1 GB per 2048-token row at Llama-3's 128k vocabulary). 0: one [B, L, V] head. Equal up to rounding.
     loss_chunk: int = 0
-    # Attention without a cache: "xla" (the einsum reference; always used with a cache), "cudnn" (GPU:
-    # jax.nn.dot_product_attention's cuDNN flash kernel) or "splash" (TPU: Pallas splash attention).
+    # Attention without a cache: "xla" (the einsum reference), "cudnn" (GPU: jax.nn.dot_product_attention's
+    # cuDNN flash kernel) or "splash" (TPU: Pallas splash attention). Calls with a cache take the reference
+    # or, see `cache_block`, its blocked form.
     attention_impl: str = "xla"
     # Attention over a KV cache (generation) in blocks of this many slots, visiting only the blocks that
     # hold tokens (a running softmax; not the room left for later tokens, nor padding every row skips):
