@@ -3,8 +3,8 @@
 Writes a synthetic checkpoint shaped exactly like a released MGM model (default MGM-7B: Vicuna-7B +
 CLIP ViT-L/14-336 + ConvNeXt-L, ~15 GB of random bf16 in ~5 GB indexed safetensors shards, with the
 released tensor names, including the tensors mgjax ignores: CLIP's last encoder layer and its
-post-LayerNorm), then runs `python -m mgjax.cli convert SRC OUT --dtype bfloat16` in a child process
-(per-layer layout, then `--scan-layers` unless `--skip-scan`) and reports, per layout:
+post-LayerNorm), then runs `python -m mgjax.cli convert SRC OUT --dtype bfloat16 --towers-from-checkpoint`
+in a child process (per-layer layout, then `--scan-layers` unless `--skip-scan`) and reports, per layout:
 
   wall s          child's wall time (interpreter start and imports included)
   peak RSS GB     the child's ru_maxrss (os.wait4), which counts file-backed pages it has mapped
@@ -279,7 +279,9 @@ def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool) -> di
                "scan" if scan else "per-layer", str(trace_file)]
     else:
         trace_file = None
-        cmd = [sys.executable, "-m", "mgjax.cli", "convert", str(src), str(out), "--dtype", dtype]
+        # No tower folders here: the synthetic checkpoint's tower copies stand in for them.
+        cmd = [sys.executable, "-m", "mgjax.cli", "convert", str(src), str(out), "--dtype", dtype,
+               "--towers-from-checkpoint"]
         if scan:
             cmd.append("--scan-layers")
     print("  $ " + " ".join(cmd), flush=True)
@@ -370,7 +372,7 @@ def child(src: str, out: str, dtype: str, layout: str, trace_file: str) -> None:
     conv._groups = traced_named
     try:
         t = time.time()
-        conv.convert(src, out, dtype=dtype, scan_layers=layout == "scan")
+        conv.convert(src, out, dtype=dtype, scan_layers=layout == "scan", towers_from_checkpoint=True)
         print(f"converted {src} -> {out} ({dtype}, {layout} layout, traced) in {time.time() - t:.1f} s")
     finally:
         reset_hwm()
@@ -389,7 +391,7 @@ def verify(src: str, out: str, n: str = "16") -> None:
 
     config, meta = read_meta(Path(out))
     dt = np.dtype(meta["dtype"])
-    source = open_source(src)
+    source = open_source(src, towers_from_checkpoint=True)
     source.config = config
     saved = saved_shapes(Path(out) / PARAMS)
     specs = param_specs(saved["params"], config)

@@ -19,9 +19,19 @@ def _add_tower_args(p: argparse.ArgumentParser):
                    help="CLIP tower folder (overrides config.json's mm_vision_tower; only needed when the "
                         "checkpoint lacks the tower weights)")
     p.add_argument("--vision-tower-aux", metavar="DIR",
-                   help="OpenCLIP ConvNeXt tower folder (overrides config.json's mm_vision_tower_aux)")
+                   help="OpenCLIP ConvNeXt tower folder (overrides config.json's mm_vision_tower_aux; the "
+                        "original reads the ConvNeXt from it, not from the checkpoint)")
+    p.add_argument("--towers-from-checkpoint", action="store_true",
+                   help="take every tower the checkpoint holds from the checkpoint, even where the original reads "
+                        "the tower folder (when that folder is not at hand; bf16 copies are rounded)")
     p.add_argument("--base-llm", metavar="DIR",
                    help="base LLM checkpoint folder, for a stage-1 release (mm_projector.bin)")
+
+
+def _tower_kwargs(args) -> dict:
+    """`load_pretrained` / `convert` arguments of `_add_tower_args`."""
+    return dict(vision_tower=args.vision_tower, vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm,
+                towers_from_checkpoint=args.towers_from_checkpoint)
 
 
 def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int):
@@ -60,9 +70,7 @@ def cmd_predict(args) -> int:
         raise MGJaxError(f"{args.checkpoint}: checkpoint folder not found")
     image = load_image(args.image)
     load_tokenizer(args.base_llm or args.checkpoint)
-    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, vision_tower=args.vision_tower,
-                                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm,
-                                  template=args.template)
+    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
     images, images_aux = model.preprocess(image)
     prompt = model.build_prompt(args.question)
     ids = model.tokenize(prompt)[None]
@@ -85,9 +93,8 @@ def cmd_convert(args) -> int:
     from mgjax.convert.mgjax_ckpt import convert
 
     t = time.time()
-    out = convert(args.src, args.out, dtype=args.dtype, vision_tower=args.vision_tower,
-                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm, scan_layers=args.scan_layers,
-                  template=args.template, overwrite=args.overwrite)
+    out = convert(args.src, args.out, dtype=args.dtype, scan_layers=args.scan_layers, template=args.template,
+                  overwrite=args.overwrite, **_tower_kwargs(args))
     print(f"converted {args.src} -> {out} ({args.dtype}, {'scanned' if args.scan_layers else 'per-layer'} "
           f"layout) in {time.time() - t:.1f} s")
     return 0
@@ -152,9 +159,7 @@ def cmd_generate(args) -> int:
         raise MGJaxError("give a --question (with --image, or none for text only) or --prompts FILE.jsonl")
     rows = (_read_prompts(args.prompts, args.image_root) if args.prompts else
             [{"question_id": 0, "text": args.question, "images": [load_image(i) for i in args.image or ()]}])
-    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, vision_tower=args.vision_tower,
-                                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm,
-                                  template=args.template)
+    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
     # Answers go to OUT.partial, renamed to OUT when every prompt is answered.
     partial = Path(f"{args.out}.partial") if args.out else None
     out = open(partial, "w") if partial else None
@@ -189,9 +194,7 @@ def cmd_chat(args) -> int:
         raise MGJaxError(f"{args.checkpoint}: checkpoint folder not found")
     pipeline = _sdxl(args.sdxl) if args.sdxl else None
     pending = [load_image(p) for p in args.image or ()]
-    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, vision_tower=args.vision_tower,
-                                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm,
-                                  template=args.template)
+    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
     chat = Chat(model, _generation_kwargs(args))
     out_dir = Path(args.gen_dir)
     tty = sys.stdin.isatty()
@@ -232,9 +235,7 @@ def cmd_serve(args) -> int:
 
     if not Path(args.ckpt).is_dir():
         raise MGJaxError(f"{args.ckpt}: checkpoint folder not found")
-    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype, vision_tower=args.vision_tower,
-                                  vision_tower_aux=args.vision_tower_aux, base_llm=args.base_llm,
-                                  template=args.template)
+    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
     try:
         server = Server(model, args.host, args.port, args.max_batch, args.batch_wait_ms / 1000,
                         allow_paths=args.allow_paths)
@@ -311,7 +312,7 @@ def cmd_eval(args) -> int:
     if args.bench == "shapes":
         from mgjax.train.demo import heldout_accuracy
 
-        model = mgjax.load_pretrained(args.ckpt)
+        model = mgjax.load_pretrained(args.ckpt, **_tower_kwargs(args))
         accuracy, chance = heldout_accuracy(model.module, model.params, model.tokenizer, model.config,
                                             num_samples=args.num_samples)
         if is_run_dir(model.path):
@@ -336,7 +337,7 @@ def cmd_eval(args) -> int:
                          "with --images")
     if args.limit:
         questions = questions[:args.limit]
-    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype)
+    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype, **_tower_kwargs(args))
     pid, nproc = jax.process_index(), jax.process_count()
     bench = BENCHES[args.bench]
     if args.max_new_tokens:
@@ -595,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, help="answer length limit (default: the paper's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
     p.add_argument("--num-samples", type=_positive_int, default=256, help="shapes: held-out questions to ask")
+    _add_tower_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="training data tools")

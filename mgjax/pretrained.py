@@ -125,6 +125,9 @@ class Pretrained:
     mesh: Mesh | None = None
     rules: Rules = DEFAULT_RULES
     template_evidence: str = ""  # why config.template was chosen (families.TEMPLATE_ORDER)
+    # Per tower, where its weights came from and why (`convert.source.open_source`): {"vision_tower":
+    # {"weights": "checkpoint" | "folder", "folder": path or None, "why": ...}, "vision_tower_aux": ...}
+    tower_sources: dict = field(default_factory=dict)
     _tokenizer: Any = field(default=None, repr=False)
     _jitted: dict = field(default_factory=dict, repr=False)
 
@@ -337,15 +340,20 @@ class Pretrained:
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_tower: str | os.PathLike | None = None,
                     vision_tower_aux: str | os.PathLike | None = None, base_llm: str | os.PathLike | None = None,
-                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, template: str | None = None) -> Pretrained:
+                    towers_from_checkpoint: bool = False, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                    template: str | None = None) -> Pretrained:
     """Loads an MGM checkpoint folder: the released layout (config.json plus safetensors or .bin
     shards), a stage-1 release (`mm_projector.bin`, with `base_llm` = the base LLM checkpoint folder),
     or a folder written by `mgjax convert`, or a `run_dir` of `mgjax train` (its newest readable checkpoint).
 
-    Released layout: tower weights come from the checkpoint when present, else from the tower
-    folders named in config.json (tried relative to the working directory and to the checkpoint's
-    parent folder) or given by `vision_tower` / `vision_tower_aux`. Every parameter is filled; any
-    checkpoint tensor that maps nowhere (beyond the documented ignore list) is an error.
+    Released layout: each tower's weights come from where the original's loader takes them: CLIP from
+    the checkpoint, the ConvNeXt from its tower folder unless config.json's `optimize_vision_tower_aux`
+    is true (README, "How checkpoints are loaded"). Tower folders are `vision_tower` / `vision_tower_aux`,
+    else the paths config.json names, tried relative to the working directory and to the checkpoint's
+    parent folder; a folder the original would read that is not found is an error, unless
+    `towers_from_checkpoint=True` takes every tower the checkpoint holds from the checkpoint. Every
+    parameter is filled; any checkpoint tensor that maps nowhere (beyond the documented ignore list) is
+    an error. `Pretrained.tower_sources` says where each tower came from.
 
     `template` names the conversation template; None reads it from the checkpoint (see
     `families.detect_template`; an mgjax checkpoint records the one chosen when it was converted).
@@ -364,12 +372,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
     if is_run_dir(path):
         config, meta = read_meta(path)
         source, tokenizer_path, evidence = None, Path(meta["tokenizer"]), "recorded by mgjax train"
+        towers = meta.get("towers", {})
     elif is_mgjax_checkpoint(path):
-        config, _ = read_meta(path)
+        config, meta = read_meta(path)
         source, tokenizer_path, evidence = path, path, "recorded by mgjax convert"
+        towers = meta.get("towers", {})
     else:
-        source = open_source(path, vision_tower, vision_tower_aux, base_llm)
-        config, tokenizer_path = source.config, source.tokenizer_dir.resolve()
+        source = open_source(path, vision_tower, vision_tower_aux, base_llm, towers_from_checkpoint)
+        config, tokenizer_path, towers = source.config, source.tokenizer_dir.resolve(), source.tower_sources
         if template is None:
             detected, evidence, tokenizer = checkpoint_template(config.lm.family, tokenizer_path,
                                                                 (path, base_llm, path.parent))
@@ -385,4 +395,4 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
     else:
         params = load_params(source, abstract_params(module), dt, shardings)
     return Pretrained(config, params, module, path, tokenizer_path=tokenizer_path, mesh=mesh, rules=rules,
-                      template_evidence=evidence, _tokenizer=tokenizer)
+                      template_evidence=evidence, tower_sources=towers, _tokenizer=tokenizer)

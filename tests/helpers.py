@@ -8,7 +8,7 @@ import numpy as np
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "mgm_reference"
-CASES = {"llama_vicuna": "MGM-7B-tiny", "gemma": "MGM-2B-tiny"}
+CASES = {"llama_vicuna": "MGM-7B-tiny", "gemma": "MGM-2B-tiny", "llama_vicuna_bf16": "MGM-7B-tiny"}
 
 
 def assert_close(actual, expected, rel: float = 1e-5, what: str = ""):

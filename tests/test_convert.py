@@ -242,3 +242,25 @@ def test_convert_draws_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
     convert(SRC, tmp_path / "out", dtype="float32")
     err = capsys.readouterr().err
     assert f"convert {SRC.name}:" in err and "parameters" in err and "ETA" in err
+
+
+def test_bf16_release_round_trip_with_the_convnext_from_its_folder(tmp_path):
+    """Golden case A-bf16 (saved by the original's bf16 recipe): its ConvNeXt is read from the float32 tower
+    folder, as the original reads it. Converted at bfloat16 and exported, every tensor comes back bit for
+    bit (the checkpoint's ConvNeXt copy is the folder's rounded to bf16, as the original's training saves
+    it), and the export loads to the source's parameters."""
+    from flax import traverse_util
+
+    case = GOLDEN / "llama_vicuna_bf16"
+    src = case / "MGM-7B-tiny"
+    out = convert(src, tmp_path / "orbax", dtype="bfloat16")
+    meta = json.loads((out / "mgjax_config.json").read_text())
+    assert (meta["towers"]["vision_tower"]["weights"], meta["towers"]["vision_tower_aux"]["weights"]) == (
+        "checkpoint", "folder")
+    shutil.copytree(case / "model_zoo", tmp_path / "model_zoo")
+    exported = export(out, tmp_path / "exported")
+    same_tensors(src, exported)
+    assert json.loads((exported / "config.json").read_text())["optimize_vision_tower_aux"] is False
+    want, got = (traverse_util.flatten_dict(mgjax.load_pretrained(p).params) for p in (src, exported))
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg="/".join(k))

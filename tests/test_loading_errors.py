@@ -142,9 +142,14 @@ def test_missing_clip_folder_with_weights_in_checkpoint_says_which_folder(case):
 
 
 def test_missing_convnext_folder_with_weights_in_checkpoint(case):
-    """The ConvNeXt architecture follows from the checkpoint's weight shapes: no folder needed."""
+    """The original reads the ConvNeXt from its folder (the checkpoint's copy only with
+    optimize_vision_tower_aux): a missing folder is an error, unless the checkpoint's copy is asked for
+    (its architecture then follows from the weight shapes)."""
     shutil.rmtree(case.parent / CONVNEXT_TOWER)
-    assert_same_logits(mgjax.load_pretrained(case))
+    with pytest.raises(MGJaxError, match=r"reads the ConvNeXt \(vision_tower_aux\) weights from its tower folder.*"
+                                         r"optimize_vision_tower_aux is false.*towers_from_checkpoint=True"):
+        mgjax.load_pretrained(case)
+    assert_same_logits(mgjax.load_pretrained(case, towers_from_checkpoint=True))
 
 
 # ---------------------------------------------------------------- tensors

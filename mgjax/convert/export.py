@@ -19,7 +19,9 @@ from flax import traverse_util
 from mgjax.checkpoint import saved_shapes
 from mgjax.config import MGMConfig
 from mgjax.convert.mgjax_ckpt import PARAMS, SIDE_FILES, atomic_output, read_meta, restore_leaf
-from mgjax.convert.names import ParamSpec, param_specs
+from mgjax.convert.names import ParamSpec, is_buffer, param_specs
+from mgjax.convert.readers import Reader
+from mgjax.convert.source import TOWERS
 from mgjax.errors import MGJaxError
 from mgjax.progress import Progress
 
@@ -44,6 +46,27 @@ class _Weights:
     read_param: Callable[[tuple[str, ...], tuple[int, ...], np.dtype], np.ndarray]  # path under params
     read_unused: Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
     side_dir: Path  # where the tokenizer files are
+    towers: dict  # where each tower's weights came from (`Source.tower_sources`; {} from older mgjax)
+    trained: frozenset = frozenset()  # the towers (top-level names) a training run changed
+
+
+def _tower_flags(weights: _Weights) -> dict:
+    """The config.json flags, set as the original's training sets them, that make a loader (the original's
+    or mgjax's) take each tower from where the exported weights are, so that export -> load gives them
+    back: `optimize_vision_tower_aux` is false only for a ConvNeXt read from its folder and not trained
+    (the loader reads that folder again: config.json keeps naming it); CLIP is read from the checkpoint
+    whatever the flags say (its copy goes into the vlm_uni_* shard)."""
+    out = {}
+    for tower in TOWERS:
+        record = weights.towers.get(tower.arg)
+        if record is None:  # a checkpoint converted before mgjax recorded tower sources: as it was
+            continue
+        from_folder = record.get("weights") == "folder" and tower.arg not in weights.trained
+        if tower.flag:
+            out[tower.flag] = not from_folder
+        elif tower.arg in weights.trained:
+            out["optimize_vision_tower"] = True
+    return out
 
 
 def _checkpoint_weights(ckpt: Path) -> _Weights:
@@ -52,23 +75,38 @@ def _checkpoint_weights(ckpt: Path) -> _Weights:
     unused = traverse_util.flatten_dict(saved.get("unused", {}), sep=".")
     return _Weights(config, meta["dtype"], meta["hf_config"], saved["params"], unused,
                     lambda path, shape, dt: restore_leaf(ckpt, ("params", *path), shape, dt),
-                    lambda name, shape, dt: restore_leaf(ckpt, ("unused", *name.split(".")), shape, dt), ckpt)
+                    lambda name, shape, dt: restore_leaf(ckpt, ("unused", *name.split(".")), shape, dt), ckpt,
+                    meta.get("towers", {}))
 
 
 def _run_weights(run: Path, read: Callable[[dict], dict]) -> _Weights:
     """A run of `mgjax train`: config.json is the one of the checkpoint the run started from (if any),
-    updated with the run's model config."""
+    updated with the run's model config. The tower tensors mgjax never reads (CLIP's last layer, ...) come
+    from the tower folders the run read its towers from, when they are still there."""
     from mgjax.config import config_to_hf
     from mgjax.model import MGM, abstract_params
+    from mgjax.train.step import is_trainable
 
     config, meta = read_meta(run)
+    params = abstract_params(MGM(config))
+    used = {k for s in param_specs(params, config) for k in s.torch_keys}
+    unused: dict[str, Reader] = {}
+    for tower in TOWERS:
+        folder = meta.get("towers", {}).get(tower.arg, {}).get("folder")
+        if folder and Path(folder).is_dir():
+            reader = tower.open_folder(Path(folder))[1]
+            unused.update({k: reader for k in reader.keys() if k not in used and not is_buffer(k)})
+    trained = frozenset(top for top in params for p in traverse_util.flatten_dict(params[top])
+                        if is_trainable((top, *p), meta.get("trainable", ())))
 
     def read_param(path, shape, dt):
         leaf = traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, dt)})
         return np.asarray(traverse_util.flatten_dict(read(leaf))[path])
 
-    return _Weights(config, meta["dtype"], {**meta.get("hf_config", {}), **config_to_hf(config)},
-                    abstract_params(MGM(config)), {}, read_param, None, Path(meta["tokenizer"]))
+    return _Weights(config, meta["dtype"], {**meta.get("hf_config", {}), **config_to_hf(config)}, params,
+                    {k: jax.ShapeDtypeStruct(r.shape(k), np.float32) for k, r in unused.items()}, read_param,
+                    lambda name, shape, dt: np.asarray(unused[name].get(name), dt), Path(meta["tokenizer"]),
+                    meta.get("towers", {}), trained)
 
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
@@ -120,8 +158,7 @@ def _export(ckpt: Path, weights: _Weights, out: str | os.PathLike, dtype: str | 
             weight_map.update({k: name for k, _ in entries})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf = dict(weights.hf_config)
-        hf["torch_dtype"] = dt.name
+        hf = {**weights.hf_config, **_tower_flags(weights), "torch_dtype": dt.name}
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         for name in SIDE_FILES:
             if (weights.side_dir / name).is_file():

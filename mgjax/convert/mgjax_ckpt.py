@@ -117,18 +117,19 @@ def _groups(source: Source, specs: list[ParamSpec], dtype, progress: Progress,
     unused = source.unused(specs)
     if unused:
         yield {"unused": traverse_util.unflatten_dict(
-            {k: jax.block_until_ready(jax.device_put(np.asarray(source.ckpt.get(k), dtype))) for k in unused},
+            {k: jax.block_until_ready(jax.device_put(np.asarray(source.reader(k).get(k), dtype))) for k in unused},
             sep=".")}
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16", vision_tower=None,
-            vision_tower_aux=None, base_llm=None, scan_layers: bool = False, template: str | None = None,
-            overwrite: bool = False) -> Path:
+            vision_tower_aux=None, base_llm=None, towers_from_checkpoint: bool = False, scan_layers: bool = False,
+            template: str | None = None, overwrite: bool = False) -> Path:
     """Released-layout MGM checkpoint (or stage-1 release + `base_llm`) -> mgjax checkpoint folder. The
-    conversation template (`template`, else read from the checkpoint like `load_pretrained` does) is
-    recorded in mgjax_config.json."""
+    towers come from where `load_pretrained` takes them (`source.open_source`); mgjax_config.json records
+    where each came from (`towers`) and the conversation template (`template`, else read from the
+    checkpoint like `load_pretrained` does)."""
     src, out = Path(src).resolve(), Path(out)
-    source = open_source(src, vision_tower, vision_tower_aux, base_llm)
+    source = open_source(src, vision_tower, vision_tower_aux, base_llm, towers_from_checkpoint)
     if template is None:
         template = checkpoint_template(source.config.lm.family, source.tokenizer_dir, (src, base_llm, src.parent))[0]
     get_template(template)
@@ -147,7 +148,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
                 if (folder / name).is_file() and not (tmp / name).exists():
                     shutil.copy2(folder / name, tmp / name)
         meta = {"format": "mgjax", "format_version": FORMAT_VERSION, "dtype": dt.name,
-                "config": config_to_dict(config), "hf_config": source.hf_config, "source": str(src)}
+                "config": config_to_dict(config), "hf_config": source.hf_config, "source": str(src),
+                "towers": source.tower_sources}
         (tmp / MGJAX_CONFIG).write_text(json.dumps(meta, indent=1))
     return out
 

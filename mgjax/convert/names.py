@@ -31,11 +31,11 @@ PREFIXES = (
 )
 CLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."
 CONVNEXT_PREFIX = "model.vision_tower_aux."
+CONVNEXT_STEM, CONVNEXT_STAGES = CONVNEXT_PREFIX + "vision_stem.", CONVNEXT_PREFIX + "vision_stages."
 
 # Where the separate tower folders keep the same tensors (view prefix -> file prefix).
 CLIP_FOLDER_PREFIXES = {CLIP_PREFIX: "vision_model."}
-CONVNEXT_FOLDER_PREFIXES = {CONVNEXT_PREFIX + "vision_stem.": "visual.trunk.stem.",
-                            CONVNEXT_PREFIX + "vision_stages.": "visual.trunk.stages."}
+CONVNEXT_FOLDER_PREFIXES = {CONVNEXT_STEM: "visual.trunk.stem.", CONVNEXT_STAGES: "visual.trunk.stages."}
 
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
@@ -139,13 +139,18 @@ def param_specs(shapes: dict, config: MGMConfig) -> list[ParamSpec]:
     return specs
 
 
+def is_buffer(key: str) -> bool:
+    """Non-persistent PyTorch buffers some saves include: never parameters."""
+    return key.endswith((".position_ids", "rotary_emb.inv_freq"))
+
+
 def ignored(key: str, config: MGMConfig) -> bool:
     """Checkpoint tensors that are present but unused by design (documented in the README).
 
     CLIP layers past the selected hidden state and its post-LayerNorm never touch MGM's output;
     `position_ids` / `inv_freq` are buffers; a tied LM head may be saved as a copy of the embedding.
     """
-    if key.endswith(".position_ids") or key.endswith("rotary_emb.inv_freq"):
+    if is_buffer(key):
         return True
     if key == "lm_head.weight" and config.lm.tie_word_embeddings:
         return True

@@ -1,8 +1,10 @@
 """Released MGM checkpoints as a `Source`: config.json, the weights and the two vision towers.
 
-A released checkpoint may hold its towers' weights or leave them to the tower folders that
-config.json names (`mm_vision_tower`, `mm_vision_tower_aux`); a stage-1 release holds only the
-projector, mining and tower weights and takes its LLM from the base model (`base_llm`).
+A released checkpoint saves the whole state dict, towers included, but the original's loader does
+not take every tower from it: each tower part comes from where the original takes it, the checkpoint
+or the tower folder that config.json names (`mm_vision_tower`, `mm_vision_tower_aux`); see
+`Tower.folder_reason`. A stage-1 release holds only the projector, mining and tower weights and takes
+its LLM from the base model (`base_llm`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ from flax import traverse_util
 from mgjax.config import (CLIPConfig, ConvNextConfig, MGMConfig, convnext_from_open_clip, convnext_from_shapes,
                           family_of)
 from mgjax.convert.names import (CLIP_FOLDER_PREFIXES, CLIP_PREFIX, CONVNEXT_FOLDER_PREFIXES, CONVNEXT_PREFIX,
-                                 ParamSpec, ignored, param_specs)
+                                 CONVNEXT_STAGES, CONVNEXT_STEM, ParamSpec, ignored, is_buffer, param_specs)
 from mgjax.convert.readers import Checkpoint, Reader, View
 from mgjax.errors import MGJaxError
 
 STAGE1_FILE = "mm_projector.bin"
+# The original's `MGMMetaModel.initialize_uni_modules` (mgm/model/mgm_arch.py) reads tower weights only
+# from the shards (found through the index) that hold a key containing one of these, its
+# `trainable_module`; from a stage-1 file (`pretrain_mm_mlp_adapter`) when there is one.
+UNI_MODULES = ("vlm_uni", "vision_fpn", "vision_stages")
 
 
 def _trunk_shapes(reader: Reader) -> dict[str, tuple[int, ...]]:
@@ -57,8 +63,11 @@ class Tower:
     """Where one vision tower's config and weights are found."""
 
     arg: str  # load_pretrained argument (CLI: the same with dashes)
+    name: str  # for messages
     hf_key: str  # the config.json key naming its folder
     prefix: str  # its names in the released state dict
+    parts: tuple[str, ...]  # name prefixes the original loads from a checkpoint as one unit (one `get_w`)
+    flag: str | None  # the config.json flag without which the original never takes it from a checkpoint
     config_file: str  # in its folder
     weight_files: tuple[str, ...]  # single-file weights in its folder (indexed ones are found anyway)
     folder_prefixes: dict[str, str]  # released prefix -> prefix in its folder's weights
@@ -91,11 +100,31 @@ class Tower:
         tried = [Path(name)] if Path(name).is_absolute() else [Path.cwd() / name, ckpt_dir.parent / name]
         return next((p for p in tried if p.is_dir()), None), tried
 
+    def folder_reason(self, hf: dict, ckpt: Reader, part: str) -> str | None:
+        """Why the original takes `part` from the tower folder although the checkpoint holds it; None when
+        it takes the checkpoint's copy.
+
+        The original's `load_pretrained_model` (mgm/model/builder.py) first builds both towers from their
+        folders (`CLIPVisionTower.load_model`, `OpenCLIPVisionTower.load_model`); `initialize_uni_modules`
+        then opens the shards that hold a `UNI_MODULES` key and its `get_w` overwrites CLIP with the copy
+        found there whatever `optimize_vision_tower` says, and the ConvNeXt's `vision_stem` and
+        `vision_stages` (one by one) only when `optimize_vision_tower_aux` is true. The HD models load the
+        same way (nothing in that path reads `image_grid`).
+        """
+        if self.flag and not hf.get(self.flag, False):
+            return f"config.json's {self.flag} is false"
+        opened = {ckpt.source(k) for k in ckpt.keys() if any(m in k for m in UNI_MODULES)}
+        if not any(ckpt.source(k) in opened for k in ckpt.keys() if k.startswith(part)):
+            return "its copy is not in the shards holding vlm_uni_* / vision_stages, the only ones the original reads"
+        return None
+
 
 TOWERS = (
-    Tower("vision_tower", "mm_vision_tower", CLIP_PREFIX, "config.json", Checkpoint.SINGLES,
-          CLIP_FOLDER_PREFIXES, lambda cfg, weights: CLIPConfig.from_hf(cfg), _clip_from_checkpoint),
-    Tower("vision_tower_aux", "mm_vision_tower_aux", CONVNEXT_PREFIX, "open_clip_config.json",
+    Tower("vision_tower", "CLIP", "mm_vision_tower", CLIP_PREFIX, (CLIP_PREFIX,), None, "config.json",
+          Checkpoint.SINGLES, CLIP_FOLDER_PREFIXES, lambda cfg, weights: CLIPConfig.from_hf(cfg),
+          _clip_from_checkpoint),
+    Tower("vision_tower_aux", "ConvNeXt", "mm_vision_tower_aux", CONVNEXT_PREFIX, (CONVNEXT_STEM, CONVNEXT_STAGES),
+          "optimize_vision_tower_aux", "open_clip_config.json",
           ("open_clip_pytorch_model.bin", "open_clip_model.safetensors"), CONVNEXT_FOLDER_PREFIXES,
           lambda cfg, weights: convnext_from_open_clip(cfg, _trunk_shapes(weights)), _convnext_from_checkpoint),
 )
@@ -131,8 +160,10 @@ def open_weights(ckpt_dir: Path, base_llm: str | os.PathLike | None) -> Reader:
 class Source:
     """Everything a released-layout model is made of: its config, its tensors and the tower readers.
 
-    Tower tensors come from the checkpoint when it has them, else from the tower folders (`towers`
-    maps a released name prefix to the folder's reader).
+    Tower parts come from the checkpoint or from their folders as `open_source` decided: `towers` maps
+    a released name prefix read from a folder to the folder's reader; the checkpoint's own copy under
+    such a prefix is shadowed (never read, not an unexpected tensor). `tower_sources` says, per tower,
+    where its weights came from and why (recorded by `convert`, shown by `Pretrained.tower_sources`).
     """
 
     config: MGMConfig
@@ -140,12 +171,16 @@ class Source:
     towers: dict[str, Reader] = field(default_factory=dict)
     hf_config: dict = field(default_factory=dict)
     tokenizer_dir: Path | None = None
+    tower_sources: dict = field(default_factory=dict)
 
     def reader(self, key: str) -> Reader:
         for prefix, r in self.towers.items():
             if key.startswith(prefix):
                 return r
         return self.ckpt
+
+    def _shadowed(self, key: str) -> bool:
+        return key.startswith(tuple(self.towers))
 
     def plan(self, shapes: dict) -> list[ParamSpec]:
         """The spec of every parameter of `shapes`, after checking that every tensor exists with the
@@ -156,11 +191,13 @@ class Source:
             hint = ""
             if any(k.startswith(("model.vision_tower", "model.vlm_uni", "model.mm_projector")) for k in missing):
                 hint = " (a stage-1 or LLM-only checkpoint lacks the towers or the mining weights)"
-            raise MGJaxError(f"{self.ckpt.where}: {len(missing)} tensor(s) the model needs are missing{hint}: "
+            where = sorted({str(self.reader(k).where) for k in missing})
+            raise MGJaxError(f"{', '.join(where)}: {len(missing)} tensor(s) the model needs are missing{hint}: "
                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; the download may be "
                              "incomplete (re-download it), or config.json is not from this checkpoint")
         used = {k for s in specs for k in s.torch_keys}
-        unexpected = [k for k in self.ckpt.keys() if k not in used and not ignored(k, self.config)]
+        unexpected = [k for k in self.ckpt.keys()
+                      if k not in used and not ignored(k, self.config) and not self._shadowed(k)]
         if unexpected:
             raise MGJaxError(f"{self.ckpt.where}: {len(unexpected)} tensors do not map to any mgjax parameter: "
                              f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}; "
@@ -176,9 +213,14 @@ class Source:
         return specs
 
     def unused(self, specs: list[ParamSpec]) -> list[str]:
-        """Checkpoint tensors on the ignore list (kept by `convert` so `export` writes them back)."""
+        """Tensors of the model's parts that mgjax never reads (CLIP's last layer, ...), kept by `convert`
+        so that `export` writes whole towers, as the original's training saves them: the checkpoint's
+        (beyond the shadowed copies) and, for a part read from its folder, the folder's (beyond buffers)."""
         used = {k for s in specs for k in s.torch_keys}
-        return [k for k in self.ckpt.keys() if k not in used]
+        keys = [k for k in self.ckpt.keys() if not self._shadowed(k)]
+        for reader in {id(r): r for r in self.towers.values()}.values():
+            keys += [k for k in reader.keys() if self._shadowed(k) and self.reader(k) is reader and not is_buffer(k)]
+        return [k for k in keys if k not in used]
 
     def array(self, spec: ParamSpec, dtype) -> np.ndarray:
         """The parameter in mgjax layout and `dtype`; stacked ones are filled one tensor at a time."""
@@ -206,8 +248,20 @@ class Source:
         return traverse_util.unflatten_dict(flat)
 
 
-def open_source(ckpt_dir: str | os.PathLike, vision_tower=None, vision_tower_aux=None, base_llm=None) -> Source:
-    """Reads config.json, opens the weights and resolves the towers of a released-layout checkpoint."""
+TOWERS_FROM_CHECKPOINT = ("towers_from_checkpoint=True (CLI: --towers-from-checkpoint) to use the checkpoint's "
+                          "copy instead (a bf16 checkpoint's copy is rounded: outputs then differ slightly from "
+                          "the original's)")
+
+
+def open_source(ckpt_dir: str | os.PathLike, vision_tower=None, vision_tower_aux=None, base_llm=None,
+                towers_from_checkpoint: bool = False) -> Source:
+    """Reads config.json, opens the weights and resolves the towers of a released-layout checkpoint.
+
+    Each tower part comes from where the original's loader takes it (`Tower.folder_reason`): CLIP from
+    the checkpoint, the ConvNeXt from its folder unless config.json's `optimize_vision_tower_aux`.
+    A folder the original would read that cannot be found is an error naming it, unless
+    `towers_from_checkpoint`, which takes every part the checkpoint holds from the checkpoint.
+    """
     ckpt_dir = Path(ckpt_dir)
     hf = read_hf_config(ckpt_dir)
     if "mm_hidden_size" not in hf:
@@ -216,22 +270,50 @@ def open_source(ckpt_dir: str | os.PathLike, vision_tower=None, vision_tower_aux
                          "the mm_* keys)")
     family_of(hf)  # an unknown model type fails before any weights or towers are looked for
     ckpt = open_weights(ckpt_dir, base_llm)
+    keys = ckpt.keys()
     overrides = {"vision_tower": vision_tower, "vision_tower_aux": vision_tower_aux}
-    configs, towers = {}, {}
+    configs, towers, sources = {}, {}, {}
     for tower in TOWERS:
         folder, tried = tower.resolve(hf, overrides[tower.arg], ckpt_dir)
-        in_ckpt = any(k.startswith(tower.prefix) for k in ckpt.keys())
+        held = {p for p in tower.parts if any(k.startswith(p) for k in keys)}
+        rule = {p: tower.folder_reason(hf, ckpt, p) for p in held}  # None: the original takes the checkpoint's
+        from_ckpt = {p for p in held if towers_from_checkpoint or rule[p] is None}
+        from_folder = [p for p in tower.parts if p not in from_ckpt]
         where = ", ".join(str(p) for p in tried) or f"config.json has no {tower.hf_key!r}"
         flag = f"pass {tower.arg}=PATH (CLI: --{tower.arg.replace('_', '-')} PATH) pointing at the tower folder"
-        if folder is None and not in_ckpt:
-            raise MGJaxError(f"the {tower.arg} weights are not in {ckpt_dir} and its folder was not found "
-                             f"(tried: {where}); {flag}")
+        if folder is None and from_folder:
+            if any(p not in held for p in from_folder):
+                raise MGJaxError(f"the {tower.arg} weights are not in {ckpt_dir} and its folder was not found "
+                                 f"(tried: {where}); {flag}")
+            reason = "; ".join(sorted({rule[p] for p in from_folder}))
+            raise MGJaxError(f"the original MGM loader reads the {tower.name} ({tower.arg}) weights from its tower "
+                             f"folder, not from the copy in {ckpt_dir} ({reason}), and that folder was not found "
+                             f"(tried: {where}); {flag}, or {TOWERS_FROM_CHECKPOINT}")
         if folder is None:
             configs[tower.arg] = tower.from_checkpoint(ckpt, f"the {tower.arg} folder was not found (tried: "
                                                              f"{where}; {flag})")
-            continue
-        configs[tower.arg], reader = tower.open_folder(folder)
-        if not in_ckpt:
-            towers[tower.prefix] = reader
+        else:
+            configs[tower.arg], reader = tower.open_folder(folder)
+            towers.update({p: reader for p in from_folder})
+        sources[tower.arg] = _sources_record(tower, folder, held, rule, from_ckpt)
     return Source(MGMConfig.from_hf(hf, configs["vision_tower"], configs["vision_tower_aux"]), ckpt, towers, hf,
-                  ckpt_dir if base_llm is None else Path(base_llm))
+                  ckpt_dir if base_llm is None else Path(base_llm), sources)
+
+
+def _sources_record(tower: Tower, folder: Path | None, held: set, rule: dict, from_ckpt: set) -> dict:
+    """Where a tower's weights came from, for mgjax_config.json: {"weights": "checkpoint" | "folder" (or
+    {part: either} when its parts differ), "folder": absolute path or None, "why": the rule that decided}."""
+    def why(p: str) -> str:
+        if p not in held:
+            return "not in the checkpoint"
+        if p not in from_ckpt:
+            return f"as the original: {rule[p]}"
+        if rule[p]:
+            return f"towers_from_checkpoint=True (the original reads the folder: {rule[p]})"
+        return "as the original: its initialize_uni_modules takes it from the checkpoint"
+
+    kinds = {p[len(tower.prefix):].rstrip(".") or tower.arg: "checkpoint" if p in from_ckpt else "folder"
+             for p in tower.parts}
+    weights = next(iter(kinds.values())) if len(set(kinds.values())) == 1 else kinds
+    return {"weights": weights, "folder": None if folder is None else str(folder.resolve()),
+            "why": "; ".join(sorted({why(p) for p in tower.parts}))}

@@ -30,10 +30,13 @@ class ModelConfig:
     init: str | None = None  # start from these weights: an mgjax or released checkpoint folder (its config wins)
     stage1: str | None = None  # stage 2: projector + mining weights of a stage-1 run dir or release
     tokenizer: str | None = None  # tokenizer folder (default: `init`'s); "demo" builds the demo's word tokenizer
-    # Stage 1 from the parts (no `init`): a plain HF LLM checkpoint folder and the two tower folders.
+    # Stage 1 from the parts (no `init`): a plain HF LLM checkpoint folder and the two tower folders. With a
+    # released `init`, the tower folders are where its towers are read from as the original reads them
+    # (load_pretrained's vision_tower / vision_tower_aux / towers_from_checkpoint).
     base_llm: str | None = None
     vision_tower: str | None = None  # HF CLIP folder (config.json + weights)
     vision_tower_aux: str | None = None  # OpenCLIP ConvNeXt folder (open_clip_config.json + weights)
+    towers_from_checkpoint: bool = False
     compute_dtype: str = "bfloat16"  # activations; weights and optimizer state stay float32
     remat: str = "dots"  # none | dots | full: what the backward pass recomputes
     scan_layers: bool = True

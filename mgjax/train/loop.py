@@ -34,6 +34,7 @@ from mgjax.config import MGMConfig, config_to_dict
 from mgjax.convert import load_params
 from mgjax.convert.mgjax_ckpt import MGJAX_CONFIG, FORMAT_VERSION, is_mgjax_checkpoint, read_meta
 from mgjax.convert.readers import Checkpoint, View
+from mgjax.convert.names import CLIP_PREFIX
 from mgjax.convert.source import STAGE1_FILE, TOWERS, Source, open_source
 from mgjax.data.pipeline import DataConfig, make_dataset, pad_to
 from mgjax.data.tokenize import checkpoint_template, load_tokenizer
@@ -74,24 +75,40 @@ class Model:
     tokenizer_dir: Path
     init: Source | Path | None  # where the initial weights come from (None: random)
     hf_config: dict  # the released config.json behind `init` ({} without one), for `mgjax export`
+    towers: dict  # per tower, where its weights come from (`Pretrained.tower_sources`), for `mgjax export`
+    stage1_clip: bool = False  # stage 2 takes CLIP from the stage-1 release file, as the original does
 
 
 def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
     m = cfg.model
     init: Source | Path | None = None
     hf: dict = {}
+    towers: dict = {}
+    if m.base_llm is not None and m.init is not None:
+        raise MGJaxError("train config: model.base_llm builds the model from its parts; it does not go with "
+                         "model.init")
     if m.init is not None:
         path = Path(m.init).expanduser().resolve()
         if is_run_dir(path) or is_mgjax_checkpoint(path):  # an earlier run, or a converted release
+            if m.vision_tower or m.vision_tower_aux or m.towers_from_checkpoint:
+                raise MGJaxError(f"train config: model.init {path} holds its towers already; model.vision_tower, "
+                                 "vision_tower_aux and towers_from_checkpoint apply to released checkpoints")
             config, meta = read_meta(path)
             init, hf, tokenizer_dir = path, meta.get("hf_config", {}), Path(meta.get("tokenizer", path))
-        else:
-            init = open_source(path)
+            towers = meta.get("towers", {})
+        else:  # released: the tower folders, if given, are where the original reads the towers from
+            init = open_source(path, _folder(m.vision_tower), _folder(m.vision_tower_aux),
+                               towers_from_checkpoint=m.towers_from_checkpoint)
             template = checkpoint_template(init.config.lm.family, path, (path, path.parent))[0]
             config, hf, tokenizer_dir = dataclasses.replace(init.config, template=template), init.hf_config, path
+            towers = init.tower_sources
     elif m.preset is not None:
         config = DEMO_CONFIG if m.preset == "demo" else preset(m.preset)
         tokenizer_dir = None
+        towers = {t.arg: {"weights": "folder", "folder": str(_folder(getattr(m, t.arg)).resolve()),
+                          "why": f"model.{t.arg}"} if getattr(m, t.arg) else
+                  {"weights": "random", "folder": None, "why": f"no model.{t.arg}: initialised at random"}
+                  for t in TOWERS}
     else:
         raise MGJaxError("train config: set model.preset (a released model or 'demo') or model.init (weights)")
     config = _replace(config, m.config, "")
@@ -108,7 +125,17 @@ def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
         tokenizer_dir = Path(m.tokenizer or m.base_llm).expanduser().resolve()
     if tokenizer_dir is None:
         raise MGJaxError("train config: set model.tokenizer (a tokenizer folder, or 'demo')")
-    return Model(config, tokenizer_dir, init, hf)
+    stage1 = None if m.stage1 is None else _stage1_file(Path(m.stage1).expanduser().resolve())
+    stage1_clip = stage1 is not None and any(k.startswith(CLIP_PREFIX) for k in Checkpoint.from_file(stage1).keys())
+    if stage1_clip:
+        towers["vision_tower"] = {**towers.get("vision_tower", {}), "weights": "stage-1 file",
+                                  "why": f"as the original's stage 2: initialize_uni_modules takes CLIP from the "
+                                         f"stage-1 {STAGE1_FILE} (pretrain_mm_mlp_adapter) {stage1}"}
+    return Model(config, tokenizer_dir, init, hf, towers, stage1_clip)
+
+
+def _folder(path: str | None) -> Path | None:
+    return None if path is None else Path(path).expanduser()
 
 
 def _placed(shapes: dict, shardings: dict) -> dict:
@@ -116,9 +143,21 @@ def _placed(shapes: dict, shardings: dict) -> dict:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s), shapes, shardings)
 
 
-def _stage1_params(path: Path, shapes: dict, shardings: dict) -> dict:
-    """The projector and mining parameters of a stage-1 run dir, mgjax checkpoint or release."""
-    shapes = {k: v for k, v in shapes.items() if k.startswith(STAGE1_PREFIXES)}
+def _stage1_file(path: Path) -> Path | None:
+    """The stage-1 release file `model.stage1` names; None for a stage-1 run dir or mgjax checkpoint."""
+    if is_run_dir(path) or is_mgjax_checkpoint(path):
+        return None
+    file = path / STAGE1_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise MGJaxError(f"model.stage1 {path}: not a stage-1 run dir, mgjax checkpoint or {STAGE1_FILE}")
+    return file
+
+
+def _stage1_params(path: Path, model: Model, shapes: dict, shardings: dict) -> dict:
+    """The projector and mining parameters of a stage-1 run dir, mgjax checkpoint or release (and CLIP
+    from a release file that holds it, as the original's stage 2 takes it: `Model.stage1_clip`)."""
+    shapes = {k: v for k, v in shapes.items()
+              if k.startswith(STAGE1_PREFIXES) or model.stage1_clip and k == "vision_tower"}
     shardings = {k: v for k, v in shardings.items() if k in shapes}
     if is_run_dir(path):  # a stage-1 run of mgjax
         step, params = restore_run_params(path, _placed(shapes, shardings))
@@ -126,17 +165,16 @@ def _stage1_params(path: Path, shapes: dict, shardings: dict) -> dict:
         return params
     if is_mgjax_checkpoint(path):
         return load_params(path, shapes, jnp.float32, shardings)
-    file = path / STAGE1_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise MGJaxError(f"model.stage1 {path}: not a stage-1 run dir, mgjax checkpoint or {STAGE1_FILE}")
-    prefixes = {f"model.{p}": f"model.{p}" for p in STAGE1_PREFIXES}
-    source = Source(None, View.renamed(Checkpoint.from_file(file), prefixes))
+    keep = tuple(f"model.{p}" for p in STAGE1_PREFIXES) + ((CLIP_PREFIX,) if model.stage1_clip else ())
+    source = Source(model.config, View.renamed(Checkpoint.from_file(_stage1_file(path)), {p: p for p in keep}))
     return source.load(shapes, jnp.float32, shardings)
 
 
 def _parts(cfg: TrainConfig) -> dict[str, Any]:
-    """Readers of the pretrained parts a stage-1 run starts from, by top-level parameter name."""
+    """Readers of the pretrained parts a run without `model.init` starts from, by top-level parameter name."""
     m, out = cfg.model, {}
+    if m.init is not None:
+        return out
     if m.base_llm is not None:
         out["llm"] = Checkpoint.from_folder(Path(m.base_llm).expanduser())
     for tower, top in zip(TOWERS, ("vision_tower", "vision_tower_aux")):
@@ -158,16 +196,11 @@ def initial_params(cfg: TrainConfig, model: Model, module: MGM, mesh, rules, sha
             params = restore_run_params(model.init, _placed(shapes, shardings))[1]
         else:
             params = load_params(model.init, shapes, jnp.float32, shardings)
-    parts = _parts(cfg)
-    if parts:
-        if model.init is not None:
-            raise MGJaxError("train config: model.base_llm / vision_tower / vision_tower_aux build the model from its "
-                             "parts; they do not go with model.init")
-        for top, reader in parts.items():
-            part = Source(model.config, reader).load({top: shapes[top]}, jnp.float32, {top: shardings[top]})
-            params = {**params, **part}
+    for top, reader in _parts(cfg).items():
+        part = Source(model.config, reader).load({top: shapes[top]}, jnp.float32, {top: shardings[top]})
+        params = {**params, **part}
     if cfg.model.stage1 is not None:
-        stage1 = _stage1_params(Path(cfg.model.stage1).expanduser().resolve(), shapes, shardings)
+        stage1 = _stage1_params(Path(cfg.model.stage1).expanduser().resolve(), model, shapes, shardings)
         params = {**params, **stage1}
     return params
 
@@ -446,5 +479,5 @@ def _write_run_files(run_dir: Path, cfg: TrainConfig, config: MGMConfig, model: 
     (run_dir / "train_config.yaml").write_text(yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False))
     meta = {"format": RUN_FORMAT, "format_version": FORMAT_VERSION, "dtype": "float32",
             "config": config_to_dict(config), "tokenizer": str(model.tokenizer_dir), "trainable": list(cfg.trainable),
-            "hf_config": model.hf_config}
+            "hf_config": model.hf_config, "towers": model.towers}
     (run_dir / MGJAX_CONFIG).write_text(json.dumps(meta, indent=1))
