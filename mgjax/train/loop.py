@@ -125,7 +125,8 @@ def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
         tokenizer_dir = Path(m.tokenizer or m.base_llm).expanduser().resolve()
     if tokenizer_dir is None:
         raise MGJaxError("train config: set model.tokenizer (a tokenizer folder, or 'demo')")
-    stage1 = None if m.stage1 is None else _stage1_file(Path(m.stage1).expanduser().resolve())
+    # Only a release file that is there already is looked into: a dry run may precede stage 1.
+    stage1 = None if m.stage1 is None else _stage1_file(Path(m.stage1).expanduser().resolve(), must_exist=False)
     stage1_clip = stage1 is not None and any(k.startswith(CLIP_PREFIX) for k in Checkpoint.from_file(stage1).keys())
     if stage1_clip:
         towers["vision_tower"] = {**towers.get("vision_tower", {}), "weights": "stage-1 file",
@@ -143,12 +144,15 @@ def _placed(shapes: dict, shardings: dict) -> dict:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s), shapes, shardings)
 
 
-def _stage1_file(path: Path) -> Path | None:
-    """The stage-1 release file `model.stage1` names; None for a stage-1 run dir or mgjax checkpoint."""
+def _stage1_file(path: Path, must_exist: bool = True) -> Path | None:
+    """The stage-1 release file `model.stage1` names; None for a stage-1 run dir or mgjax checkpoint (or,
+    unless `must_exist`, for nothing there yet)."""
     if is_run_dir(path) or is_mgjax_checkpoint(path):
         return None
     file = path / STAGE1_FILE if path.is_dir() else path
     if not file.is_file():
+        if not must_exist:
+            return None
         raise MGJaxError(f"model.stage1 {path}: not a stage-1 run dir, mgjax checkpoint or {STAGE1_FILE}")
     return file
 
