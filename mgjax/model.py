@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -202,8 +203,20 @@ def _init_fn(module: MGM):
 def abstract_params(module: MGM, boxed: bool = False) -> dict:
     """The parameter tree as ShapeDtypeStructs, without allocating; `boxed` keeps the logical axis
     names (`nn.LogicallyPartitioned` leaves) that sharding rules read."""
-    tree = jax.eval_shape(_init_fn(module), jax.random.key(0))
+    tree = _copy_dicts(_abstract_boxed(module.config, jnp.dtype(module.dtype), jnp.dtype(module.param_dtype)))
     return tree if boxed else nn.unbox(tree)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_boxed(config: MGMConfig, dtype, param_dtype) -> dict:
+    # Tracing a released model's init takes seconds (MGM-34B-HD: ~4 s), and loaders, the planner and the
+    # trainer ask for the same tree several times.
+    return jax.eval_shape(_init_fn(MGM(config, dtype=dtype, param_dtype=param_dtype)), jax.random.key(0))
+
+
+def _copy_dicts(tree):
+    """A copy of the nesting (callers may edit the dicts they get); the leaves are immutable."""
+    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
 def init_params(module: MGM, rng: jax.Array, mesh=None, rules=None) -> dict:

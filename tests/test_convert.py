@@ -72,7 +72,11 @@ def test_convert_load_export_round_trip(tmp_path, scan):
     index = json.loads((exported / "model.safetensors.index.json").read_text())
     shards = {index["weight_map"][k] for k in index["weight_map"] if k.startswith(MM_PREFIXES)}
     assert len(shards) == 1  # CLIP sits in the shard with vlm_uni_*, as the original loader needs
-    np.testing.assert_array_equal(logits_of(mgjax.load_pretrained(exported)), logits_of(model))
+    # The export loads per-layer whatever the converted layout: the same program as the source's on the
+    # same numbers gives the same logits bit for bit; the scanned program sums in another order.
+    again = logits_of(mgjax.load_pretrained(exported))
+    np.testing.assert_array_equal(again, logits_of(mgjax.load_pretrained(SRC) if scan else model))
+    assert_close(again, logits_of(model), what="exported vs converted logits")
 
 
 def test_bfloat16_round_trip_and_sharding(tmp_path):
@@ -186,7 +190,7 @@ def test_interrupted_job_leaves_nothing_and_reruns(tmp_path, job, sig, code):
     assert proc.returncode == code, err[-2000:]
     assert err.count("\n") == 1 and "nothing half-written" in err, err
     assert not partial.exists() and not out.exists()
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert main(cmd[3:]) == 0  # the same command, in this process (a second interpreter costs seconds)
     if job == "convert":
         assert mgjax.load_pretrained(out).config.lm == mgjax.load_pretrained(SRC).config.lm
     else:

@@ -2,7 +2,6 @@
 of every kind are accepted like the original accepts them, and prompts of any length share a few
 compiled programs."""
 
-import os
 import shutil
 import time
 
@@ -163,17 +162,17 @@ def test_relative_path_survives_chdir(tmp_path, monkeypatch):
     assert model.tokenize("USER: <image>\nhi")[0] == model.tokenizer.bos_token_id
 
 
-def test_missing_tokenizer_files_fail_at_once(tmp_path):
+def test_missing_tokenizer_files_fail_at_once(tmp_path, monkeypatch):
     ckpt = tmp_path / "MGM-7B"
     shutil.copytree(CASE / "MGM-7B-tiny", ckpt, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
     shutil.copytree(CASE / "model_zoo", tmp_path / "model_zoo")
-    os.environ.pop("HF_HUB_OFFLINE", None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # for this test only: later tests keep it
     model = mgjax.load_pretrained(ckpt)
     assert model.config.template == "vicuna_v1"  # from the folder name
     t = time.time()
     with pytest.raises(MGJaxError, match=r"no tokenizer files \(expected tokenizer.json or tokenizer.model"):
         model.tokenizer
-    assert time.time() - t < 2  # no network retries
+    assert time.time() - t < 10  # no network retries (those take minutes); a margin for a loaded machine
 
 
 @pytest.mark.parametrize("kind,hd,side", [("gemma", False, "left"), ("yi", True, "left")])

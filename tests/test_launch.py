@@ -48,7 +48,8 @@ def test_slurm_script_sets_the_coordinator(tmp_path):
     _tool(bin_dir, "srun", 'shift\nSLURM_PROCID=1 "$@"\n')
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "activate").write_text("")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
+    mine = {k: v for k, v in os.environ.items() if not k.startswith("MGJAX_")}  # only what the script sets
+    env = {**mine, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]",
            "SLURM_NTASKS": "2", "SLURM_JOB_NAME": "mgjax", "SLURM_JOB_ID": "7"}
     out = subprocess.run(["bash", str(LAUNCH / "slurm_gpu.sbatch"), "env"], env=env, cwd=tmp_path,
                          capture_output=True, text=True)

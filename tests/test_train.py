@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import threading
-import time
 from pathlib import Path
 
 import jax
@@ -256,28 +254,33 @@ def test_dry_run_compiles_the_step_for_the_mesh(tmp_path, capfd):
     assert "per device: arguments" in out.out and not (tmp_path / "run").exists()
 
 
-def _sigterm_after(metrics: Path, lines: int):
-    def run():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.01)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+@contextlib.contextmanager
+def _sigterm_after_step(monkeypatch, at: int):
+    """A real SIGTERM to this process as soon as the loop has logged step `at`: the signal arrives at the same
+    point of every run (a timer thread watching metrics.jsonl raced the loop on a loaded machine)."""
+    from mgjax.train.tensorboard import EventWriter
+
+    scalars = EventWriter.scalars
+
+    def scalars_then_sigterm(self, step, values, wall_time=None):
+        scalars(self, step, values, wall_time)
+        if step == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(EventWriter, "scalars", scalars_then_sigterm)
+        yield
 
 
-def test_resume_after_sigterm_is_bitwise(tmp_path, capsys):
+def test_resume_after_sigterm_is_bitwise(tmp_path, capsys, monkeypatch):
     """Interrupted by SIGTERM (saved where it stopped) and re-run: the same losses, bit for bit, as a run
     never interrupted; the data order included (the iterator state is in the checkpoint), the frozen
     parameters too when their folder was lost (rebuilt from the run's config)."""
     args = ["steps=8", "checkpoint_every=100", "model.stage1=null"]
     whole = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "a", *args)))
     assert whole["step"] == 8
-    _sigterm_after(tmp_path / "b" / "metrics.jsonl", 3)
-    cut = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "b", *args)))
+    with _sigterm_after_step(monkeypatch, 3):
+        cut = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "b", *args)))
     assert cut["stopped"] and 3 <= cut["step"] < 8
     assert f"saved step {cut['step']}" in capsys.readouterr().err
     # The frozen towers are written once beside the steps, not in them; a lost copy is rebuilt on resume.
