@@ -385,7 +385,7 @@ def verify(src: str, out: str, n: str = "16") -> None:
     import numpy as np
 
     from mgjax.checkpoint import saved_shapes
-    from mgjax.convert.mgjax_ckpt import PARAMS, read_meta, restore_leaf
+    from mgjax.convert.mgjax_ckpt import PARAMS, read_meta, restore_leaves
     from mgjax.convert.names import param_specs
     from mgjax.convert.source import open_source
 
@@ -402,7 +402,7 @@ def verify(src: str, out: str, n: str = "16") -> None:
         pick.update({s.path: s for s in (stacked[0], stacked[len(stacked) // 2])})
     checked = []
     for s in pick.values():
-        got = restore_leaf(Path(out), ("params", *s.path), s.shape, dt)
+        (got,) = restore_leaves(Path(out), [(("params", *s.path), s.shape)], dt)
         want = source.array(s, got.dtype)
         if got.shape != want.shape or not np.array_equal(got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8)):
             raise SystemExit(f"verify: {'/'.join(s.path)} differs from the source")
@@ -411,7 +411,7 @@ def verify(src: str, out: str, n: str = "16") -> None:
     if unused:
         k = unused[len(unused) // 2]
         want = source.ckpt.get(k)
-        got = restore_leaf(Path(out), ("unused", *k.split(".")), want.shape, dt)
+        (got,) = restore_leaves(Path(out), [(("unused", *k.split(".")), want.shape)], dt)
         if not np.array_equal(got.view(np.uint8), np.ascontiguousarray(want, got.dtype).view(np.uint8)):
             raise SystemExit(f"verify: unused tensor {k} differs from the source")
         checked.append(k)

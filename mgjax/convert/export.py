@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from mgjax.checkpoint import saved_shapes
 from mgjax.config import MGMConfig
-from mgjax.convert.mgjax_ckpt import PARAMS, SIDE_FILES, atomic_output, read_meta, restore_leaf
+from mgjax.convert.mgjax_ckpt import GROUP_BYTES, PARAMS, SIDE_FILES, atomic_output, read_meta, restore_leaves
 from mgjax.convert.names import ParamSpec, is_buffer, param_specs
 from mgjax.convert.readers import Reader
 from mgjax.convert.source import TOWERS
@@ -43,8 +43,8 @@ class _Weights:
     hf_config: dict  # config.json to write
     params: dict  # the parameter tree (anything with .shape at the leaves)
     unused: dict  # released tensors mgjax does not use: flat name -> array with .shape
-    read_param: Callable[[tuple[str, ...], tuple[int, ...], np.dtype], np.ndarray]  # path under params
-    read_unused: Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
+    # (leaves, dtype) -> their values: a leaf is (("params", *path) or ("unused", name), shape)
+    read: Callable[[list[tuple[tuple[str, ...], tuple[int, ...]]], np.dtype], list[np.ndarray]]
     side_dir: Path  # where the tokenizer files are
     towers: dict  # where each tower's weights came from (`Source.tower_sources`; {} from older mgjax)
     trained: frozenset = frozenset()  # the towers (top-level names) a training run changed
@@ -73,9 +73,11 @@ def _checkpoint_weights(ckpt: Path) -> _Weights:
     config, meta = read_meta(ckpt)
     saved = saved_shapes(ckpt / PARAMS)
     unused = traverse_util.flatten_dict(saved.get("unused", {}), sep=".")
-    return _Weights(config, meta["dtype"], meta["hf_config"], saved["params"], unused,
-                    lambda path, shape, dt: restore_leaf(ckpt, ("params", *path), shape, dt),
-                    lambda name, shape, dt: restore_leaf(ckpt, ("unused", *name.split(".")), shape, dt), ckpt,
+    def read(leaves, dt):  # unused names are dotted paths of the saved tree
+        return restore_leaves(ckpt, [((kind, *(rest if kind == "params" else rest[0].split("."))), shape)
+                                     for (kind, *rest), shape in leaves], dt)
+
+    return _Weights(config, meta["dtype"], meta["hf_config"], saved["params"], unused, read, ckpt,
                     meta.get("towers", {}))
 
 
@@ -99,14 +101,16 @@ def _run_weights(run: Path, read: Callable[[dict], dict]) -> _Weights:
     trained = frozenset(top for top in params for p in traverse_util.flatten_dict(params[top])
                         if is_trainable((top, *p), meta.get("trainable", ())))
 
-    def read_param(path, shape, dt):
-        leaf = traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, dt)})
-        return np.asarray(traverse_util.flatten_dict(read(leaf))[path])
+    def read_leaves(leaves, dt):
+        wanted = {tuple(path): shape for (kind, *path), shape in leaves if kind == "params"}
+        abstract = traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(s, dt) for p, s in wanted.items()})
+        got = traverse_util.flatten_dict(read(abstract)) if wanted else {}
+        return [np.asarray(got[tuple(path)]) if kind == "params" else np.asarray(unused[path[0]].get(path[0]), dt)
+                for (kind, *path), _ in leaves]
 
     return _Weights(config, meta["dtype"], {**meta.get("hf_config", {}), **config_to_hf(config)}, params,
-                    {k: jax.ShapeDtypeStruct(r.shape(k), np.float32) for k, r in unused.items()}, read_param,
-                    lambda name, shape, dt: np.asarray(unused[name].get(name), dt), Path(meta["tokenizer"]),
-                    meta.get("towers", {}), trained)
+                    {k: jax.ShapeDtypeStruct(r.shape(k), np.float32) for k, r in unused.items()}, read_leaves,
+                    Path(meta["tokenizer"]), meta.get("towers", {}), trained)
 
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
@@ -167,12 +171,20 @@ def _export(ckpt: Path, weights: _Weights, out: str | os.PathLike, dtype: str | 
 
 
 def _tensors(weights: _Weights, shard: list, dt) -> Iterator[np.ndarray]:
-    """The shard's tensors in order, reading one parameter at a time."""
-    for kind, what, entries in shard:
-        if kind == "param":
-            yield from what.to_torch(weights.read_param(what.path, what.shape, dt))
-        else:
-            yield weights.read_unused(what, entries[0][1], dt)
+    """The shard's tensors in order, read about GROUP_BYTES at a time (one read per group: a read has a
+    fixed cost, which small models would otherwise pay per tensor)."""
+    group, size = [], 0
+    for i, (kind, what, entries) in enumerate(shard):
+        shape = what.shape if kind == "param" else entries[0][1]
+        group.append((kind, what, shape))
+        size += int(np.prod(shape)) * dt.itemsize
+        if size < GROUP_BYTES and i < len(shard) - 1:
+            continue
+        values = weights.read([(("params", *what.path) if kind == "param" else ("unused", what), shape)
+                               for kind, what, shape in group], dt)
+        for (kind, what, _), value in zip(group, values):
+            yield from what.to_torch(value) if kind == "param" else (value,)
+        group, size = [], 0
 
 
 def _write_safetensors(path: Path, entries: list[tuple[str, tuple]], dt, tensors: Iterator[np.ndarray]) -> int:

@@ -164,8 +164,9 @@ def restore_params(path: Path, shapes: dict, dtype, shardings: dict | None = Non
     return restore(Path(path) / PARAMS, {"params": abstract}, partial=True)["params"]
 
 
-def restore_leaf(path: Path, leaf: tuple[str, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
-    """One leaf of an mgjax checkpoint folder's saved tree (`leaf` from its root, e.g.
-    ("params", "mm_projector", "0", "kernel") or ("unused", ...)), cast to `dtype`."""
-    abstract = traverse_util.unflatten_dict({leaf: jax.ShapeDtypeStruct(shape, dtype)})
-    return np.asarray(traverse_util.flatten_dict(restore(Path(path) / PARAMS, abstract, partial=True))[leaf])
+def restore_leaves(path: Path, leaves: list[tuple[tuple[str, ...], tuple[int, ...]]], dtype) -> list[np.ndarray]:
+    """Leaves of an mgjax checkpoint folder's saved tree (each a path from its root, e.g. ("params",
+    "mm_projector", "0", "kernel") or ("unused", ...), with its shape), cast to `dtype`, in one read."""
+    abstract = traverse_util.unflatten_dict({leaf: jax.ShapeDtypeStruct(shape, dtype) for leaf, shape in leaves})
+    flat = traverse_util.flatten_dict(restore(Path(path) / PARAMS, abstract, partial=True))
+    return [np.asarray(flat[leaf]) for leaf, _ in leaves]
