@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,15 @@ import numpy as np
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "mgm_reference"
 CASES = {"llama_vicuna": "MGM-7B-tiny", "gemma": "MGM-2B-tiny", "llama_vicuna_bf16": "MGM-7B-tiny"}
+
+
+@functools.cache
+def golden_model(name: str = "llama_vicuna"):
+    """A golden case's checkpoint as `load_pretrained` gives it (float32), loaded once per test process, so
+    that the programs it compiles (logits and generate per bucket) serve every module that runs them."""
+    import mgjax
+
+    return mgjax.load_pretrained(GOLDEN / name / CASES[name])
 
 
 def assert_close(actual, expected, rel: float = 1e-5, what: str = ""):

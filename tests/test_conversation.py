@@ -6,11 +6,10 @@ import json
 import numpy as np
 import pytest
 
-import mgjax
 from mgjax.data.conversation import conversation_to_ids, render_conversation
 from mgjax.data.templates import TEMPLATES, build_prompt
 from mgjax.errors import MGJaxError
-from helpers import CASES, GOLDEN
+from helpers import GOLDEN, golden_model
 
 TURNS = {
     "llama_vicuna": [("human", "<image>\nWhat is unusual about this image?"),
@@ -31,7 +30,7 @@ def _turns(pairs):
 
 def _case(name):
     folder = GOLDEN / name
-    return (mgjax.load_pretrained(folder / CASES[name]), json.loads((folder / "case.json").read_text()),
+    return (golden_model(name), json.loads((folder / "case.json").read_text()),
             np.load(folder / "expected.npz"))
 
 

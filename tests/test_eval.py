@@ -9,8 +9,7 @@ import json
 import pytest
 from PIL import Image
 
-import mgjax
-from helpers import GOLDEN
+from helpers import GOLDEN, golden_model
 from mgjax.cli import main
 from mgjax.errors import MGJaxError
 from mgjax.eval.scores import mme_scores, pope_scores
@@ -51,7 +50,7 @@ def test_pope_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
     assert set(answers[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
-    model = mgjax.load_pretrained(CASE / "MGM-7B-tiny")
+    model = golden_model()
     for q, a in zip(questions[:2], answers[:2]):
         ids, im, aux = model.prompt_inputs(q["text"], [tmp_path / "images" / q["image"]])
         assert a["text"] == model.generate([ids], im, aux, max_new_tokens=128).text[0]
@@ -177,7 +176,7 @@ def test_hosts_split_the_questions_and_host_0_merges(tmp_path, monkeypatch):
 
     questions = _pope_sample(tmp_path)
     monkeypatch.chdir(CASE)
-    model = mgjax.load_pretrained(CASE / "MGM-7B-tiny")
+    model = golden_model()
     out = tmp_path / "answers.jsonl"
     qs = read_questions(tmp_path / "q.jsonl")
     for host in (0, 1):

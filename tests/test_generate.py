@@ -15,7 +15,7 @@ import pytest
 
 import mgjax
 import tiny
-from helpers import GOLDEN, nhwc
+from helpers import GOLDEN, golden_model, nhwc
 from mgjax.config import IMAGE_TOKEN_INDEX, MeshConfig
 from mgjax.errors import MGJaxError
 from mgjax.infer.sampling import filter_logits
@@ -37,7 +37,7 @@ def test_greedy_tokens_and_scores_equal_the_original(case, tmp_path, monkeypatch
     ref = np.load(GOLDEN / case / "expected.npz")
     src = GOLDEN / case / meta["checkpoint_dir"]
     inputs = (ref["input_ids"], nhwc(ref["images"]), nhwc(ref["images_aux"]))
-    out = mgjax.load_pretrained(src).generate(*inputs, max_new_tokens=8, output_scores=True)
+    out = golden_model(case).generate(*inputs, max_new_tokens=8, output_scores=True)
     np.testing.assert_array_equal(out.token_ids, ref["generate_ids"])
     np.testing.assert_allclose(out.scores[0], ref["generate_scores"], atol=2e-5, rtol=0)
     scanned = mgjax.load_pretrained(convert(src, tmp_path / "scanned", dtype="float32", scan_layers=True))
@@ -248,7 +248,7 @@ def test_generate_command(tmp_path, monkeypatch, capsys):
     ref = np.load(case / "expected.npz")
     assert main(["generate", "MGM-7B-tiny", "--image", "input.jpg", "--max-new-tokens", "8",
                  "--question", "What is unusual about this image?"]) == 0
-    model = mgjax.load_pretrained(case / "MGM-7B-tiny")
+    model = golden_model()
     assert capsys.readouterr().out.strip() == model.tokenizer.decode(ref["generate_ids"][0],
                                                                       skip_special_tokens=True).strip()
     prompts = tmp_path / "p.jsonl"
@@ -283,7 +283,7 @@ def test_chat_turns_and_the_image_prompt(monkeypatch, capsys):
 
     case = GOLDEN / "llama_vicuna"
     monkeypatch.chdir(case)
-    model = mgjax.load_pretrained(case / "MGM-7B-tiny")
+    model = golden_model()
     chat = Chat(model, {"max_new_tokens": 4})
     first = chat.ask("What is unusual about this image?", ["input.jpg"])
     second = chat.ask("And the colours?")

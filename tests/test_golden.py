@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mgjax
 from mgjax.model import MGM, splice_labels
 from mgjax.train.loss import next_token_loss
-from helpers import CASES, GOLDEN, assert_close, nhwc
+from helpers import CASES, GOLDEN, assert_close, golden_model, nhwc
 
 
 @functools.cache
 def load_case(name):
     folder = GOLDEN / name
-    model = mgjax.load_pretrained(folder / CASES[name])
+    model = golden_model(name)
     return dict(name=name, folder=folder, model=model, meta=json.loads((folder / "case.json").read_text()),
                 ref=dict(np.load(folder / "expected.npz")))
 

@@ -12,14 +12,14 @@ from PIL import Image
 import mgjax
 from mgjax.data.image import load_image
 from mgjax.errors import MGJaxError
-from helpers import GOLDEN, assert_close, nhwc
+from helpers import GOLDEN, assert_close, golden_model, nhwc
 
 CASE = GOLDEN / "llama_vicuna"
 
 
 @pytest.fixture(scope="module")
 def model():
-    return mgjax.load_pretrained(CASE / "MGM-7B-tiny")
+    return golden_model()
 
 
 @pytest.fixture(scope="module")

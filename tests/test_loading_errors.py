@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 import mgjax
 from mgjax import MGJaxError
-from helpers import GOLDEN, nhwc
+from helpers import GOLDEN, golden_model, nhwc
 
 CASE = GOLDEN / "llama_vicuna"
 CKPT = "MGM-7B-tiny"
@@ -34,7 +34,7 @@ CLIP_KEYS = "model.vision_tower.vision_tower."
 @functools.cache
 def reference():
     """The untouched fixture: (model, (input_ids, images, images_aux) NHWC, logits as NumPy)."""
-    model = mgjax.load_pretrained(CASE / CKPT)
+    model = golden_model()
     ref = np.load(CASE / "expected.npz")
     inputs = (ref["input_ids"], nhwc(ref["images"]), nhwc(ref["images_aux"]))
     return model, inputs, np.asarray(model.logits(*inputs))

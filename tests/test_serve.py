@@ -11,8 +11,7 @@ import urllib.request
 
 import pytest
 
-import mgjax
-from helpers import GOLDEN
+from helpers import GOLDEN, golden_model
 from mgjax.infer.server import Server
 
 CASE = GOLDEN / "llama_vicuna"
@@ -20,14 +19,7 @@ CASE = GOLDEN / "llama_vicuna"
 
 @pytest.fixture(scope="module")
 def served():
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(CASE)  # config.json names the tower folders relative to the case folder
-    try:
-        model = mgjax.load_pretrained(CASE / "MGM-7B-tiny")
-    finally:
-        os.chdir(cwd)
+    model = golden_model()
     server = Server(model, port=0, max_batch=4).start()
     yield model, f"http://127.0.0.1:{server.address[1]}", server
     server.close()
