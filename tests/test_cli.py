@@ -124,3 +124,33 @@ def test_tpu_pod_help():
     out = subprocess.run(["bash", str(Path(__file__).parent.parent / "launch" / "tpu_pod.sh"), "--help"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "--name" in out.stdout and "--zone" in out.stdout
+
+
+def test_a_signal_dropped_in_a_finalizer_is_quiet_and_raised_at_the_commit_point():
+    """SIGTERM that lands while Python runs a finalizer (JAX's gc callback, say: seen when `mgjax export`
+    was terminated) is dropped by Python with a report on stderr; under `interrupt.handled()` the report is
+    silenced (the command ends with its one line) and `check()` raises the signal before anything is made
+    final. In a child process: pytest replaces Python's report hook in this one."""
+    import subprocess
+    import sys
+
+    script = """if True:
+        import os, signal
+        from mgjax import interrupt
+
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs in here, at the next bytecode
+                sum(range(1000))
+
+        with interrupt.handled():
+            obj = Finalized()
+            del obj
+            try:
+                interrupt.check()
+            except interrupt.Terminated:
+                print("raised at check")
+    """
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "raised at check\n", out
+    assert out.stderr == "", out.stderr
