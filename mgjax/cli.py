@@ -153,13 +153,16 @@ def cmd_generate(args) -> int:
     import mgjax
     from mgjax.data.image import load_image
 
+    if args.dry_run:
+        return _inference_dry_run(args, args.checkpoint, args.max_new_tokens, "generate")
     if not Path(args.checkpoint).is_dir():
         raise MGJaxError(f"{args.checkpoint}: checkpoint folder not found")
     if (args.prompts is None) == (args.question is None):
         raise MGJaxError("give a --question (with --image, or none for text only) or --prompts FILE.jsonl")
     rows = (_read_prompts(args.prompts, args.image_root) if args.prompts else
             [{"question_id": 0, "text": args.question, "images": [load_image(i) for i in args.image or ()]}])
-    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
+    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, template=args.template, mesh=_local_mesh(args),
+                                  **_tower_kwargs(args))
     # Answers go to OUT.partial, renamed to OUT when every prompt is answered.
     partial = Path(f"{args.out}.partial") if args.out else None
     out = open(partial, "w") if partial else None
@@ -280,8 +283,20 @@ def cmd_train(args) -> int:
 
 
 def _dry_run(args, cfg) -> int:
-    """The step compiled for this machine's devices, or for --devices N fake CPU devices (a child process:
-    the device count is fixed when JAX starts)."""
+    """The step compiled for this machine's devices, for --devices N fake CPU devices (a child process:
+    the device count is fixed when JAX starts), or for a TPU slice (exit 1 when it does not fit)."""
+    if args.topology:
+        from mgjax.topology import compiler_platform_only, parse_slice
+
+        if args.devices:
+            raise MGJaxError("--topology SLICE compiles for the slice's chips: leave out --devices")
+        topology = parse_slice(args.topology)
+        compiler_platform_only()
+        from mgjax.train.aot import dry_run, report
+
+        r = dry_run(cfg, topology)
+        print(report(r))
+        return 0 if r["fits"] else 1
     import jax
 
     want = args.devices or jax.device_count()
@@ -298,6 +313,48 @@ def _dry_run(args, cfg) -> int:
     return 0
 
 
+def _model_config(ckpt: str, args):
+    """The MGMConfig a command would load from `ckpt` (a released folder's towers as `load_pretrained` finds
+    them), or a preset's; no weights are read."""
+    from mgjax.convert.mgjax_ckpt import is_mgjax_checkpoint
+    from mgjax.convert.source import open_source
+    from mgjax.train.checkpoints import is_run_dir
+
+    p = Path(ckpt)
+    if p.is_dir() and not (is_mgjax_checkpoint(p) or is_run_dir(p)):
+        return open_source(p, args.vision_tower, args.vision_tower_aux, args.base_llm,
+                           args.towers_from_checkpoint).config
+    return _config_arg(ckpt)
+
+
+def _local_mesh(args):
+    """--mesh over this host's devices (each host answers its own share), or None: one device."""
+    if not args.mesh:
+        return None
+    import jax
+
+    from mgjax.config import MeshConfig
+    from mgjax.sharding import make_mesh
+
+    return make_mesh(MeshConfig.parse(args.mesh), jax.local_devices())
+
+
+def _inference_dry_run(args, ckpt: str, max_new_tokens: int, what: str, beams: int = 1) -> int:
+    """Generation's prompt pass and decode step compiled for a TPU slice's chips (exit 1 when they do not fit)."""
+    from mgjax.topology import compiler_platform_only, parse_slice
+
+    if not args.topology:
+        raise MGJaxError(f"{what} --dry-run compiles for a TPU slice: give --topology SLICE (e.g. v5e-8)")
+    topology = parse_slice(args.topology)
+    compiler_platform_only()
+    from mgjax.infer.aot import INFERENCE_MESH, Workload, dry_run, report
+
+    work = Workload(args.batch_size * beams, max_new_tokens, args.prompt_tokens, args.dtype)
+    r = dry_run(_model_config(ckpt, args), topology, work, args.mesh or INFERENCE_MESH)
+    print(report(r, what))
+    return 0 if r["fits"] else 1
+
+
 def _run_files(run: Path) -> str:
     return (f"checkpoints in {run / 'checkpoints'}, metrics in {run / 'metrics.jsonl'}, "
             f"TensorBoard logs in {run / 'tensorboard'}")
@@ -307,8 +364,15 @@ def cmd_eval(args) -> int:
     """A benchmark's question file answered in jitted batches (LLaVA answer JSONL), then scored locally where
     a deterministic scorer exists; or the demo's held-out shapes."""
     import mgjax
+    from mgjax.eval.benchmarks import BENCHES
     from mgjax.train.checkpoints import is_run_dir
 
+    if args.dry_run:
+        if args.bench not in BENCHES:
+            raise MGJaxError(f"eval {args.bench} has no --dry-run: it is the demo's CPU check")
+        bench = BENCHES[args.bench]
+        return _inference_dry_run(args, args.ckpt, args.max_new_tokens or bench.max_new_tokens,
+                                  f"eval {args.bench}", bench.num_beams)
     if args.bench == "shapes":
         from mgjax.train.demo import heldout_accuracy
 
@@ -325,7 +389,7 @@ def cmd_eval(args) -> int:
     import jax
 
     from mgjax.eval import scores as sc
-    from mgjax.eval.benchmarks import BENCHES, READERS
+    from mgjax.eval.benchmarks import READERS
     from mgjax.eval.runner import merge_parts, read_questions, run
 
     if not (args.data and args.out):
@@ -337,7 +401,7 @@ def cmd_eval(args) -> int:
                          "with --images")
     if args.limit:
         questions = questions[:args.limit]
-    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype, **_tower_kwargs(args))
+    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype, mesh=_local_mesh(args), **_tower_kwargs(args))
     pid, nproc = jax.process_index(), jax.process_count()
     bench = BENCHES[args.bench]
     if args.max_new_tokens:
@@ -400,18 +464,19 @@ def cmd_data_pack(args) -> int:
 
 
 def _config_arg(text: str):
-    """A preset name, an mgjax checkpoint folder, or a released folder (its config.json)."""
+    """A preset name, an mgjax checkpoint folder or run_dir, or a released folder (its config.json)."""
     import json
     from pathlib import Path
 
     from mgjax.config import MGMConfig
     from mgjax.presets import PRESETS
     from mgjax.convert.mgjax_ckpt import is_mgjax_checkpoint, read_meta
+    from mgjax.train.checkpoints import is_run_dir
 
     if text in PRESETS:
         return PRESETS[text]
     p = Path(text)
-    if is_mgjax_checkpoint(p):
+    if is_mgjax_checkpoint(p) or is_run_dir(p):
         return read_meta(p)[0]
     if (p / "config.json").is_file():
         return MGMConfig.from_hf(json.loads((p / "config.json").read_text()))
@@ -426,6 +491,8 @@ def cmd_plan(args) -> int:
     from mgjax.plan import format_plan, job_for, plan
     from mgjax.sharding import rules_for
 
+    if args.search:
+        return _plan_search(args)
     config = _config_arg(args.config)
     mesh = MeshConfig.parse(args.mesh)
     sizes = (mesh.data, mesh.fsdp, mesh.tensor, mesh.expert)
@@ -438,6 +505,24 @@ def cmd_plan(args) -> int:
     p = plan(config, mesh, devices, job, rules_for(args.rules), args.chip)
     print(format_plan(args.config, p, mesh.resolve(devices), job, args.chip))
     return 0
+
+
+def _plan_search(args) -> int:
+    """Variants of a training run compiled for a TPU slice; the fastest that fits as overrides to paste."""
+    from mgjax.topology import compiler_platform_only, parse_slice
+
+    if not (args.topology and args.config.endswith((".yaml", ".yml"))):
+        raise MGJaxError("plan --search compiles variants of a training run: give its CONFIG.yaml and "
+                         "--topology SLICE")
+    topology = parse_slice(args.topology)
+    compiler_platform_only()
+    from mgjax.train.search import search, summary
+
+    print(f"compiling up to {args.candidates} variants of {args.config} for {topology.describe()}:", flush=True)
+    result = search(args.config, args.overrides or [], topology, args.candidates,
+                    echo=lambda line: print(line, flush=True))
+    print(summary(result))
+    return 0 if result["best"] else 1
 
 
 def cmd_check_cluster(args) -> int:
@@ -479,6 +564,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_inference_aot_args(p) -> None:
+    p.add_argument("--mesh", help="split the model over this host's devices: e.g. tensor=-1 (axes data, fsdp, "
+                   "tensor, expert; default: one device; with --dry-run: tensor=-1)")
+    p.add_argument("--dry-run", action="store_true", help="only compile the prompt pass and one decode step for "
+                   "--topology SLICE at --batch-size (times the beams of a beam-search benchmark) and the token "
+                   "budget; the checkpoint may be a preset name (MGM-7B-HD)")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=512,
+                   help="--dry-run: text tokens of the longest prompt, image tokens apart (default 512)")
+    _add_topology_arg(p)
+
+
+def _add_topology_arg(p) -> None:
+    p.add_argument("--topology", metavar="SLICE", help="compile with the TPU compiler (libtpu, no TPU needed) "
+                   "for a Cloud TPU slice: v5p-64 (TensorCores), v5litepod-16 / v5e-16, v6e-256, v4-32, or "
+                   "v5p:4x4x2; prints HBM per chip and `fits: yes|no` (exit 1 when it does not fit)")
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
@@ -509,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, max_new_tokens=128)
     _add_template_arg(p)
     _add_tower_args(p)
+    _add_inference_aot_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="multi-turn chat on stdin (`/image PATH`, `/reset`, `/quit`)")
@@ -555,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the new one is complete)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="per-device memory of a training job on a mesh (nothing is allocated)")
-    p.add_argument("config", help="preset name (e.g. MGM-34B-HD) or checkpoint folder")
+    p.add_argument("config", help="preset name (e.g. MGM-34B-HD) or checkpoint folder; with --search, a training "
+                   "CONFIG.yaml")
     p.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=64,tensor=2 (axes data, fsdp, tensor, expert)")
     p.add_argument("--devices", type=_positive_int, help="device count (needed when an axis is -1)")
     p.add_argument("--chip", help="v4, v5e, v5p, v6e, a100-40g, a100-80g, h100, h200: say whether it fits")
@@ -567,6 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accum", type=_positive_int, help="gradient accumulation steps")
     p.add_argument("--remat", choices=["full", "dots", "none"], help="activation rematerialisation policy "
                    "(default full)")
+    p.add_argument("--search", action="store_true", help="with a training CONFIG.yaml and --topology: compile "
+                   "variants (micro_batch, remat, mesh split, loss_chunk) with the TPU compiler and print the "
+                   "fastest that fits as key=value overrides for `mgjax train`")
+    p.add_argument("--candidates", type=_positive_int, default=4, help="--search: variants to compile (default 4)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="--search: an override of the training config (repeat for several)")
+    _add_topology_arg(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="train or resume a run: mgjax train CONFIG.yaml [key=value ...]")
@@ -577,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "mesh and print XLA's per-device memory and FLOPs (no data, weights or steps)")
     p.add_argument("--devices", type=_positive_int, help="--dry-run: compile for N devices (fake CPU devices when "
                    "the machine has another number)")
+    _add_topology_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="answer (and score) a benchmark in jitted batches; shapes: the demo's held-out set")
@@ -597,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
     p.add_argument("--num-samples", type=_positive_int, default=256, help="shapes: held-out questions to ask")
     _add_tower_args(p)
+    _add_inference_aot_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="training data tools")

@@ -22,8 +22,13 @@ IGNORE_INDEX = -100
 FAMILIES = tuple(ARCHS)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 REMAT_POLICIES = ("none", "dots", "full")
-MOE_IMPLS = ("dense", "ragged")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+MOE_IMPLS = ("auto", "dense", "ragged")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# What "auto" picks on each platform the programs are built for (`mgjax.sharding.target_platform`): the fast
+# path where one exists, the reference on a CPU (splash only runs interpreted there, ragged_dot lowers to a
+# masked product over every group).
+AUTO_IMPLS = {"attention": {"tpu": "splash", "gpu": "cudnn", "cpu": "xla"},
+              "moe": {"tpu": "ragged", "gpu": "ragged", "cpu": "dense"}}
 DEPTHWISE_IMPLS = ("shifted", "grouped")
 
 
@@ -151,20 +156,25 @@ class LMConfig:
     # reference) or "ragged" (each token only through its top-k experts, one `jax.lax.ragged_dot` per
     # projection: k / E of the FLOPs where XLA has a grouped matmul, GPU and TPU; on CPU jax lowers
     # ragged_dot to a masked product over every group, k times the dense path's work). Equal up to rounding.
-    moe_impl: str = "dense"
+    moe_impl: str = "auto"
     # Training's loss: the LM head and cross-entropy run over chunks of this many positions, each chunk's
     # float32 logits recomputed in the backward pass instead of kept ([B, L, V] x 4 bytes, twice, otherwise:
     # 1 GB per 2048-token row at Llama-3's 128k vocabulary). 0: one [B, L, V] head. Equal up to rounding.
     loss_chunk: int = 0
     # Attention without a cache: "xla" (the einsum reference), "cudnn" (GPU: jax.nn.dot_product_attention's
     # cuDNN flash kernel) or "splash" (TPU: Pallas splash attention). Calls with a cache take the reference
-    # or, see `cache_block`, its blocked form.
-    attention_impl: str = "xla"
+    # or, see `cache_block`, its blocked form. "auto": `AUTO_IMPLS` for the platform compiled for.
+    attention_impl: str = "auto"
     # Attention over a KV cache (generation) in blocks of this many slots, visiting only the blocks that
     # hold tokens (a running softmax; not the room left for later tokens, nor padding every row skips):
     # a batch-8 decode step with 1792 slots of which 800 are used takes half the time on a CPU. Caches
     # shorter than a block, and 0, attend over every slot at every step. Equal up to rounding.
     cache_block: int = 256
+
+    def impls(self, platform: str) -> tuple[str, str]:
+        """(attention_impl, moe_impl) as they run on `platform` ("auto" resolved by `AUTO_IMPLS`)."""
+        return tuple(AUTO_IMPLS[k].get(platform, AUTO_IMPLS[k]["cpu"]) if v == "auto" else v
+                     for k, v in (("attention", self.attention_impl), ("moe", self.moe_impl)))
 
     @property
     def gemma_norm(self) -> bool:

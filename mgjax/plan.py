@@ -16,13 +16,16 @@ from mgjax.config import MeshConfig, MGMConfig
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params
 from mgjax.sharding import BATCH_AXES, Rules, abstract_mesh, batch_shards, bytes_per_device, param_shardings
+from mgjax.topology import CHIPS as TPU_CHIPS
 
 GiB = 1024**3
-# Usable accelerator memory per chip (HBM), GiB.
-CHIPS = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100-40g": 40, "a100-80g": 80, "h100": 80, "h200": 141}
+# Accelerator memory per chip (HBM), GiB: the TPUs' from mgjax.topology (the docs' figures; a --topology compile
+# reads the compiler's own), the GPUs' from the vendors.
+CHIPS = {**{k: c.hbm_bytes / GiB for k, c in TPU_CHIPS.items()},
+         "a100-40g": 40, "a100-80g": 80, "h100": 80, "h200": 141}
 # Dense bf16 peak per chip, TFLOP/s (vendor figures), for the MFU that `mgjax train` logs.
-PEAK_TFLOPS = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918, "a100-40g": 312, "a100-80g": 312, "h100": 989,
-               "h200": 989}
+PEAK_TFLOPS = {**{k: c.peak_flops / 1e12 for k, c in TPU_CHIPS.items()},
+               "a100-40g": 312, "a100-80g": 312, "h100": 989, "h200": 989}
 # jax `device_kind` substrings -> chip, most specific first.
 _DEVICE_KINDS = (("v5 lite", "v5e"), ("v5e", "v5e"), ("v6 lite", "v6e"), ("v6e", "v6e"), ("v5p", "v5p"),
                  ("v5", "v5p"), ("v4", "v4"), ("a100", "a100-80g"), ("h100", "h100"), ("h200", "h200"))

@@ -8,6 +8,7 @@ table here. Changing a parallelism layout changes only the table. Without an act
 
 from __future__ import annotations
 
+import contextvars
 import math
 from contextlib import contextmanager
 from typing import Any, Sequence
@@ -105,11 +106,24 @@ def mesh_rules(mesh, rules: Rules = DEFAULT_RULES) -> Rules:
     return tuple(out)
 
 
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("mgjax_platform", default=None)
+
+
+def target_platform() -> str:
+    """The platform the program being traced is built for: the active mesh's devices' (a TPU slice compiled for
+    from a CPU host is "tpu"), else JAX's default backend."""
+    return _PLATFORM.get() or jax.default_backend()
+
+
 @contextmanager
 def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """The context under which jitted model code sees the mesh and the rule table."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_rules(mesh, rules)):
-        yield
+    """The context under which jitted model code sees the mesh, the rule table and the mesh's platform."""
+    token = _PLATFORM.set(mesh.devices.flat[0].platform)
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_rules(mesh, rules)):
+            yield
+    finally:
+        _PLATFORM.reset(token)
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:

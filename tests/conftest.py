@@ -13,6 +13,8 @@ FAST_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pas
             "--xla_cpu_use_fusion_emitters=false")
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES} {FAST_XLA}".strip()
+# libtpu is installed for the tests that compile for TPU slices (mgjax.topology); everything runs on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # JAX's persistent compilation cache in a folder of this run (removed at its end): tests build the same
 # tiny programs through different code paths (a fresh jax.jit per train() call, per loaded model, per

@@ -83,5 +83,5 @@ def test_ragged_on_an_expert_sharded_mesh(case):
 
 
 def test_unknown_moe_impl_is_a_clear_error():
-    with pytest.raises(MGJaxError, match="moe_impl 'sparse' is not one of dense, ragged"):
+    with pytest.raises(MGJaxError, match="moe_impl 'sparse' is not one of auto, dense, ragged"):
         LMConfig(family="mixtral", num_experts=4, num_experts_per_tok=2, moe_impl="sparse")

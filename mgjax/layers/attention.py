@@ -12,7 +12,7 @@ from einops import rearrange
 from mgjax.errors import MGJaxError
 from mgjax.layers.common import dense
 from mgjax.layers.rope import apply_rope
-from mgjax.sharding import constrain
+from mgjax.sharding import constrain, target_platform
 
 Dtype = Any
 _CACHE_AXES = ("cache_batch", "cache_len", "cache_heads", "head_dim")
@@ -102,7 +102,7 @@ def _blocked(q, k, v, valid, index, dtype, block):
 def _cudnn(q, k, v, mask):
     """`jax.nn.dot_product_attention`: cuDNN's fused flash attention on a GPU; XLA's on a CPU, so that
     the path runs (and is tested) anywhere jax runs; a TPU has splash instead."""
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend not in ("gpu", "cpu"):
         raise MGJaxError(f"attention_impl 'cudnn' runs on a GPU (or a CPU, through XLA), not on {backend}: "
                          "use 'splash' on a TPU")
@@ -117,7 +117,7 @@ def _splash(q, k, v, segments):
     """Pallas splash attention (TPU; interpreted on a CPU so that the path runs in tests): q [B, T, H, hd],
     k/v [B, T, KV, hd] (repeated to H heads), segments int [B, T] (`splash_segments`). Under a
     mesh the kernel runs per shard (`jax.shard_map`: rows by the batch axes, heads by the tensor axis)."""
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend not in ("tpu", "cpu"):
         raise MGJaxError(f"attention_impl 'splash' is a TPU kernel (interpreted on a CPU), not for {backend}: "
                          "use 'cudnn' on a GPU")

@@ -18,7 +18,7 @@ from mgjax.layers.attention import Attention, KVCache, cached_mask, causal_mask,
 from mgjax.layers.common import RMSNorm, dense
 from mgjax.layers.mlp import GatedMLP, MoE
 from mgjax.layers.rope import rope_tables
-from mgjax.sharding import constrain
+from mgjax.sharding import constrain, target_platform
 
 Dtype = Any
 
@@ -49,14 +49,15 @@ class DecoderLayer(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.norm_eps, c.gemma_norm, name="input_layernorm", **kw)(x)
-        attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, impl=c.attention_impl,
+        attention_impl, moe_impl = c.impls(target_platform())
+        attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, impl=attention_impl,
                          cache_block=c.cache_block, name="self_attn", **kw)(h, mask, rope, cache, index, valid)
         if cache is not None:
             attn, cache = attn
         x = x + attn
         h = RMSNorm(c.norm_eps, c.gemma_norm, name="post_attention_layernorm", **kw)(x)
         if c.num_experts:
-            x = x + MoE(c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.activation, c.moe_impl,
+            x = x + MoE(c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.activation, moe_impl,
                         name="block_sparse_moe", **kw)(h)
         else:
             x = x + GatedMLP(c.intermediate_size, c.activation, name="mlp", **kw)(h)
@@ -123,7 +124,7 @@ class Decoder(nn.Module):
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         if cache is not None:
             mask = cached_mask(valid, index, x.shape[1])
-        elif c.attention_impl == "splash":
+        elif c.impls(target_platform())[0] == "splash":
             mask = splash_segments(valid, segments)
         else:
             mask = causal_mask(valid, segments)

@@ -40,8 +40,10 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"  # activations; weights and optimizer state stay float32
     remat: str = "dots"  # none | dots | full: what the backward pass recomputes
     scan_layers: bool = True
-    moe_impl: str = "dense"  # Mixtral's experts: dense (the reference) | ragged (top-k only: mgjax.config.LMConfig)
-    attention_impl: str = "xla"  # xla (reference) | cudnn (GPU) | splash (TPU): mgjax.config.LMConfig
+    # Mixtral's experts: auto (ragged on a GPU or TPU, else dense) | dense (the reference) | ragged (top-k only)
+    moe_impl: str = "auto"
+    # auto (splash on a TPU, cudnn on a GPU, else xla) | xla (the reference) | cudnn | splash: mgjax.config.LMConfig
+    attention_impl: str = "auto"
     loss_chunk: int = 0  # LM head + loss over chunks of this many positions (0: one [B, L, V] head)
     depthwise_impl: str = "shifted"  # ConvNeXt's 7x7 depthwise: shifted (reference, CPU) | grouped (GPU / TPU)
 

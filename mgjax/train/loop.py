@@ -30,7 +30,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mgjax.config import MGMConfig, config_to_dict
+from mgjax.config import LMConfig, MGMConfig, config_to_dict
 from mgjax.convert import load_params
 from mgjax.convert.mgjax_ckpt import MGJAX_CONFIG, FORMAT_VERSION, is_mgjax_checkpoint, read_meta
 from mgjax.convert.readers import Checkpoint, View
@@ -272,14 +272,23 @@ class Setup(NamedTuple):
     a_frozen: dict
 
 
-def run_setup(cfg: TrainConfig, run_dir: Path) -> Setup:
+def fast_paths(lm: LMConfig, platform: str) -> str:
+    """The attention (and MoE) implementation the step runs on `platform`, and whether "auto" chose it."""
+    attention, moe = lm.impls(platform)
+    parts = [f"attention {attention}" + (" (auto)" if lm.attention_impl == "auto" else "")]
+    if lm.num_experts:
+        parts.append(f"experts {moe}" + (" (auto)" if lm.moe_impl == "auto" else ""))
+    return f"on {platform}: {', '.join(parts)}"
+
+
+def run_setup(cfg: TrainConfig, run_dir: Path, devices=None, hosts: int | None = None) -> Setup:
     """The model of `cfg` (`build_model`, writing a demo tokenizer under `run_dir`), its module, the mesh and
     rules (checking the batch splits over them), the parameters' shardings, the optimizer and the abstract
-    state."""
+    state. `devices` and `hosts` default to this job's; a dry run names a TPU slice's."""
     model = build_model(cfg, run_dir)
     module = MGM(model.config, dtype=jnp.dtype(cfg.model.compute_dtype), param_dtype=jnp.float32)
-    mesh, rules = make_mesh(cfg.mesh), rules_for(cfg.rules)
-    check_batch_split(cfg, mesh, jax.process_count())
+    mesh, rules = make_mesh(cfg.mesh, devices), rules_for(cfg.rules)
+    check_batch_split(cfg, mesh, hosts or jax.process_count())
     shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules)
     tx = optimizer(cfg, split_params(shardings, cfg.trainable)[0])
     a_state, a_frozen = abstract_state(cfg, module, tx, mesh, shardings)
@@ -359,6 +368,8 @@ def train(cfg: TrainConfig) -> dict:
     accum = cfg.grad_accum(nproc)
     model, module, mesh, rules, shardings, tx, a_state, a_frozen = run_setup(cfg, run_dir)
     config = model.config
+    if pid == 0:
+        print(fast_paths(config.lm, mesh.devices.flat[0].platform), file=sys.stderr)
     if not jax.tree.leaves(a_state.params):  # the trainable parameters
         raise MGJaxError(f"train config: trainable {list(cfg.trainable)} matches no parameter; top-level names: "
                          f"{', '.join(sorted(shardings))}")

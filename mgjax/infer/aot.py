@@ -1,0 +1,94 @@
+"""`mgjax generate|eval ... --dry-run --topology SLICE`: generation's two programs compiled ahead of time with the
+TPU compiler for a slice's chips, without weights: the prompt pass (towers, mining, the LLM over the merged
+prompts into a fresh KV cache) and one decode step over that cache (donated, as the decode loop updates it in
+place). Per chip: weights, KV cache, each program's peak against the chip's HBM, and a roofline time."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mgjax.config import MeshConfig, MGMConfig
+from mgjax.infer.generate import prefill
+from mgjax.model import MGM, abstract_params
+from mgjax.pretrained import _budget, length_bucket
+from mgjax.sharding import activate, batch_sharding, bytes_per_device, make_mesh, param_shardings
+from mgjax.topology import Slice
+from mgjax.train.aot import compile_figures, fits_line, gb, secs
+from mgjax.errors import MGJaxError
+
+INFERENCE_MESH = "tensor=-1"  # the LLM's heads and MLP over every chip: no weight gathers per decoded token
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int  # prompts per jitted batch
+    max_new_tokens: int  # the token budget (the cache gets the compiled room: a power of two >= it)
+    prompt_tokens: int  # text tokens of the longest prompt, image tokens not counted
+    dtype: str = "bfloat16"
+
+
+def dry_run(config: MGMConfig, topology: Slice, work: Workload, mesh: str = INFERENCE_MESH) -> dict:
+    """Compiles the prompt pass and the decode step of `work` over `mesh` on the slice's chips (one host's worth:
+    each host answers its own share of the questions); returns both programs' figures and `fits`."""
+    devices = topology.devices()[:topology.chips_per_host]
+    mesh = make_mesh(MeshConfig.parse(mesh), devices)
+    dt = jnp.dtype(work.dtype)
+    module = MGM(config, dtype=dt, param_dtype=dt)
+    shardings = param_shardings(abstract_params(module, boxed=True), mesh)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dt, sharding=s), abstract_params(module),
+                          shardings)
+    length = length_bucket(work.prompt_tokens + config.tokens_per_image, config.max_length)
+    room = _budget(work.max_new_tokens)
+    b = work.batch
+    if b % math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert")):
+        raise MGJaxError(f"--batch-size {b} does not split over the batch axes of mesh {dict(mesh.shape)}")
+
+    def placed(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+
+    views = () if config.num_views == 1 else (config.num_views,)
+    inputs = (placed((b, length), jnp.int32), placed((b, *views, config.image_size, config.image_size, 3), dt),
+              placed((b, config.image_size_aux, config.image_size_aux, 3), dt), placed((b, length), jnp.int32))
+    out = {"devices": len(devices), "mesh": dict(mesh.shape), "batch": b, "merged_len": length, "room": room,
+           "weights_bytes": bytes_per_device(params, shardings)}
+    with activate(mesh):
+        prompt = jax.jit(lambda p, *x: prefill(module, p, *x, length, room))
+        out["prompt"], compiled = compile_figures(prompt, (params, *inputs), topology)
+        _, cache, valid, _ = jax.eval_shape(prompt, params, *inputs)
+        # the decode step takes the cache as the prompt pass lays it out (replicated if that did not compile)
+        cache_shardings = compiled.output_shardings[1] if compiled is not None else \
+            jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), cache)
+        cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, cache_shardings)
+        out["cache_bytes"] = bytes_per_device(cache, cache_shardings)
+        decode = jax.jit(lambda p, t, pos, v, c, i: module.apply({"params": p}, t, pos, v, c, i, method=MGM.decode),
+                         donate_argnums=4)
+        out["decode"] = compile_figures(decode, (params, placed((b,), jnp.int32), placed((b,), jnp.int32),
+                                                 placed(valid.shape, jnp.bool_), cache,
+                                                 jax.ShapeDtypeStruct((), jnp.int32)), topology)[0]
+    out["fits"] = out["prompt"]["fits"] and out["decode"]["fits"]
+    return out
+
+
+def report(r: dict, what: str) -> str:
+    """The inference dry run for a terminal; the `fits:` line last (the larger of the two programs' peaks)."""
+    p, d = r["prompt"], r["decode"]
+    lines = [f"{what} compiled for {r['devices']} TPU {p['chip']} chips of {p['slice']} (one host: each answers its "
+             f"share), mesh {r['mesh']}: batch {r['batch']}, prompts padded to {r['merged_len']} merged tokens, "
+             f"cache room {r['room']} new tokens",
+             f"per chip: weights {gb(r['weights_bytes'])}, KV cache {gb(r['cache_bytes'])}"]
+    for name, x in (("prompt pass", p), ("decode step", d)):
+        line = f"{name}: compiling {x['compile_s']:.1f} s; "
+        if x["fits"]:
+            line += (f"peak {gb(x['peak_bytes'])} (temporaries {gb(x['temp_bytes'])}); roofline "
+                     f"{secs(x['step_s'])} ({x['bound']}-bound)")
+        else:
+            line += f"out of memory: needs {gb(x['peak_bytes']) if 'peak_bytes' in x else 'more than HBM'}"
+        lines.append(line)
+    worst = max((p, d), key=lambda x: (not x["fits"], x.get("peak_bytes", 0)))
+    lines.append(fits_line({**worst, "fits": r["fits"]}))
+    return "\n".join(lines)
