@@ -31,6 +31,25 @@ _DEVICE_KINDS = (("v5 lite", "v5e"), ("v5e", "v5e"), ("v6 lite", "v6e"), ("v6e",
                  ("v5", "v5p"), ("v4", "v4"), ("a100", "a100-80g"), ("h100", "h100"), ("h200", "h200"))
 
 
+def model_flops(config: MGMConfig, rows: int, length: int, images: int) -> float:
+    """Model FLOPs of one training step (what MFU counts: no recomputation, no padding discount): the LLM's
+    6 N_active per token plus attention's 12 L H hd T (PaLM, appendix B) over `rows` x `length` tokens, N_active
+    its matmul weights a token passes (the LM head, the routed k of E experts; not the embedding lookup), and the
+    frozen CLIP tower's forward (the layers MGM uses), 2 N per patch, over every view of `images` images. The
+    ConvNeXt tower and the mining projections (under 1% of a released step) are left out."""
+    lm, v = config.lm, config.vision
+    attention = lm.hidden_size * lm.head_dim * (2 * lm.num_heads + 2 * lm.num_kv_heads)
+    mlp = 3 * lm.hidden_size * lm.intermediate_size
+    if lm.num_experts:
+        mlp = mlp * lm.num_experts_per_tok + lm.hidden_size * lm.num_experts
+    n_active = lm.num_layers * (attention + mlp) + lm.hidden_size * lm.vocab_size
+    tokens = rows * length
+    llm = 6 * n_active * tokens + 12 * lm.num_layers * lm.num_heads * lm.head_dim * length * tokens
+    patches = (v.image_size // v.patch_size) ** 2 + 1
+    clip = 2 * config.clip_layers_used * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) * patches
+    return llm + clip * images * config.num_views
+
+
 def peak_flops(device_kind: str) -> float | None:
     """Dense bf16 peak FLOP/s of one device of this `jax.Device.device_kind`; None when unknown (CPU)."""
     kind = device_kind.lower()

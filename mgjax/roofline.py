@@ -166,7 +166,20 @@ class _Walker:
         if init is not None and init.opcode == "tuple" and index < len(init.operands):
             first = self.defs.get(init.operands[index])
             start = _constant(first) if first is not None and first.opcode == "constant" else 0
-        return max(0, _constant(bound) - start)
+        return max(0, -(-(_constant(bound) - start) // self.step(i, index)))
+
+    def step(self, i: _Instr, index: int) -> int:
+        """How much the body adds to loop counter `index` per trip: 1 unless its root sets it to counter + c
+        (the TPU compiler's bidirectional windowed einsums count by 2)."""
+        body = self.comps.get(_attr(i.attrs, "body") or "", [])
+        root = next((x for x in body if x.root), None)
+        if root is None or root.opcode != "tuple" or index >= len(root.operands):
+            return 1
+        update = self.defs.get(root.operands[index])
+        if update is None or update.opcode != "add":
+            return 1
+        constants = [self.defs[o] for o in update.operands if o in self.defs and self.defs[o].opcode == "constant"]
+        return max(1, _constant(constants[0])) if len(constants) == 1 else 1
 
     def cost(self, comp: str, fused: bool = False) -> Cost:
         """Cost of one run of `comp`; in a fused computation only FLOPs count (bytes are the fusion's)."""

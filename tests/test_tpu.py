@@ -83,8 +83,19 @@ ARGS = (jax.ShapeDtypeStruct((1024, 256), jnp.float32), jax.ShapeDtypeStruct((25
         jax.ShapeDtypeStruct((512, 32), jnp.float32), jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32))
 
 
-def _flops(fn, target=None):
-    compiled = jax.jit(fn).lower(*ARGS).compile()
+def _flops(fn, tpu: bool = False):
+    """(XLA's FLOPs, the roofline's cost) of `fn` on ARGS compiled for this CPU, or for one v5p chip (whose HLO
+    has no known_trip_count: the roofline reads the loop's bounds and step)."""
+    if not tpu:
+        compiled = jax.jit(fn).lower(*ARGS).compile()
+    else:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(parse_slice("v5p-8").devices()[:1], ("x",))
+        args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, PartitionSpec())) for a in ARGS]
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(fn).lower(*args).compile()
+        assert "known_trip_count" not in compiled.as_text()
     cost = compiled.cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"], hlo_cost(compiled.as_text())
 
@@ -100,20 +111,25 @@ def test_roofline_flops_equal_xla_on_a_loop_free_program():
     assert cost.unknown_loops == 0 and cost.bytes > 0
 
 
-@pytest.mark.parametrize("kind", ["scan", "fori_in_scan"])
+@pytest.mark.parametrize("kind", ["scan", "fori_in_scan", "count_by_2"])
 def test_roofline_multiplies_loop_bodies_by_their_trip_counts(kind):
-    """XLA counts a loop body once; the roofline counts it as many times as it runs (nested loops too)."""
+    """XLA counts a loop body once; the roofline counts it as many times as it runs (nested loops too; a
+    counter stepping by 2, as the TPU compiler's bidirectional windowed einsums do, runs half as often)."""
     def scanned(x, *w):  # every body depends on its carry: nothing is hoisted out of the loops
         def body(c, _):
             if kind == "scan":
                 return c + _mlp(x + c, *w), None
+            if kind == "count_by_2":  # i = 1, 3, 5, 7, 9
+                return jax.lax.while_loop(lambda t: t[0] < 10, lambda t: (t[0] + 2, t[1] + _mlp(x + t[1], *w)),
+                                          (1, c))[1], None
             return c + jax.lax.fori_loop(0, 3, lambda i, s: s + _mlp(x + s, *w), c), None
         return jax.lax.scan(body, 0.0, None, length=5)[0]
 
-    once, _ = _flops(_mlp)
-    xla, cost = _flops(scanned)
-    runs = 5 if kind == "scan" else 15
-    assert cost.flops == pytest.approx(runs * _flops(_mlp)[1].flops, rel=1e-6)
+    tpu = kind == "count_by_2"
+    once, one = _flops(_mlp, tpu)
+    xla, cost = _flops(scanned, tpu)
+    runs = {"scan": 5, "fori_in_scan": 15, "count_by_2": 25}[kind]
+    assert cost.flops == pytest.approx(runs * one.flops, rel=1e-6)
     assert xla == pytest.approx(once, rel=0.05)  # XLA's figure: one body
     assert cost.unknown_loops == 0
 
@@ -248,3 +264,61 @@ def test_grouped_depthwise_convolution_compiles_for_a_tpu_mesh():
     with activate(mesh, DEFAULT_RULES):
         text = jax.jit(trunk.apply).lower({"params": params}, pixels).compile().as_text()
     assert re.search(r"convolution\(.*window=\{size=7x7.*feature_group_count=\d+", text)
+
+
+def test_plan_search_prints_the_fastest_variant_that_fits(monkeypatch, capsys):
+    """The variants of the demo's stage 2 for a v5e-4 (micro_batch halved / kept / doubled, remat, tensor 1 or 2,
+    loss_chunk), the first `--candidates` compiled (here: the compiler's figures stood in for by a table, the
+    compile itself is tested above), and the override line names the fitting variant with the shortest step."""
+    import mgjax.train.search as search
+    from mgjax.train.config import load_train_config
+
+    cfg = load_train_config(DEMO, ["micro_batch=8", "global_batch=32"])
+    grid = search.variants(cfg, parse_slice("v5e-4"))
+    assert {v["micro_batch"] for v in grid} == {4, 8, 16} and {v["mesh.tensor"] for v in grid} == {1, 2}
+    assert all(32 % v["micro_batch"] == 0 and v["mesh.fsdp"] * v["mesh.tensor"] == 4 for v in grid)
+
+    figures = {(16, "dots", 1): (False, None), (16, "dots", 2): (True, 0.5), (16, "full", 1): (True, 0.3),
+               (16, "full", 2): (True, 0.4)}
+
+    def compiled(run, topology):
+        fits, step = figures[(run.micro_batch, run.model.remat, run.mesh.tensor)]
+        return {"fits": fits, "step_s": step, "bound": "compute", "peak_bytes": 2**30, "compile_s": 1.0,
+                "model_flops": 1e12, "devices": 4, "chip": "v5e"} if fits else {"fits": False, "peak_bytes": 2**35}
+
+    monkeypatch.setattr(search, "dry_run", compiled)
+    assert main(["plan", DEMO, "--topology", "v5e-4", "--search", "--candidates", "4", "--set", "micro_batch=8",
+                 "--set", "global_batch=32"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    tried = [line for line in out if line.startswith("  micro_batch=")]
+    assert len(tried) == 4 and "does not fit (needs 32.0 of 15.8 GB per chip)" in tried[0]
+    best = out[-1].removeprefix("overrides: ")
+    cfg = load_train_config(DEMO, ["micro_batch=8", "global_batch=32", *best.split()])
+    assert (cfg.micro_batch, cfg.model.remat, cfg.mesh.tensor, cfg.mesh.fsdp) == (16, "full", 1, 4)
+    assert out[-2].startswith("best: step about 0.300 s")
+
+
+@pytest.mark.parametrize("family", ["vicuna", "mixtral", "gemma"])
+def test_model_flops_count_the_matmul_weights_a_token_passes(family):
+    """`model_flops` against the parameter tree: 6 x (every LLM matmul weight but the embedding lookup, the
+    routed k of E experts) per token + attention's 12 L H hd T, + 2 x CLIP's layer weights per patch and view."""
+    from flax import traverse_util
+
+    from mgjax.model import MGM, abstract_params
+    from mgjax.plan import model_flops
+
+    config = tiny.mgm(family, hd=family == "gemma")
+    flat = traverse_util.flatten_dict(abstract_params(MGM(config)))
+    size = lambda keys: sum(a.size for k, a in flat.items() if keys(k))  # noqa: E731
+    lm = config.lm
+    experts = size(lambda k: k[0] == "llm" and "experts" in k)
+    weights = size(lambda k: k[0] == "llm" and k[-1] == "kernel" or (k[0] == "llm" and "experts" in k))
+    if lm.tie_word_embeddings:  # the head is the embedding
+        weights += size(lambda k: k[:2] == ("llm", "embed_tokens"))
+    active = weights - experts + experts * lm.num_experts_per_tok // max(lm.num_experts, 1)
+    rows, length, images = 3, 40, 2
+    clip = size(lambda k: k[0] == "vision_tower" and "layers" in "/".join(k) and k[-1] == "kernel")
+    patches = (config.vision.image_size // config.vision.patch_size) ** 2 + 1
+    expected = (6 * active * rows * length + 12 * lm.num_layers * lm.num_heads * lm.head_dim * length * rows * length
+                + 2 * clip * patches * images * config.num_views)
+    assert model_flops(config, rows, length, images) == expected

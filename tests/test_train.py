@@ -220,6 +220,7 @@ def test_dry_run_compiles_the_step_for_the_mesh(tmp_path, capfd):
     devices (a child process); XLA's argument bytes per device equal what the layout of the state, frozen
     parameters and batch implies; nothing is written to the run dir."""
     from mgjax.cli import main
+    from mgjax.plan import model_flops
     from mgjax.sharding import make_mesh, param_shardings, rules_for
     from mgjax.train.aot import abstract_batch, dry_run
     from mgjax.train.loop import abstract_state, build_model
@@ -228,7 +229,9 @@ def test_dry_run_compiles_the_step_for_the_mesh(tmp_path, capfd):
     r = dry_run(load_train_config(CONFIGS / "demo" / "stage1.yaml", args))
     assert r["devices"] == 8 and r["mesh"]["fsdp"] == 8 and (r["micro_batches"], r["rows"]) == (2, 8)
     assert (r["text_len"], r["merged_len"]) == (128, 192)  # 128 - 1 + 16 visual tokens -> bucket 192
-    assert r["model_flops"] == 6 * r["params"] * 16 * 192 and r["params"] > r["trainable"] > 0
+    assert r["model_flops"] == model_flops(build_model(load_train_config(CONFIGS / "demo" / "stage1.yaml", args),
+                                                       tmp_path / "tok").config, 16, 192, 16)
+    assert r["params"] > r["trainable"] > 0
     # What the arguments occupy per device: every leaf's shard (fsdp-split parameters and Adam moments,
     # the batch over the batch axes).
     cfg = load_train_config(CONFIGS / "demo" / "stage1.yaml", args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
@@ -16,7 +17,8 @@ from mgjax.config import MeshConfig, MGMConfig
 from mgjax.infer.generate import prefill
 from mgjax.model import MGM, abstract_params
 from mgjax.pretrained import _budget, length_bucket
-from mgjax.sharding import activate, batch_sharding, bytes_per_device, make_mesh, param_shardings
+from mgjax.layers.attention import CACHE_AXES
+from mgjax.sharding import activate, batch_sharding, bytes_per_device, make_mesh, mesh_rules, param_shardings
 from mgjax.topology import Slice
 from mgjax.train.aot import compile_figures, fits_line, gb, secs
 from mgjax.errors import MGJaxError
@@ -58,11 +60,9 @@ def dry_run(config: MGMConfig, topology: Slice, work: Workload, mesh: str = INFE
            "weights_bytes": bytes_per_device(params, shardings)}
     with activate(mesh):
         prompt = jax.jit(lambda p, *x: prefill(module, p, *x, length, room))
-        out["prompt"], compiled = compile_figures(prompt, (params, *inputs), topology)
+        out["prompt"] = compile_figures(prompt, (params, *inputs), topology)[0]
         _, cache, valid, _ = jax.eval_shape(prompt, params, *inputs)
-        # the decode step takes the cache as the prompt pass lays it out (replicated if that did not compile)
-        cache_shardings = compiled.output_shardings[1] if compiled is not None else \
-            jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), cache)
+        cache_shardings = jax.tree.map(lambda a: _cache_sharding(a.shape, mesh), cache)
         cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, cache_shardings)
         out["cache_bytes"] = bytes_per_device(cache, cache_shardings)
         decode = jax.jit(lambda p, t, pos, v, c, i: module.apply({"params": p}, t, pos, v, c, i, method=MGM.decode),
@@ -72,6 +72,17 @@ def dry_run(config: MGMConfig, topology: Slice, work: Workload, mesh: str = INFE
                                                  jax.ShapeDtypeStruct((), jnp.int32)), topology)[0]
     out["fits"] = out["prompt"]["fits"] and out["decode"]["fits"]
     return out
+
+
+def _cache_sharding(shape: tuple, mesh) -> NamedSharding:
+    """A cache array [(L,) B, S, KV, hd] laid out by the rule table's cache axes, as the attention layers
+    constrain it (a dimension its axes do not divide, e.g. one KV head over tensor, stays whole)."""
+    names = (None,) * (len(shape) - len(CACHE_AXES)) + CACHE_AXES
+    spec = nn.logical_to_mesh_axes(names, mesh_rules(mesh))
+    spec = [None if axes is not None and d % math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple)
+                                                                           else (axes,))) else axes
+            for d, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))]
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def report(r: dict, what: str) -> str:

@@ -15,7 +15,7 @@ from mgjax.layers.rope import apply_rope
 from mgjax.sharding import constrain, target_platform
 
 Dtype = Any
-_CACHE_AXES = ("cache_batch", "cache_len", "cache_heads", "head_dim")
+CACHE_AXES = ("cache_batch", "cache_len", "cache_heads", "head_dim")
 
 
 def causal_mask(valid: jax.Array, segments: jax.Array | None = None) -> jax.Array:
@@ -193,7 +193,7 @@ class Attention(nn.Module):
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, axis=1)
-            cache = KVCache(constrain(k, _CACHE_AXES), constrain(v, _CACHE_AXES))
+            cache = KVCache(constrain(k, CACHE_AXES), constrain(v, CACHE_AXES))
         if cache is not None and self.cache_block and valid is not None and k.shape[1] >= self.cache_block:
             out = _blocked(q, k, v, valid, index, self.dtype, self.cache_block)
         elif cache is not None or self.impl == "xla":

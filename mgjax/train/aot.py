@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mgjax.plan import model_flops
 from mgjax.pretrained import length_bucket
 from mgjax.sharding import activate
 from mgjax.roofline import hlo_cost, step_time
@@ -47,7 +48,8 @@ def dry_run(cfg: TrainConfig, topology: Slice | None = None, hlo_file: str | Pat
 
     The text length is the longest of `data.buckets` with one image, the merged length its bucket (what
     the loop compiles for its longest batches). XLA counts the FLOPs of a loop body once, so with scanned
-    layers or gradient accumulation its figure is below the step's; `model_flops` is 6 N per token. On a
+    layers or gradient accumulation its figure is below the step's (the roofline multiplies loops out);
+    `model_flops` is `mgjax.plan.model_flops`. On a
     slice, a program the chip cannot hold is a result (`fits` False, the compiler's figures), not an error.
     `hlo_file`: where to write the compiled program's HLO text (to read it, or to re-derive the roofline)."""
     hosts = topology.hosts if topology else jax.process_count()
@@ -66,7 +68,7 @@ def dry_run(cfg: TrainConfig, topology: Slice | None = None, hlo_file: str | Pat
            "fast_paths": fast_paths(config.lm, platform),
            "hosts": hosts, "micro_batches": batch["input_ids"].shape[0], "rows": batch["input_ids"].shape[1],
            "text_len": text_len, "merged_len": length, "params": n_params, "trainable": n_train,
-           "model_flops": 6 * n_params * cfg.global_batch * length}
+           "model_flops": model_flops(config, cfg.global_batch, length, math.prod(batch["images"].shape[:2]))}
     with activate(mesh, rules):
         out.update(compile_figures(step, (a_state, a_frozen, batch), topology, hlo_file)[0])
     return out
@@ -119,7 +121,7 @@ def compile_figures(fn, args: tuple, topology: Slice | None, hlo_file: str | Pat
 
 
 def mfu(r: dict) -> float | None:
-    """Model FLOPs utilisation of the roofline step: 6·N·tokens over the slice's peak for `step_s`."""
+    """Model FLOPs utilisation of the roofline step: `model_flops` over the slice's peak for `step_s`."""
     if "step_s" not in r or "model_flops" not in r:
         return None
     return r["model_flops"] / (r["devices"] * CHIPS[r["chip"]].peak_flops * r["step_s"])

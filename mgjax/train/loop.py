@@ -40,7 +40,7 @@ from mgjax.data.pipeline import DataConfig, make_dataset, pad_to
 from mgjax.data.tokenize import checkpoint_template, load_tokenizer
 from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params, init_params, merged_lengths
-from mgjax.plan import peak_flops
+from mgjax.plan import model_flops, peak_flops
 from mgjax.presets import preset
 from mgjax.pretrained import length_bucket
 from mgjax.progress import Progress
@@ -406,8 +406,7 @@ def train(cfg: TrainConfig) -> dict:
     if pid == 0:
         _metrics_upto(run_dir / "metrics.jsonl", start)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if pid == 0 else None
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves((a_state.params, a_frozen)))
-    # MFU: 6 N FLOPs per token (N all parameters, every row at the merged length), over the chips' bf16 peak
+    # MFU: `mgjax.plan.model_flops` (every row at the merged length) over the chips' bf16 peak
     peak = peak_flops(jax.devices()[0].device_kind)
     peak = peak * jax.device_count() if peak else None
     result = {"run_dir": str(run_dir), "stopped": False}
@@ -444,7 +443,8 @@ def train(cfg: TrainConfig) -> dict:
                     record = {"step": step, "loss": m["loss"], "lr": float(lr(step - 1)), "grad_norm": m["grad_norm"],
                               "tokens_per_s": m["tokens"] / dt, "step_s": dt, "supervised_tokens": int(m["tokens"]),
                               "rows": rows, "seq_len": length,
-                              "model_flops_per_s": 6 * n_params * cfg.global_batch * length / dt}
+                              "model_flops_per_s": model_flops(config, cfg.global_batch, length,
+                                                              host["images"].shape[1] * accum * nproc) / dt}
                     if peak:
                         record["mfu"] = record["model_flops_per_s"] / peak
                     if metrics_file:
