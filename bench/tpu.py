@@ -24,10 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.children import ROOT, child, run_child  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "tpu.json"
-# stage 2 on a reference slice per size; HD 34B and 8x7B on the smallest v5p slice found to fit
-TRAIN = [("MGM-7B", "v5p-64"), ("MGM-34B-HD", "v5p-64"), ("MGM-8x7B-HD", "v5p-64"), ("MGM-2B", "v5p-16"),
-         ("MGM-7B-HD", "v5p-64"), ("MGM-8B", "v5p-64"), ("MGM-8B-HD", "v5p-64"), ("MGM-13B", "v5p-64"),
-         ("MGM-13B-HD", "v5p-64"), ("MGM-34B", "v5p-64"), ("MGM-8x7B", "v5p-64")]
+# stage 2 on a reference slice per size, the configs as released, then the variants that fit where they do not
+TRAIN = [("MGM-7B", "v5p-64", []), ("MGM-34B-HD", "v5p-64", []), ("MGM-8x7B-HD", "v5p-64", []),
+         ("MGM-34B-HD", "v5p-64", ["micro_batch=4"]), ("MGM-8x7B-HD", "v5p-64", ["micro_batch=4"]),
+         ("MGM-2B", "v5p-16", []), ("MGM-7B-HD", "v5p-64", []), ("MGM-8B", "v5p-64", []),
+         ("MGM-8B-HD", "v5p-64", []), ("MGM-13B", "v5p-64", []), ("MGM-13B-HD", "v5p-64", []),
+         ("MGM-34B", "v5p-64", []), ("MGM-8x7B", "v5p-64", [])]
 # batch-32 eval at the longest budget: (slice, mesh) tried in order until one fits; one host's chips (each
 # host answers its own share). tensor=-1 (the weights stay put while decoding) leaves the towers' maps of all 32
 # images on every chip: it fits no v5e slice even for MGM-2B (22 GB per chip; bench/results/tpu.json), so the
@@ -108,7 +110,8 @@ def markdown(results: dict) -> str:
             mfu = flops / (r["devices"] * CHIPS[r["chip"]].peak_flops * r["step_s"]) if r.get("step_s") else None
             peak = f"{r['peak_bytes'] / 2**30:.1f} of {hbm:.1f}" if "peak_bytes" in r else f"over {hbm:.1f}"
             step = f"{r['step_s']:.2f} ({r['bound']})" if r.get("step_s") else "-"
-            train.append(f"| {spec['name']} | {spec['slice']} | {'yes' if r['fits'] else 'no'} | {peak} | "
+            name = " ".join([spec["name"], *spec.get("overrides", [])])
+            train.append(f"| {name} | {spec['slice']} | {'yes' if r['fits'] else 'no'} | {peak} | "
                          f"{r['compile_s']:.0f} | {step} | {f'{mfu:.0%}' if mfu else '-'} | {cmd} |")
         else:
             worst = max((r["prompt"], r["decode"]), key=lambda x: x.get("peak_bytes", 0))
@@ -121,13 +124,17 @@ def markdown(results: dict) -> str:
     return "\n".join(train) + "\n\n" + "\n".join(infer)
 
 
+def _hlo_name(spec: dict) -> str:
+    return "-".join([spec["kind"], spec["name"], spec["slice"], *spec.get("overrides", [])]) + ".hlo"
+
+
 def rederive(results: dict, out: Path, hlo_dir: Path) -> int:
     from mgjax.roofline import hlo_cost, step_time
     from mgjax.topology import CHIPS
 
     for row in results["rows"]:
         spec, r = row["spec"], row["result"]
-        hlo = hlo_dir / f"{spec['kind']}-{spec['name']}-{spec['slice']}.hlo"
+        hlo = hlo_dir / _hlo_name(spec)
         if spec["kind"] != "train" or not hlo.is_file() or "step_s" not in r:
             continue
         cost, chip = hlo_cost(hlo.read_text()), CHIPS[r["chip"]]
@@ -157,7 +164,7 @@ def main(argv=None) -> int:
     if args.rederive:
         return rederive(results, out, Path(args.hlo_dir or "."))
     specs = [[{"kind": "eval", "name": n, "slice": s, "mesh": m} for s, m in tries] for n, tries in EVAL.items()] + \
-            [[{"kind": "train", "name": n, "slice": s}] for n, s in TRAIN]
+            [[{"kind": "train", "name": n, "slice": s, **({"overrides": o} if o else {})}] for n, s, o in TRAIN]
     specs = [s for s in specs if args.kind in ("all", s[0]["kind"]) and (not args.only or s[0]["name"] in args.only)]
     print(f"{'kind':<6}{'release':<13}{'slice':<9}{'mesh':<11}{'fits':<5}{'GB/chip of HBM':>15}{'compile s':>10}"
           f"{'step s':>10}{'MFU':>6}")
@@ -167,8 +174,8 @@ def main(argv=None) -> int:
             if done and not args.redo:
                 r = done[0]["result"]
             else:
-                hlo = {"hlo_file": str(Path(args.hlo_dir) / f"{spec['kind']}-{spec['name']}-{spec['slice']}.hlo")} \
-                    if args.hlo_dir and spec["kind"] == "train" else {}
+                train = args.hlo_dir and spec["kind"] == "train"
+                hlo = {"hlo_file": str(Path(args.hlo_dir) / _hlo_name(spec))} if train else {}
                 r = run_child(__file__, spec["kind"], {**spec, **hlo}, dict(os.environ), ("name", "slice"))
                 results["rows"] = [x for x in results["rows"] if x["spec"] != spec] + \
                     [{"spec": spec, "command": " ".join(command(spec)), "result": r}]

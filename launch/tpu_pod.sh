@@ -57,7 +57,7 @@ git -C "$REPO" archive --format=tar.gz -o "$tarball" HEAD
 "${TPU[@]}" ssh "$NAME" "${ALL[@]}" --worker=all --command="
   set -e; rm -rf ~/mgjax && mkdir -p ~/mgjax ~/mgjax-logs && tar xzf ~/mgjax.tar.gz -C ~/mgjax
   cd ~/mgjax && python3 -m venv .venv && . .venv/bin/activate
-  pip install -q --upgrade pip && pip install -q -e . 'jax[tpu]'"
+  pip install -q --upgrade pip && pip install -q -e '.[tpu]'"
 
 # Every host runs the same command; each writes its own log.
 set +e
