@@ -9,7 +9,9 @@ against the loop's initial counter), calls and async wrappers into their callees
 branch. Per instruction, as XLA's cost analysis does it: a fusion or op reads its operands and writes its
 result (HBM bytes); FLOPs are 2 x multiply-adds of the dots and convolutions (inside fusions too); a
 collective's payload is its result for all-gather / all-reduce / all-to-all / collective-permute and its
-operand for reduce-scatter. Pallas kernels (custom calls) count their bytes, not their FLOPs.
+operand for reduce-scatter. A Pallas kernel (custom call) carries no FLOP count: splash attention's
+(`splash_mha_fwd*`, `*_dq*`, `*_dkv*`, causal: half the blocks) are counted from its largest operand,
+q / k / v [(rows,) H, T, hd]; other kernels count their bytes only.
 """
 
 from __future__ import annotations
@@ -147,6 +149,19 @@ class _Walker:
             return _conv_flops(i, _dims(self.shapes.get(i.operands[0], "")), _dims(self.shapes.get(i.operands[1], "")))
         return 0.0
 
+    def kernel_flops(self, i: _Instr) -> float:
+        """FLOPs of a splash attention kernel: 2 H T^2 hd per matmul of its pass (forward 2: Q K^T and P V;
+        dq 3: S, dP, dQ; dkv 4: S, dP, dV, dK), halved by the causal mask's skipped blocks."""
+        name = i.name.split(".")[0]
+        passes = 4 if "_dkv" in name else 3 if "_dq" in name else 2 if "_fwd" in name else 0
+        if not name.startswith("splash_mha") or not passes:
+            return 0.0
+        q = max((_dims(self.shapes.get(o, "")) for o in i.operands), key=math.prod, default=[])
+        if len(q) < 3:
+            return 0.0
+        *heads, t, hd = q  # [(rows,) H, T, hd]
+        return passes * 2.0 * math.prod(heads) * t * t * hd / 2
+
     def trips(self, i: _Instr) -> int | None:
         m = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.attrs)
         if m:
@@ -209,7 +224,7 @@ class _Walker:
             elif op in ("call", "async-start") or (op.endswith("-start") and _attr(i.attrs, "calls")):
                 total.add(self.cost(_attr(i.attrs, "calls") or _attr(i.attrs, "to_apply"), fused))
                 continue
-            total.flops += self.flops(i)
+            total.flops += self.kernel_flops(i) if op == "custom-call" else self.flops(i)
             if fused or op in _FREE or op.endswith("-done") or op.endswith("-update"):
                 continue
             kind = op.removesuffix("-start")

@@ -134,6 +134,25 @@ def test_roofline_multiplies_loop_bodies_by_their_trip_counts(kind):
     assert cost.unknown_loops == 0
 
 
+def test_roofline_counts_splash_attention_kernels():
+    """A Pallas kernel carries no FLOP count in the HLO: splash's passes are counted from q [rows, H, T, hd], causal
+    (half the blocks): forward 2 matmuls, dq 3, dkv 4, of 2 H T^2 hd each; another kernel counts bytes only."""
+    text = """HloModule m
+
+ENTRY %main (q: bf16[2,4,256,128]) -> bf16[2,4,256,128] {
+  %q = bf16[2,4,256,128] parameter(0)
+  %splash_mha_fwd_segmented_residuals.1 = bf16[2,4,256,128] custom-call(%q, %q), custom_call_target="tpu_custom_call"
+  %splash_mha_dq_segmented_no_residuals.1 = bf16[2,4,256,128] custom-call(%q, %q), custom_call_target="tpu_custom_call"
+  %splash_mha_dkv_segmented_no_residuals.1 = bf16[2,4,256,128] custom-call(%q, %q), custom_call_target="tpu_custom_call"
+  ROOT %other_kernel.1 = bf16[2,4,256,128] custom-call(%q), custom_call_target="tpu_custom_call"
+}
+"""
+    per_matmul = 2 * 2 * 4 * 256 * 256 * 128 / 2
+    cost = hlo_cost(text)
+    assert cost.flops == (2 + 3 + 4) * per_matmul
+    assert cost.bytes == (3 + 3 + 3 + 2) * 2 * 4 * 256 * 128 * 2
+
+
 # --- train --dry-run --topology --------------------------------------------------------------------------
 
 DEMO = "configs/demo/stage2.yaml"
