@@ -197,7 +197,8 @@ class _Walker:
         return max(1, _constant(constants[0])) if len(constants) == 1 else 1
 
     def cost(self, comp: str, fused: bool = False) -> Cost:
-        """Cost of one run of `comp`; in a fused computation only FLOPs count (bytes are the fusion's)."""
+        """Cost of one run of `comp`; in a fused computation only FLOPs and collectives count (bytes are the
+        fusion's)."""
         key = (comp, fused)
         if key in self.memo:
             return self.memo[key]
@@ -225,23 +226,27 @@ class _Walker:
                 total.add(self.cost(_attr(i.attrs, "calls") or _attr(i.attrs, "to_apply"), fused))
                 continue
             total.flops += self.kernel_flops(i) if op == "custom-call" else self.flops(i)
-            if fused or op in _FREE or op.endswith("-done") or op.endswith("-update"):
+            if op in _FREE or op.endswith("-done") or op.endswith("-update"):
                 continue
             kind = op.removesuffix("-start")
+            if fused and kind not in COLLECTIVES:  # the TPU compiler fuses collectives too: they still move
+                continue
             operand_bytes = sum(array_bytes(self.shapes.get(o, "")) for o in i.operands)
             if kind in COLLECTIVES:
                 payload = operand_bytes if kind == "reduce-scatter" else array_bytes(i.shape)
                 if op.endswith("-start") and i.shape.startswith("("):  # (operands, result[, context])
                     payload = min(payload, operand_bytes) if kind == "all-reduce" else payload - operand_bytes
                 total.collectives[kind] = total.collectives.get(kind, 0.0) + max(payload, 0.0)
-            total.bytes += self.memory_bytes(i, operand_bytes)
+            if not fused:
+                total.bytes += self.memory_bytes(i, operand_bytes)
         self.memo[key] = total
         return total
 
     def memory_bytes(self, i: _Instr, operand_bytes: float) -> float:
         """HBM bytes one top-level op reads and writes, as XLA's cost analysis counts them: a (fused) dynamic
         slice reads its slice, not the buffer; an in-place dynamic-update-slice writes its update (the scanned
-        layers' stacked weights and gradients are sliced and updated so, once per layer)."""
+        layers' stacked weights and gradients are sliced and updated so, once per layer); a fusion output that
+        is one of its parameters passed through (loop state) costs nothing."""
         if i.opcode == "dynamic-slice":
             return 2 * array_bytes(i.shape)
         if i.opcode == "dynamic-update-slice":
@@ -261,6 +266,9 @@ class _Walker:
         written, in_place = 0.0, set()
         for name in (root.operands if root.opcode == "tuple" else [root.name]):
             x = defs.get(name)
+            if x is not None and x.opcode == "parameter":  # passed through: the output is the input's buffer
+                in_place.add(x.name)
+                continue
             target = defs.get(x.operands[0]) if x is not None and x.opcode == "dynamic-update-slice" else None
             if target is not None and target.opcode == "parameter":
                 in_place.add(target.name)
@@ -271,7 +279,8 @@ class _Walker:
         for j, operand in enumerate(i.operands):
             p = params.get(j)
             us = users.get(p, [])
-            if p in in_place and all(u.opcode == "dynamic-update-slice" and u.operands[0] == p for u in us):
+            if p in in_place and all(u is root or u.opcode == "dynamic-update-slice" and u.operands[0] == p
+                                     for u in us):
                 continue
             if us and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == p for u in us):
                 read += sum(array_bytes(u.shape) for u in us)
