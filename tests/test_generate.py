@@ -271,6 +271,20 @@ def test_generate_command(tmp_path, monkeypatch, capsys):
     assert "line 2" in capsys.readouterr().err and not list(tmp_path.glob("x.jsonl*"))
 
 
+def test_generate_command_over_a_mesh(monkeypatch, capsys):
+    """`--mesh` splits the model over this host's 8 devices (fsdp 2 x data 4; the one prompt is padded to the
+    batch shards): the original's greedy answer still."""
+    from mgjax.cli import main
+
+    case = GOLDEN / "llama_vicuna"
+    monkeypatch.chdir(case)
+    ref = np.load(case / "expected.npz")
+    assert main(["generate", "MGM-7B-tiny", "--image", "input.jpg", "--max-new-tokens", "8", "--mesh",
+                 "data=4,fsdp=2", "--question", "What is unusual about this image?"]) == 0
+    assert capsys.readouterr().out.strip() == golden_model().tokenizer.decode(
+        ref["generate_ids"][0], skip_special_tokens=True).strip()
+
+
 def test_chat_turns_and_the_image_prompt(monkeypatch, capsys):
     """Each chat turn answers the whole conversation so far in the template (the image marker in the
     message that brought the image), as generate does on that prompt; `mgjax chat` reads stdin (a bad
