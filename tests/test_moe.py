@@ -5,6 +5,8 @@ logits of a whole model against HF's MixtralForCausalLM are in tests/test_hf_par
 Tolerance: relative error <= 1e-5 of the reference's largest value (float32; the ragged path adds a token's
 k expert outputs in another order than the dense mixing einsum)."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,6 +82,29 @@ def test_ragged_on_an_expert_sharded_mesh(case):
     assert _rel(loss, ref[0]) <= 1e-5 and _rel(gx, ref[1][1]) <= 1e-5
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref[1][0])):
         assert _rel(a, b) <= 1e-5
+
+
+def test_ragged_splits_the_tokens_over_the_batch_axes(case):
+    """data 2 x fsdp 2 x tensor 2: each device sorts and multiplies only its own rows' tokens (the MLP width over
+    tensor, partial sums added), equal to one device's outputs and gradients. Left to the partitioner the sort
+    gathered every token to every device (each did the whole batch's expert work)."""
+    params, x, w = case
+    module = _moe("ragged")
+    ref = jax.jit(_loss_and_grads, static_argnums=0)(module, params, x, w)
+    mesh, rules = make_mesh(MeshConfig(2, 2, 2, 1)), rules_for("fsdp_tp_ep")
+    boxed = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+    sharded = jax.device_put(params, param_shardings(boxed, mesh, rules))
+    xs, ws = (jax.device_put(a, batch_sharding(mesh, a.ndim, rules)) for a in (x, w))
+    with activate(mesh, rules):
+        step = jax.jit(_loss_and_grads, static_argnums=0)
+        loss, (grads, gx) = step(module, sharded, xs, ws)
+        text = step.lower(module, sharded, xs, ws).compile().as_text()
+    assert _rel(loss, ref[0]) <= 1e-5 and _rel(gx, ref[1][1]) <= 1e-5
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref[1][0])):
+        assert _rel(a, b) <= 1e-5
+    pairs = x.shape[0] * x.shape[1] * 2  # B*T*k
+    sorted_rows = {int(n) for n in re.findall(r"\b(?:f32|bf16)\[(\d+),16\]", text)}
+    assert pairs // 4 in sorted_rows and pairs not in sorted_rows  # 4 batch shards: a quarter of the pairs each
 
 
 def test_unknown_moe_impl_is_a_clear_error():

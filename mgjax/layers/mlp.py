@@ -63,15 +63,30 @@ class Experts(nn.Module):
             return jnp.einsum("bted,bte->btd", y, combine)
         # Dropless dispatch: the B*T*k (token, expert) pairs sorted by expert, each expert's rows one group of
         # a ragged matmul, the outputs weighted and added back to their tokens (as HF's index_add does).
-        b, t, k = top_i.shape
-        flat_e = top_i.reshape(-1)
-        order = jnp.argsort(flat_e, stable=True)
-        token = order // k  # [B*T*k] the token of each sorted pair
-        rows = x.reshape(b * t, d)[token]
-        sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
-        h = act(jax.lax.ragged_dot(rows, w1, sizes)) * jax.lax.ragged_dot(rows, w3, sizes)
-        y = jax.lax.ragged_dot(h, w2, sizes) * top_p.reshape(-1)[order][:, None]
-        return jnp.zeros((b * t, d), y.dtype).at[token].add(y).reshape(b, t, d)
+        # Under a mesh each shard of rows sorts and multiplies its own tokens (`jax.shard_map`; the MLP width
+        # split over tensor, the down projection's partial sums added over it): left to the SPMD partitioner,
+        # the sort over the flattened batch gathered every row to every device, and each device did the whole
+        # batch's expert work (MGM-8x7B-HD stage 2 on v5p-64: 32x the FLOPs, seen by the TPU compiler).
+        mesh = jax.sharding.get_abstract_mesh()
+        rows_axes, mlp_axes = (None, None) if mesh.empty else nn.logical_to_mesh_axes(("act_batch", "act_mlp"))
+
+        def dispatch(x, top_p, top_i, w1, w3, w2):
+            b, t, k = top_i.shape
+            flat_e = top_i.reshape(-1)
+            order = jnp.argsort(flat_e, stable=True)
+            token = order // k  # [B*T*k] the token of each sorted pair
+            rows = x.reshape(b * t, d)[token]
+            sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
+            h = act(jax.lax.ragged_dot(rows, w1, sizes)) * jax.lax.ragged_dot(rows, w3, sizes)
+            y = jax.lax.ragged_dot(h, w2, sizes) * top_p.reshape(-1)[order][:, None]
+            out = jnp.zeros((b * t, d), y.dtype).at[token].add(y).reshape(b, t, d)
+            return out if mlp_axes is None else jax.lax.psum(out, mlp_axes)
+
+        if mesh.empty:
+            return dispatch(x, top_p, top_i, w1, w3, w2)
+        tokens, w_in, w_out = jax.P(rows_axes, None, None), jax.P(None, None, mlp_axes), jax.P(None, mlp_axes, None)
+        return jax.shard_map(dispatch, mesh=mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+                             out_specs=tokens, check_vma=False)(x, top_p, top_i, w1, w3, w2)
 
 
 class MoE(nn.Module):
