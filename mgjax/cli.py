@@ -565,8 +565,8 @@ def _positive_float(text: str) -> float:
 
 
 def _add_inference_aot_args(p) -> None:
-    p.add_argument("--mesh", help="split the model over this host's devices: e.g. tensor=-1 (axes data, fsdp, "
-                   "tensor, expert; default: one device; with --dry-run: tensor=-1)")
+    p.add_argument("--mesh", help="split the model over this host's devices: e.g. fsdp=-1 or tensor=-1 (axes data, "
+                   "fsdp, tensor, expert; default: one device; with --dry-run: fsdp=-1)")
     p.add_argument("--dry-run", action="store_true", help="only compile the prompt pass and one decode step for "
                    "--topology SLICE at --batch-size (times the beams of a beam-search benchmark) and the token "
                    "budget; the checkpoint may be a preset name (MGM-7B-HD)")

@@ -23,7 +23,9 @@ from mgjax.topology import Slice
 from mgjax.train.aot import compile_figures, fits_line, gb, secs
 from mgjax.errors import MGJaxError
 
-INFERENCE_MESH = "tensor=-1"  # the LLM's heads and MLP over every chip: no weight gathers per decoded token
+# The batch over every chip, weights gathered per layer. tensor=-1 keeps the weights still while decoding but
+# leaves every image of the batch to every chip's towers: at batch 32 it fits no v5e slice (README, TPU slices).
+INFERENCE_MESH = "fsdp=-1"
 
 
 @dataclass(frozen=True)
