@@ -98,7 +98,9 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     infer = ["| release | slice, mesh | fits | HBM per chip (GB) | weights + KV cache per chip (GB) | "
              "compile s | decode step ms (bound) | command |", "|---|---|---|---|---|---|---|---|"]
-    for row in results["rows"]:
+    releases = list(EVAL)
+    for row in sorted(results["rows"], key=lambda row: (releases.index(row["spec"]["name"]),
+                                                       row["spec"].get("overrides", []))):
         spec, r = row["spec"], row["result"]
         if "error" in r:
             continue
