@@ -67,31 +67,13 @@ def test_ragged_handles_experts_without_tokens():
     assert _rel(out["ragged"], out["dense"]) <= 1e-5
 
 
-def test_ragged_on_an_expert_sharded_mesh(case):
-    """Experts split over expert=4 (the batch over data x expert): outputs and gradients equal one device's."""
+def _sharded_equals_one_device(case, shape):
+    """The ragged block's loss and gradients on a (data, fsdp, tensor, expert) mesh of `shape` equal one
+    device's; returns the sharded parameters and the compiled program's HLO text."""
     params, x, w = case
     module = _moe("ragged")
     ref = jax.jit(_loss_and_grads, static_argnums=0)(module, params, x, w)
-    mesh, rules = make_mesh(MeshConfig(2, 1, 1, 4)), rules_for("fsdp_tp_ep")
-    boxed = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
-    sharded = jax.device_put(params, param_shardings(boxed, mesh, rules))
-    assert not sharded["experts"]["w1"].sharding.is_fully_replicated
-    xs, ws = (jax.device_put(a, batch_sharding(mesh, a.ndim, rules)) for a in (x, w))
-    with activate(mesh, rules):
-        loss, (grads, gx) = jax.jit(_loss_and_grads, static_argnums=0)(module, sharded, xs, ws)
-    assert _rel(loss, ref[0]) <= 1e-5 and _rel(gx, ref[1][1]) <= 1e-5
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref[1][0])):
-        assert _rel(a, b) <= 1e-5
-
-
-def test_ragged_splits_the_tokens_over_the_batch_axes(case):
-    """data 2 x fsdp 2 x tensor 2: each device sorts and multiplies only its own rows' tokens (the MLP width over
-    tensor, partial sums added), equal to one device's outputs and gradients. Left to the partitioner the sort
-    gathered every token to every device (each did the whole batch's expert work)."""
-    params, x, w = case
-    module = _moe("ragged")
-    ref = jax.jit(_loss_and_grads, static_argnums=0)(module, params, x, w)
-    mesh, rules = make_mesh(MeshConfig(2, 2, 2, 1)), rules_for("fsdp_tp_ep")
+    mesh, rules = make_mesh(MeshConfig(*shape)), rules_for("fsdp_tp_ep")
     boxed = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
     sharded = jax.device_put(params, param_shardings(boxed, mesh, rules))
     xs, ws = (jax.device_put(a, batch_sharding(mesh, a.ndim, rules)) for a in (x, w))
@@ -102,6 +84,21 @@ def test_ragged_splits_the_tokens_over_the_batch_axes(case):
     assert _rel(loss, ref[0]) <= 1e-5 and _rel(gx, ref[1][1]) <= 1e-5
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref[1][0])):
         assert _rel(a, b) <= 1e-5
+    return sharded, text
+
+
+def test_ragged_on_an_expert_sharded_mesh(case):
+    """Experts split over expert=4 (the batch over data x expert): outputs and gradients equal one device's."""
+    sharded, _ = _sharded_equals_one_device(case, (2, 1, 1, 4))
+    assert not sharded["experts"]["w1"].sharding.is_fully_replicated
+
+
+def test_ragged_splits_the_tokens_over_the_batch_axes(case):
+    """data 2 x fsdp 2 x tensor 2: each device sorts and multiplies only its own rows' tokens (the MLP width over
+    tensor, partial sums added), equal to one device's outputs and gradients. Left to the partitioner the sort
+    gathered every token to every device (each did the whole batch's expert work)."""
+    _, text = _sharded_equals_one_device(case, (2, 2, 2, 1))
+    x = case[1]
     pairs = x.shape[0] * x.shape[1] * 2  # B*T*k
     sorted_rows = {int(n) for n in re.findall(r"\b(?:f32|bf16)\[(\d+),16\]", text)}
     assert pairs // 4 in sorted_rows and pairs not in sorted_rows  # 4 batch shards: a quarter of the pairs each
