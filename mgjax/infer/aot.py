@@ -18,7 +18,8 @@ from mgjax.infer.generate import prefill
 from mgjax.model import MGM, abstract_params
 from mgjax.pretrained import _budget, length_bucket
 from mgjax.layers.attention import CACHE_AXES
-from mgjax.sharding import activate, batch_sharding, bytes_per_device, make_mesh, mesh_rules, param_shardings
+from mgjax.sharding import (activate, batch_sharding, batch_shards, bytes_per_device, make_mesh, mesh_rules,
+                            param_shardings)
 from mgjax.topology import Slice
 from mgjax.train.aot import compile_figures, fits_line, gb, secs
 from mgjax.errors import MGJaxError
@@ -49,7 +50,7 @@ def dry_run(config: MGMConfig, topology: Slice, work: Workload, mesh: str = INFE
     length = length_bucket(work.prompt_tokens + config.tokens_per_image, config.max_length)
     room = _budget(work.max_new_tokens)
     b = work.batch
-    if b % math.prod(mesh.shape[a] for a in ("data", "fsdp", "expert")):
+    if b % batch_shards(mesh):
         raise MGJaxError(f"--batch-size {b} does not split over the batch axes of mesh {dict(mesh.shape)}")
 
     def placed(shape, dtype):
@@ -62,7 +63,7 @@ def dry_run(config: MGMConfig, topology: Slice, work: Workload, mesh: str = INFE
            "weights_bytes": bytes_per_device(params, shardings)}
     with activate(mesh):
         prompt = jax.jit(lambda p, *x: prefill(module, p, *x, length, room))
-        out["prompt"] = compile_figures(prompt, (params, *inputs), topology)[0]
+        out["prompt"] = compile_figures(prompt, (params, *inputs), topology)
         _, cache, valid, _ = jax.eval_shape(prompt, params, *inputs)
         cache_shardings = jax.tree.map(lambda a: _cache_sharding(a.shape, mesh), cache)
         cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, cache_shardings)
@@ -71,7 +72,7 @@ def dry_run(config: MGMConfig, topology: Slice, work: Workload, mesh: str = INFE
                          donate_argnums=4)
         out["decode"] = compile_figures(decode, (params, placed((b,), jnp.int32), placed((b,), jnp.int32),
                                                  placed(valid.shape, jnp.bool_), cache,
-                                                 jax.ShapeDtypeStruct((), jnp.int32)), topology)[0]
+                                                 jax.ShapeDtypeStruct((), jnp.int32)), topology)
     out["fits"] = out["prompt"]["fits"] and out["decode"]["fits"]
     return out
 

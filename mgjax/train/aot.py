@@ -70,16 +70,15 @@ def dry_run(cfg: TrainConfig, topology: Slice | None = None, hlo_file: str | Pat
            "text_len": text_len, "merged_len": length, "params": n_params, "trainable": n_train,
            "model_flops": model_flops(config, cfg.global_batch, length, math.prod(batch["images"].shape[:2]))}
     with activate(mesh, rules):
-        out.update(compile_figures(step, (a_state, a_frozen, batch), topology, hlo_file)[0])
+        out.update(compile_figures(step, (a_state, a_frozen, batch), topology, hlo_file))
     return out
 
 
-def compile_figures(fn, args: tuple, topology: Slice | None, hlo_file: str | Path | None = None
-                    ) -> tuple[dict, jax.stages.Compiled | None]:
-    """Lowers and compiles jitted `fn` for `args` (placed ShapeDtypeStructs): (figures, the compiled program).
-    Figures: times, XLA's FLOPs and memory per device, and, for a TPU slice, the chip's HBM, whether the program
-    fits it (a compile the chip cannot hold is read from the compiler's error: `fits` False with what it needs,
-    no program) and the roofline step (`mgjax.roofline`)."""
+def compile_figures(fn, args: tuple, topology: Slice | None, hlo_file: str | Path | None = None) -> dict:
+    """Lowers and compiles jitted `fn` for `args` (placed ShapeDtypeStructs). Figures: times, XLA's FLOPs and
+    memory per device, and, for a TPU slice, the chip's HBM, whether the program fits it (a compile the chip
+    cannot hold is read from the compiler's error: `fits` False with what it needs) and the roofline step
+    (`mgjax.roofline`)."""
     t0 = time.perf_counter()
     lowered = fn.lower(*args)
     t1 = time.perf_counter()
@@ -98,7 +97,7 @@ def compile_figures(fn, args: tuple, topology: Slice | None, hlo_file: str | Pat
             out["peak_bytes"] = oom[0]
         if oom[1]:
             out["hbm_bytes"] = oom[1]
-        return out, None
+        return out
     out["compile_s"] = time.perf_counter() - t1
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -120,7 +119,7 @@ def compile_figures(fn, args: tuple, topology: Slice | None, hlo_file: str | Pat
         chip = topology.chip
         out.update(step_flops=cost.flops, step_hbm_bytes=cost.bytes, step_collective_bytes=cost.collective_bytes,
                    **step_time(cost, chip.peak_flops, chip.hbm_bandwidth, chip.ici_bandwidth))
-    return out, compiled
+    return out
 
 
 def mfu(r: dict) -> float | None:
