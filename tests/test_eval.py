@@ -229,8 +229,9 @@ def test_mmbench_prompt_circular_score_and_sheet(tmp_path, monkeypatch):
                              "Answer with the option's letter from the given choices directly.")
     assert qs[2]["text"].startswith("Which shape?\nA. square\nB. circle\nC. line\nAnswer") and qs[2]["options"] == \
         ["square", "circle", "line"]
-    assert [mmbench_letter(t, ["x", "y", "z"]) for t in ("B", "C.", "A) x", "y", "Because", "D")] == \
-        ["B", "C", "A", "B", None, None]
+    # eval_mmbench.py's can_infer: any of A-E whatever the options ("D" of three), an option's text inside
+    assert [mmbench_letter(t, {"A": "x", "B": "y", "C": "z"}) for t in ("B", "C.", "A) x", "y", "Because", "D")] == \
+        ["B", "C", "A", "B", None, "D"]
     answers = [{"question_id": q["question_id"], "text": q["answer"]} for q in qs]
     answers[3]["text"] = "A"  # one variant of question 9 wrong: question 9 does not count
     s = mmbench_scores(answers, qs)
@@ -272,10 +273,13 @@ def test_scienceqa_file_parsing_and_score(tmp_path, monkeypatch):
     qs = read_scienceqa(tmp_path / "q.json")
     assert qs[0] == {"question_id": "1", "image": "1/image.png", "text": leaf}
     assert "image" not in qs[1]
-    assert [scienceqa_letter(t, "ABC") for t in ("B", "C. 5", "The answer is A.", "A or B", "B is it")] == \
+    assert [scienceqa_letter(t) for t in ("B", "C. 5", "The answer is A.", "A or B", "B is it")] == \
         ["B", "C", "A", None, None]
-    s = scienceqa_scores([{"question_id": "1", "text": "B"}, {"question_id": "2", "text": "C. 5"},
-                          {"question_id": "3", "text": "The answer is A."}], tmp_path / "problems.json")
+    # the IMG subset: the answers whose prompt holds model_vqa_science's "<image>"
+    s = scienceqa_scores([{"question_id": "1", "prompt": "<image>\nleaf", "text": "B"},
+                          {"question_id": "2", "prompt": "sum", "text": "C. 5"},
+                          {"question_id": "3", "prompt": "<image>\nxy", "text": "The answer is A."}],
+                         tmp_path / "problems.json")
     assert s == {"accuracy": pytest.approx(200 / 3), "img_accuracy": 100.0, "questions": 3, "img_questions": 2}
 
     monkeypatch.chdir(CASE)
@@ -284,5 +288,7 @@ def test_scienceqa_file_parsing_and_score(tmp_path, monkeypatch):
                  str(tmp_path / "images"), "--out", str(out), "--annotations", str(tmp_path / "problems.json"),
                  "--max-new-tokens", "3"]) == 0
     answers = [json.loads(line) for line in out.read_text().splitlines()]
-    assert answers[0]["prompt"].endswith("(B) green\nAnswer with the option's letter from the given choices directly.")
+    # model_vqa_science's answer prompt: "<image>\n" before an image question, the instruction after
+    assert answers[0]["prompt"] == f"<image>\n{leaf}\nAnswer with the option's letter from the given choices directly."
+    assert answers[1]["prompt"].startswith("Question: 2+2?")
     assert json.loads((tmp_path / "sqa.jsonl.scores.json").read_text())["questions"] == 2

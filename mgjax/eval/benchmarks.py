@@ -12,9 +12,8 @@ import sys
 
 from mgjax.errors import MGJaxError
 from mgjax.eval.runner import Bench, read_rows
-from mgjax.eval.scores import option_letters
+from mgjax.eval.scores import SHORT, option_letters
 
-SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 OPTION_LETTERS = option_letters(4)  # MMBench's option columns
 
@@ -74,6 +73,10 @@ def read_scienceqa(path: str | os.PathLike) -> list[dict]:
         raise MGJaxError(f"{path}: not LLaVA's ScienceQA question file ({type(e).__name__}: {e})") from None
 
 
+def _scienceqa_text(q: dict) -> str:
+    return f"{q['text']}\n{LETTER}"
+
+
 def _image_cell(cell) -> dict:
     """A row's image as the runner takes it: Parquet's {bytes, path} struct -> the bytes, a string -> a file
     under --images, nothing -> no image."""
@@ -118,7 +121,9 @@ def read_mmmu(path: str | os.PathLike) -> list[dict]:
 
 def _mmmu_preset(q: dict) -> str | None:
     """The original does not ask the model a question without image_1: a random letter (seeded by the id
-    here, so that a re-run agrees), or its fixed text for an open question."""
+    here, so that a re-run agrees), or its fixed text for an open question. (MMMU's call_llava_engine_df cannot
+    draw that letter: its model_utils.py imports the function `random`, which has no `choice`; every question of
+    the Hugging Face data has image_1, so the original never takes this path.)"""
     if "image" in q or "image_bytes" in q:
         return None
     return random.Random(q["question_id"]).choice(q["letters"]) if q["letters"] else MMMU_NO_IMAGE
@@ -175,8 +180,10 @@ BENCHES = {
     "mme": Bench("mme", _llava_text, 128),
     "pope": Bench("pope", _llava_text, 128),
     "mmvet": Bench("mmvet", _llava_text, 1024),  # the raw question; GPT-4 grades the answers
-    # LLaVA's model_vqa_science --single-pred-prompt (its budget: 1024)
-    "scienceqa": Bench("scienceqa", lambda q: f"{q['text']}\n{LETTER}", 1024),
+    # LLaVA's model_vqa_science --single-pred-prompt (its budget: 1024); its answer line's prompt starts "<image>\n"
+    # for an image question, which eval_science_qa.py reads to count ScienceQA-IMG
+    "scienceqa": Bench("scienceqa", _scienceqa_text, 1024, answer_fields=lambda q: {
+        "prompt": ("<image>\n" if "image" in q else "") + _scienceqa_text(q)}),
     # LLaVA's answer line: the prompt without the instruction, round 0, the options and their letters
     "mmbench": Bench("mmbench", _llava_text, 1024, answer_fields=lambda q: {
         "prompt": q["prompt"], "round_id": 0, "options": q["options"],

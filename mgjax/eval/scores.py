@@ -1,10 +1,13 @@
-"""Local scorers for the deterministic metrics, as the official scripts compute them (LLaVA's
-`eval_pope.py`; MME's `calculation.py` after LLaVA's `convert_answer_to_mme.py`)."""
+"""Local scorers that compute what the official scripts compute, their quirks included, each rule named after
+the official function it ports: LLaVA's `eval_pope.py`, `eval_science_qa.py`, `eval_textvqa.py` (m4c evaluator);
+MME's `calculation.py` after LLaVA's `convert_answer_to_mme.py`; OpenCompass' `eval_mmbench.py`; MMMU's
+`run_llava.py` / `main_eval_only.py` (`eval_utils`); MathVista's `extract_answer.py` / `calculate_score.py`. Where
+an official step asks GPT (MMBench, MathVista) the local figure does what the docstrings say instead.
+tests/test_official_scorers.py holds the official scripts' figures on crafted answer files."""
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
 import random
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from mgjax.errors import MGJaxError
 
+SHORT = "Answer the question using a single word or phrase."  # LLaVA's short-answer instruction
 POPE_CATEGORIES = ("adversarial", "popular", "random")
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")
@@ -30,37 +34,51 @@ def read_answers(path: str | os.PathLike) -> list[dict]:
 
 
 def pope_yes(text: str) -> bool:
-    """LLaVA's POPE parsing: the first sentence, commas dropped; 'No', 'not' or 'no' as a word is a no."""
+    """eval_pope.py: the first sentence, commas dropped; 'No', 'not' or 'no' as a word is a no."""
     if "." in text:
         text = text.split(".")[0]
     words = text.replace(",", "").split(" ")
     return not ("No" in words or "not" in words or "no" in words)
 
 
+def _binary_scores(pairs: list[tuple[bool, bool]]) -> dict:
+    """Accuracy, precision, recall, F1 and yes-ratio of (predicted yes, label yes) pairs, as eval_pope.py
+    prints them (0 where it would divide by zero)."""
+    tp = sum(p and t for p, t in pairs)
+    fp = sum(p and not t for p, t in pairs)
+    tn = sum(not p and not t for p, t in pairs)
+    fn = sum(not p and t for p, t in pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"accuracy": (tp + tn) / len(pairs), "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "yes_ratio": (tp + fp) / len(pairs), "questions": len(pairs)}
+
+
 def pope_scores(answers: list[dict], questions: list[dict], label_dir: str | os.PathLike) -> dict:
-    """Accuracy, precision, recall, F1 and yes-ratio per POPE category, from the official label files
-    `coco_pope_{category}.json` (JSONL with question_id and label yes/no). Questions carry `category`."""
+    """Accuracy, precision, recall, F1 and yes-ratio per POPE category from the official label files
+    `coco_pope_{category}.json` (JSONL with a yes/no `label`). Questions carry `category`.
+
+    eval_pope.py pairs a category's answers (in answer-file order) with its label file's lines BY ORDER: LLaVA's
+    question file numbers the categories 1.., 10000001.., 20000001.. while POPE numbers each file from 1, so
+    question ids cannot be joined. A category without answers is left out (eval_pope.py divides by zero there)."""
     category = {q["question_id"]: q.get("category") for q in questions}
+    unknown = [a["question_id"] for a in answers if a["question_id"] not in category]
+    if unknown:
+        raise MGJaxError(f"POPE: answer question_id {unknown[0]!r} is not in the question file; score the answers "
+                         "with the question file they were made from")
     out = {}
     for cat in POPE_CATEGORIES:
         f = Path(label_dir) / f"coco_pope_{cat}.json"
-        if not f.is_file():
+        mine = [a for a in answers if category[a["question_id"]] == cat]
+        if not f.is_file() or not mine:
             continue
-        labels = {r["question_id"]: r["label"] == "yes" for r in map(json.loads, f.read_text().splitlines())
-                  if r}
-        pairs = [(pope_yes(a["text"]), labels[a["question_id"]]) for a in answers
-                 if category.get(a["question_id"]) == cat and a["question_id"] in labels]
-        if not pairs:
-            continue
-        tp = sum(p and t for p, t in pairs)
-        fp = sum(p and not t for p, t in pairs)
-        tn = sum(not p and not t for p, t in pairs)
-        fn = sum(not p and t for p, t in pairs)
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        out[cat] = {"accuracy": (tp + tn) / len(pairs), "precision": precision, "recall": recall,
-                    "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-                    "yes_ratio": (tp + fp) / len(pairs), "questions": len(pairs)}
+        labels = [json.loads(line)["label"] for line in f.read_text().splitlines() if line.strip()]
+        if len(labels) != len(mine):
+            raise MGJaxError(f"POPE {cat}: {len(mine)} answers but {len(labels)} labels in {f}; the official "
+                             "scorer pairs them by order, so answer every question of the category")
+        # eval_pope.py: a label other than "no" counts as yes
+        out[cat] = _binary_scores([(pope_yes(a["text"]), label != "no") for a, label in zip(mine, labels)])
     if not out:
         raise MGJaxError(f"{label_dir}: no coco_pope_{{adversarial,popular,random}}.json label file matched the "
                          "answers (questions need a 'category')")
@@ -85,35 +103,49 @@ def mme_ground_truth(release: str | os.PathLike) -> dict:
 
 
 def _mme_pred(text: str) -> str:
-    """MME's parse_pred_ans: yes / no, or what the first four characters say, else other."""
+    """calculation.py's parse_pred_ans (of the lower-cased text): yes / no, or what the first four characters
+    say, else other."""
     text = text.lower()
     if text in ("yes", "no"):
         return text
     return "yes" if "yes" in text[:4] else "no" if "no" in text[:4] else "other"
 
 
+def _mme_key(answer: dict, gt: dict) -> tuple[str, str, str]:
+    """convert_answer_to_mme.py: (category, ground-truth file, question) of an answer: the id's first part, its
+    last part up to the first dot + .txt, the prompt without the short-answer instruction and with 'Please
+    answer yes or no.' (after two spaces where the release has them)."""
+    qid, prompt = answer["question_id"], answer["prompt"]
+    category, file = qid.split("/")[0], qid.split("/")[-1].split(".")[0] + ".txt"
+    if SHORT in prompt:
+        prompt = prompt.replace(SHORT, "").strip()
+    if "Please answer yes or no." not in prompt:
+        prompt += " Please answer yes or no."
+        if (category, file, prompt) not in gt:
+            prompt = prompt.replace(" Please answer yes or no.", "  Please answer yes or no.")
+    return category, file, prompt
+
+
 def mme_scores(answers: list[dict], release: str | os.PathLike) -> dict:
     """Per category: acc (questions right, %), acc+ (images with both questions right, %) and score
-    = acc + acc+; perception and cognition totals. Answers' question_id is `category/image.ext`."""
+    = acc + acc+; perception and cognition totals. Answers' question_id is `category/image.ext`.
+
+    calculation.py takes a category's answers two by two in answer-file order as one image's pair (LLaVA's
+    question file lists an image's two questions together)."""
     gt = mme_ground_truth(release)
-    per = defaultdict(lambda: defaultdict(list))  # category -> image file -> [right, ...]
+    right: dict[str, list[bool]] = defaultdict(list)  # category -> answers right, in answer-file order
     for a in answers:
-        category, image = a["question_id"].split("/")[0], a["question_id"].split("/")[-1]
-        file = image.rsplit(".", 1)[0] + ".txt"
-        prompt = a["prompt"].replace("Answer the question using a single word or phrase.", "").strip()
-        if "Please answer yes or no." not in prompt:  # LLaVA's conversion, the release's double space included
-            prompt += " Please answer yes or no."
-            if (category, file, prompt) not in gt:
-                prompt = prompt.replace(" Please answer yes or no.", "  Please answer yes or no.")
-        key = (category, file, prompt)
+        key = _mme_key(a, gt)
         if key not in gt:
-            raise MGJaxError(f"MME: no ground truth for {a['question_id']!r} / {prompt!r} under {release}")
-        per[category][file].append(_mme_pred(a["text"]) == gt[key].lower())
+            raise MGJaxError(f"MME: no ground truth for {a['question_id']!r} / {key[2]!r} under {release}")
+        right[key[0]].append(_mme_pred(a["text"]) == gt[key].lower())
     out = {}
-    for category, images in per.items():
-        flat = [r for rs in images.values() for r in rs]
-        acc = 100 * sum(flat) / len(flat)
-        acc_plus = 100 * sum(all(rs) for rs in images.values()) / len(images)
+    for category, rs in right.items():
+        if len(rs) % 2:
+            raise MGJaxError(f"MME {category}: {len(rs)} answers; MME's calculation.py takes them two by two (an "
+                             "image's two questions), so answer both questions of every image")
+        acc = 100 * sum(rs) / len(rs)
+        acc_plus = 100 * sum(rs[i] and rs[i + 1] for i in range(0, len(rs), 2)) / (len(rs) // 2)
         out[category] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
     out["perception"] = sum(out[c]["score"] for c in MME_PERCEPTION if c in out)
     out["cognition"] = sum(out[c]["score"] for c in MME_COGNITION if c in out)
@@ -127,36 +159,74 @@ def mmvet_submission(answers: list[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def mmbench_letter(text: str, options: list[str]) -> str | None:
-    """The option an answer picks: a leading option letter ("B", "B.", "B) ..."), or the text of an option;
-    None when it picks none."""
-    letters = option_letters(len(options))  # MMBench: at most 4
-    t = text.strip()
-    if t and t[0] in letters and (len(t) == 1 or not t[1].isalnum()):
-        return t[0]
-    return next((c for c, o in zip(letters, options) if t.lower() == o.strip().lower()), None)
+# pandas' default NA strings: eval_mmbench.py reads the prediction sheet with pandas and takes str(cell), so a
+# prediction that is one of these (or empty) is read as "nan"
+_PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+              "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+
+
+def _mmbench_option(answer: str) -> str | None:
+    """eval_mmbench.py's can_infer_option: among the whitespace-split words, exactly one bare letter of A-E
+    (unless 'A' is a word of a text of more than three words: maybe an article), else exactly one letter
+    written 'B.', 'B,', 'B:', 'B)', 'B).', '(B)', '(B).', ':B', ':B,', ':B.', ':B)' or ':B).'."""
+    choices = "ABCDE"  # can_infer_option's num_choice=5, whatever the question's options
+    if "Failed to obtain answer via API" in answer:
+        return None
+    words = answer.split()
+
+    def count(prefix, suffix):
+        return sum(prefix + c + suffix in words for c in choices)
+
+    if count("", "") == 1 and not ("A" in words and len(words) > 3):
+        return next(c for c in choices if c in words)
+    for prefix, suffix in (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."),
+                           (":", ""), (":", ","), (":", "."), (":", ")"), (":", ").")):
+        if count(prefix, suffix) == 1:
+            return next(c for c in choices if prefix + c + suffix in words)
+    return None
+
+
+def _mmbench_text(answer: str, choices: dict[str, str]) -> str | None:
+    """eval_mmbench.py's can_infer_text: the one option whose text (lower case) is inside the answer."""
+    found = [c for c, o in choices.items() if o.lower() in answer.lower()]
+    return found[0] if len(found) == 1 else None
+
+
+def mmbench_choices(question: dict) -> dict[str, str]:
+    """eval_mmbench.py's build_choices of a question's sheet row: every one of the A-D cells that pandas does not
+    read as missing (so "Nan" is an option there, while LLaVA's prompt stops before it)."""
+    row = question["row"]
+    return {c: row[c] for c in "ABCD" if row.get(c) is not None and row[c] not in _PANDAS_NA}
+
+
+def mmbench_letter(text: str, choices: dict[str, str]) -> str | None:
+    """The option an answer picks by eval_mmbench.py's can_infer (a letter, else an option's text; `choices` as
+    `mmbench_choices` gives them), the text read as pandas reads the sheet; None where the official evaluator
+    would ask ChatGPT."""
+    text = "nan" if text in _PANDAS_NA else text
+    return _mmbench_option(text) or _mmbench_text(text, choices)
 
 
 CIRCULAR = 1_000_000  # MMBench numbers a question's circular variants index + k * CIRCULAR
 
 
 def mmbench_scores(answers: list[dict], questions: list[dict]) -> dict:
-    """Circular accuracy in % (a question counts when all its variants, index modulo 1e6, are answered
-    right), overall and per category, on a split with answers (dev)."""
+    """Circular accuracy in %, overall and per category, on a split with answers (dev), as eval_mmbench.py's
+    eval_result counts it: each answered question (index < 1e6) is right when every answered variant of it (index
+    modulo 1e6) picks the right option by `mmbench_letter`. Where can_infer reads no option the official evaluator
+    asks ChatGPT; here that variant counts as wrong (the official figure with ChatGPT answering "E", no option)."""
     truth = {q["question_id"]: q for q in questions}
-    right: dict[int, list[bool]] = defaultdict(list)
-    category: dict[int, str] = {}
+    variants: dict[int, list[bool]] = defaultdict(list)
     for a in answers:
         q = truth[a["question_id"]]
         if q.get("answer") is None:
             raise MGJaxError("MMBench: the questions have no answers (the test split): submit the sheet instead")
-        main = int(q["question_id"]) % CIRCULAR
-        right[main].append(mmbench_letter(a["text"], q["options"]) == q["answer"])
-        category[main] = q.get("category") or "-"
+        variants[int(q["question_id"]) % CIRCULAR].append(mmbench_letter(a["text"], mmbench_choices(q)) == q["answer"])
+    mains = sorted(int(a["question_id"]) for a in answers if int(a["question_id"]) < CIRCULAR)
     by_category: dict[str, list[bool]] = defaultdict(list)
-    for main, rs in right.items():
-        by_category[category[main]].append(all(rs))
-    ok = [all(rs) for rs in right.values()]
+    for main in mains:
+        by_category[truth[main].get("category") or "-"].append(all(variants[main]))
+    ok = [all(variants[main]) for main in mains]
     return {"circular_accuracy": 100 * sum(ok) / len(ok), "questions": len(ok),
             "per_category": {c: 100 * sum(v) / len(v) for c, v in sorted(by_category.items())}}
 
@@ -179,20 +249,25 @@ def mmbench_submission(answers: list[dict], questions: list[dict], path: str | o
     return path
 
 
-def scienceqa_letter(text: str, letters: str) -> str | None:
-    """LLaVA's `eval_science_qa.py` parsing: the text is a letter, or starts "X. ", or holds exactly one
-    "The answer is X."; else None (FAILED)."""
-    if text in letters:
+SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")  # eval_science_qa.py's --options, whatever the number of choices
+
+
+def scienceqa_letter(text: str) -> str | None:
+    """eval_science_qa.py's parsing: the text is one of A-E, or starts "X. " with X one of them, or holds exactly
+    one match of r'The answer is ([A-Z]).' (the '.' any character); else None (its "FAILED")."""
+    if text in SCIENCEQA_OPTIONS:
         return text
-    if len(text) >= 3 and text[0] in letters and text[1:3] == ". ":
+    if len(text) >= 3 and text[0] in SCIENCEQA_OPTIONS and text[1:3] == ". ":
         return text[0]
     found = re.findall(r"The answer is ([A-Z]).", text)
     return found[0] if len(found) == 1 else None
 
 
 def scienceqa_scores(answers: list[dict], problems_file: str | os.PathLike) -> dict:
-    """Accuracy (%) over all answered questions and over those with an image (ScienceQA-IMG, the paper's
-    number), from ScienceQA's `problems.json` (choices, answer index, image)."""
+    """Accuracy (%) over all answered problems and over the image ones (ScienceQA-IMG, the paper's number), from
+    ScienceQA's `problems.json` (choices, answer index). As eval_science_qa.py, a problem is an image one when its
+    answer's prompt holds "<image>" (model_vqa_science.py's marker). eval_science_qa.py also counts a test problem
+    without an answer as wrong: on the whole test split the two agree."""
     try:
         problems = json.loads(Path(problems_file).read_text())
     except (OSError, ValueError) as e:
@@ -202,68 +277,82 @@ def scienceqa_scores(answers: list[dict], problems_file: str | os.PathLike) -> d
         p = problems.get(str(a["question_id"]))
         if p is None:
             raise MGJaxError(f"ScienceQA: question {a['question_id']!r} is not in {problems_file}")
-        letters = option_letters(len(p["choices"]))  # ScienceQA: at most 5
-        ok = scienceqa_letter(a["text"], letters) == letters[p["answer"]]
+        # get_pred_idx: a letter past the problem's choices is wrong
+        ok = scienceqa_letter(a["text"]) == SCIENCEQA_OPTIONS[p["answer"]]
         right.append(ok)
-        if p.get("image"):
+        if "<image>" in a["prompt"]:
             right_img.append(ok)
     return {"accuracy": 100 * sum(right) / len(right), "img_accuracy": 100 * sum(right_img) / max(len(right_img), 1),
             "questions": len(right), "img_questions": len(right_img)}
 
 
-# TextVQA: the VQA answer normalisation of the m4c evaluator LLaVA scores with (MGM_SPEC section 10).
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())} | {"none": "0"}
-_ARTICLES = {"a", "an", "the"}
-# Contractions the VQA normaliser restores, each under every spelling with some apostrophes left out.
-_CONTRACTIONS = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't "
-    "he'd he'd've he's how'd how'll how's I'd I'd've I'm I've isn't it'd it'd've it'll let's ma'am mightn't "
-    "mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've she'd "
-    "she's should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd "
-    "someone'd've someone'll someone's something'd something'd've something'll that's there'd there'd've "
-    "there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we'd we're we've "
-    "weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
-    "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd "
-    "you'd've you'll you're you've").split()
+# TextVQA: the answer processing of the m4c evaluator LLaVA scores with (`m4c_evaluator.py`'s EvalAIAnswerProcessor,
+# MGM_SPEC section 10): its tables literally, quirks included (keys with capitals never match the lower-cased
+# words; "somebody'd" becomes "somebodyd").
+VQA_CONTRACTIONS = {
+    'aint': "ain't", 'arent': "aren't", 'cant': "can't", 'couldve': "could've", 'couldnt': "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", 'didnt': "didn't", 'doesnt': "doesn't", 'dont': "don't",
+    'hadnt': "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", 'hasnt': "hasn't", 'havent': "haven't",
+    'hed': "he'd", "hed've": "he'd've", "he'dve": "he'd've", 'hes': "he's", 'howd': "how'd", 'howll': "how'll",
+    'hows': "how's", "Id've": "I'd've", "I'dve": "I'd've", 'Im': "I'm", 'Ive': "I've", 'isnt': "isn't", 'itd': "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", 'itll': "it'll", "let's": "let's", 'maam': "ma'am",
+    'mightnt': "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", 'mightve': "might've",
+    'mustnt': "mustn't", 'mustve': "must've", 'neednt': "needn't", 'notve': "not've", 'oclock': "o'clock",
+    'oughtnt': "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", 'shant': "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", 'shouldve': "should've", 'shouldnt': "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": 'somebodyd',
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", 'somebodyll': "somebody'll",
+    'somebodys': "somebody's", 'someoned': "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    'someonell': "someone'll", 'someones': "someone's", 'somethingd': "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", 'somethingll': "something'll", 'thats': "that's", 'thered': "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", 'therere': "there're", 'theres': "there's",
+    'theyd': "they'd", "theyd've": "they'd've", "they'dve": "they'd've", 'theyll': "they'll", 'theyre': "they're",
+    'theyve': "they've", 'twas': "'twas", 'wasnt': "wasn't", "wed've": "we'd've", "we'dve": "we'd've", 'weve': "we've",
+    'werent': "weren't", 'whatll': "what'll", 'whatre': "what're", 'whats': "what's", 'whatve': "what've",
+    'whens': "when's", 'whered': "where'd", 'wheres': "where's", 'whereve': "where've", 'whod': "who'd",
+    "whod've": "who'd've", "who'dve": "who'd've", 'wholl': "who'll", 'whos': "who's", 'whove': "who've",
+    'whyll': "why'll", 'whyre': "why're", 'whys': "why's", 'wont': "won't", 'wouldve': "would've",
+    'wouldnt': "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", 'yall': "y'all",
+    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", 'youd': "you'd", "youd've": "you'd've", "you'dve": "you'd've", 'youll': "you'll",
+    'youre': "you're", 'youve': "you've",
+}
+_NUMBER_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+               "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = ("a", "an", "the")
+# (?!<=\d) is a lookahead, not the lookbehind it looks like: the reference's typo, kept
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
+_PUNCTUATIONS = (";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+                 "!")
 
 
-def _without_apostrophes(word: str) -> list[str]:
-    """`word` with each non-empty subset of its apostrophes removed (couldn't've -> couldntve, ...)."""
-    at = [i for i, c in enumerate(word) if c == "'"]
-    out = []
-    for k in range(1, len(at) + 1):
-        for drop in itertools.combinations(at, k):
-            out.append("".join(c for i, c in enumerate(word) if i not in drop))
-    return out
-
-
-_CONTRACTION_OF = {short: word for word in _CONTRACTIONS for short in _without_apostrophes(word)}
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                "?", "!"]
-
-
-def vqa_normalize(answer: str) -> str:
-    """An answer as the VQA / m4c evaluators compare it: lower case, ',' '?' dropped and "'s" split off,
-    punctuation removed (or made a space when it separates nothing), periods not in numbers removed, number
-    words as digits, articles dropped, contractions restored."""
-    text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    original, out = text, text
-    for p in _PUNCTUATION:  # the tests look at the text before any replacement, as the reference does
-        if p + " " in original or " " + p in original or re.search(r"(\d)(,)(\d)", original):
+def _vqa_punctuation(text: str) -> str:
+    """process_punctuation: a mark next to a space (or any mark, in a text with a digit-comma-digit, which
+    word_tokenize has already removed) is dropped, otherwise made a space; then periods not before a digit go
+    (re.UNICODE passed where `count` goes: at most 32 of them)."""
+    out = text
+    for p in _PUNCTUATIONS:
+        if p + " " in text or " " + p in text or _COMMA_STRIP.search(text) is not None:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    # The reference passes re.UNICODE (32) where `count` goes: at most 32 periods are removed.
-    out = re.sub(r"(?!<=\d)(\.)(?!\d)", "", out, count=32)
-    words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
-    return " ".join(_CONTRACTION_OF.get(w, w) for w in words if w not in _ARTICLES)
+    return _PERIOD_STRIP.sub("", out, count=re.UNICODE)
+
+
+def vqa_normalize(answer: str) -> str:
+    """An answer as EvalAIAnswerProcessor.__call__ compares it: word_tokenize (lower case, ',' '?' dropped, "'s"
+    split off), newlines and tabs as spaces, process_punctuation, then process_digit_article (number words as
+    digits, articles dropped, the CONTRACTIONS table applied word by word)."""
+    text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = _vqa_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
+    words = [_NUMBER_MAP.get(w, w) for w in text.lower().split()]
+    return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
-    """VQA accuracy of one prediction: min(#humans who gave it / 3, 1) averaged over the 10 leave-one-out
-    subsets of the (normalised) human answers."""
+    """TextVQAAccuracyEvaluator: min(#other humans who gave it / 3, 1) averaged over the 10 leave-one-out subsets
+    of the (normalised) human answers."""
     gts = [vqa_normalize(a) for a in gt_answers]
     pred = vqa_normalize(prediction)
     accs = [min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))]
@@ -271,10 +360,21 @@ def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
 
 
 def textvqa_question(prompt: str) -> str:
-    """The question of a TextVQA prompt (its first line, or the second after a leading OCR line), lower case:
-    with the image id it finds the annotation, as LLaVA's `eval_textvqa.py` does."""
+    """eval_textvqa.py's prompt_processor: the question of a prompt, lower case ("OCR tokens: ... Question: X Short
+    answer:"; of three lines with a "Reference OCR token: " line the second when that line comes first, else the
+    first; of two lines the first); with the image id it finds the annotation."""
     lines = prompt.split("\n")
-    return (lines[1] if lines[0].startswith("Reference OCR token:") and len(lines) > 1 else lines[0]).lower()
+    if prompt.startswith("OCR tokens: "):
+        match = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        question = match.group(1) if match else None
+    elif "Reference OCR token: " in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    else:
+        question = lines[0] if len(lines) == 2 else None
+    if question is None:
+        raise MGJaxError(f"TextVQA: eval_textvqa.py cannot find the question in the prompt {prompt!r}: it takes "
+                         "LLaVA's question-file text (question, OCR line, instruction)")
+    return question.lower()
 
 
 def textvqa_scores(answers: list[dict], annotation_file: str | os.PathLike) -> dict:
@@ -308,10 +408,14 @@ MMMU_CATEGORIES = {
 }
 
 
+# run_llava.py answers the subjects in its CAT_SHORT2LONG order, which is alphabetical
+MMMU_RUN_ORDER = tuple(sorted(s for subjects in MMMU_CATEGORIES.values() for s in subjects))
+
+
 def mmmu_choice(response: str, letters: list[str], options: list[str], rng) -> str:
-    """The letter a multiple-choice response picks, by MMMU's rules: "(B)" anywhere, else " B " as a word,
-    else (in a response of more than five words) an option's text; of several, the one mentioned last;
-    none: a letter drawn from `rng` (a `random.Random`), as MMMU does."""
+    """eval_utils.parse_multi_choice_response: "(B)" anywhere, else " B " as a word, else (in a response of more
+    than five words) an option's text; of several, the one mentioned last; none: rng.choice(letters) (`rng` a
+    `random.Random`; MMMU draws from the global stream)."""
     for c in ",.!?;:'":
         response = response.strip(c)
     response = f" {response} "
@@ -326,38 +430,33 @@ def mmmu_choice(response: str, letters: list[str], options: list[str], rng) -> s
         where = [response.lower().rfind(str(options[letters.index(c)]).lower()) for c in candidates]
     else:
         where = [response.rfind(f"({c})" if bracketed else f" {c} ") for c in candidates]
-    return candidates[where.index(max(where))]
-
-
-def _mmmu_number(text: str) -> float | None:
-    try:
-        return float(text.replace(",", ""))
-    except ValueError:
-        return None
+    return candidates[where.index(max(where))]  # np.argmax: the first of equal ones
 
 
 def _mmmu_normalize(text: str) -> list:
-    """A number rounded to 2 places, or the lower-cased string; a single character also with a space on
-    either side, so that it matches only as a word."""
+    """eval_utils.normalize_str: what float() reads (commas dropped; so also "1_000", "inf", "nan") rounded to 2
+    places, else the lower-cased string, a single character with a space on either side (to match as a word)."""
     text = text.strip()
-    number = _mmmu_number(text)
-    if number is not None:
-        return [round(number, 2)]
+    try:
+        return [round(float(text.replace(",", "")), 2)]  # check_is_number
+    except ValueError:
+        pass
     text = text.lower()
     return [" " + text, text + " "] if len(text) == 1 else [text]
 
 
-def _numbers(text: str) -> list[str]:
-    """The numbers in a text as MMMU finds them: with thousands commas, in scientific notation, plain."""
+def _mmmu_numbers(text: str) -> list[str]:
+    """eval_utils.extract_numbers: numbers with thousands commas, in scientific notation, then plain ones; an
+    integer ends at a word boundary, so "5cm" holds no number (a decimal has no such rule: "0.5cm" holds 0.5)."""
     return (re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", text) + re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", text)
-            + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])", text))
+            + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", text))
 
 
 def mmmu_open_candidates(response: str) -> list:
-    """What an open response may answer, by MMMU's rules: per sentence (split at newlines; the reference's
-    split at ". " before a capital never fires, the text being lower-cased first) the shortest tail after an
-    indicator ("so ", "is ", "therefore ", ... and "=" in the last), else the whole response; plus the
-    numbers in them; normalised, without duplicates."""
+    """eval_utils.parse_open_response: per sentence (split at newlines; the split at ". " before a capital never
+    fires, the text being lower-cased first) the shortest tail after an indicator ("so ", "is ", "therefore ",
+    ... and "=" in the last), else the whole response; plus the numbers in them; normalised, without
+    duplicates."""
     response = response.strip().strip(".").lower()
     sentences = re.split(r"\.\s(?=[A-Z])|\n", response)
     indicators = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
@@ -372,16 +471,15 @@ def mmmu_open_candidates(response: str) -> list:
         if shortest and shortest not in (":", ",", ".", "!", "?", ";", "'"):
             keys.append(shortest)
     keys = keys or [response]
-    found = keys + [n for k in keys for n in _numbers(k)]
     out = []
-    for x in (y for f in found for y in _mmmu_normalize(f)):
+    for x in (y for f in keys + [n for k in keys for n in _mmmu_numbers(k)] for y in _mmmu_normalize(f)):
         if x not in out:
             out.append(x)
     return out
 
 
 def mmmu_open_right(response: str, gold) -> bool:
-    """An open answer is right when a normalised gold answer is a number among the candidates, or a string
+    """eval_utils.eval_open: right when a normalised gold answer is a number among the candidates, or a string
     inside a candidate string."""
     golds = [y for g in (gold if isinstance(gold, list) else [gold]) for y in _mmmu_normalize(str(g))]
     for pred in mmmu_open_candidates(response):
@@ -393,20 +491,30 @@ def mmmu_open_right(response: str, gold) -> bool:
     return False
 
 
+def _mmmu_run_position(q: dict) -> int:
+    if q["subject"] not in MMMU_RUN_ORDER:
+        raise MGJaxError(f"MMMU question {q['question_id']!r}: {q['subject']!r} is not an MMMU subject")
+    return MMMU_RUN_ORDER.index(q["subject"])
+
+
 def mmmu_predictions(answers: list[dict], questions: list[dict]) -> dict:
-    """MMMU's output file: {id: the parsed letter of a multiple-choice answer, or the open response}."""
-    by_id = {q["question_id"]: q for q in questions}
-    out = {}
-    for a in answers:
-        q = by_id[a["question_id"]]
-        out[q["question_id"]] = mmmu_choice(a["text"], q["letters"], q["options"], random.Random(q["question_id"])) \
-            if q["letters"] else a["text"]
-    return out
+    """MMMU's output file: {id: the parsed letter of a multiple-choice answer, or the open response}, in answer
+    order. run_llava.py parses the answers subject by subject (MMMU_RUN_ORDER, each in its data's order) drawing the
+    letters of unparseable ones from Python's global random seeded 42 (set_seed): one `random.Random(42)` consumed
+    in that order gives the same letters."""
+    text = {a["question_id"]: a["text"] for a in answers}
+    rng = random.Random(42)
+    parsed = {}
+    for q in sorted((q for q in questions if q["question_id"] in text), key=_mmmu_run_position):  # stable sort
+        parsed[q["question_id"]] = mmmu_choice(text[q["question_id"]], q["letters"], q["options"], rng) \
+            if q["letters"] else text[q["question_id"]]
+    return {qid: parsed[qid] for qid in text}
 
 
 def mmmu_scores(predictions: dict, questions: list[dict]) -> dict:
     """Accuracy (%) per subject, per category (the six disciplines) and overall, weighted by questions, on a
-    split with answers (dev, validation)."""
+    split with answers (dev, validation): main_eval_only.py's eval_multi_choice (the letter is, or is among, the
+    gold) and eval_open, instance-weighted as calculate_ins_level_acc."""
     right: dict[str, list[bool]] = defaultdict(list)
     for q in questions:
         if q["question_id"] not in predictions:
@@ -427,8 +535,10 @@ def mmmu_scores(predictions: dict, questions: list[dict]) -> dict:
             "subjects": {s: acc(rs) for s, rs in sorted(right.items())}}
 
 
-# MathVista: answer extraction, then MathVista's own normalisation and comparison (`calculate_score`).
+# MathVista: answer extraction (`extract_answer.py`), then MathVista's normalisation and comparison
+# (`calculate_score.py`).
 def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance, as the `Levenshtein.distance` that calculate_score.py's get_most_similar uses."""
     row = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         prev, row[0] = row[0], i
@@ -437,74 +547,88 @@ def _edit_distance(a: str, b: str) -> int:
     return row[-1]
 
 
-def mathvista_extract(response: str, problem: dict) -> str:
-    """The answer in a response. MathVista's own rules first (a response that is a choice, an integer or a
-    float; 'The answer is "X".'); where those fail MathVista asks GPT-4, and this rule-based stand-in takes
-    the last option letter ("(B)", "answer is B", a leading "B.") or choice text for a multiple-choice
-    problem, the last number (list) for a numeric (list) one. Run MathVista's extraction on the
-    `.mathvista.json` file for the official figure."""
-    response = response.strip()
-    choices = problem.get("choices") or []
-    qtype, atype = problem["question_type"], problem["answer_type"]
-    if not response:
+def mathvista_quick_extract(response: str, problem: dict) -> str | None:
+    """extract_answer.py's extract_answer (with --quick_extract) up to its GPT step: "" for an empty response, the
+    response itself when it is one of the choices, str(int(response)) for an integer problem, str(float(response))
+    for a float one (so "inf" and "nan" too), the X of 'The answer is "X".'; None where it would ask GPT."""
+    if response == "":
         return ""
-    if qtype == "multi_choice" and response in choices:
+    if problem["question_type"] == "multi_choice" and response in problem["choices"]:
         return response
-    cast = {"integer": int, "float": float}.get(atype)
-    if cast:
-        try:
-            return str(cast(response))
-        except ValueError:
-            pass
+    for answer_type, cast in (("integer", int), ("float", float)):
+        if problem["answer_type"] == answer_type:
+            try:
+                return str(cast(response))
+            except ValueError:
+                pass
     quoted = re.search(r'The answer is "(.*)"\.', response)
-    if quoted:
-        return quoted.group(1)
-    if qtype == "multi_choice":
+    return quoted.group(1) if quoted else None
+
+
+def _mathvista_gpt_stand_in(response: str, problem: dict) -> str:
+    """Instead of extract_answer.py's GPT-4 extraction: for a multiple-choice problem the last option letter
+    ("(B)", "answer is B", "option: B") or a leading "B." / "B", else the choice text mentioned last, else the
+    response; for a list problem the last [...]; else the last number (commas dropped), else the response."""
+    response = response.strip()
+    if problem["question_type"] == "multi_choice":
+        choices = problem["choices"]
         letters = option_letters(len(choices))
         marked = re.findall(rf"\(([{letters}])\)", response) + \
             re.findall(rf"(?i:answer|option|choice)(?: is|:)?\s*([{letters}])\b", response)
         if marked:
             return marked[-1]
-        if response[0] in letters and (len(response) == 1 or not response[1].isalnum()):
+        if response and response[0] in letters and (len(response) == 1 or not response[1].isalnum()):
             return response[0]
         low = response.lower()
         named = [(low.rfind(str(c).lower()), str(c)) for c in choices if str(c).lower() in low]
         return max(named)[1] if named else response
-    if atype == "list":
+    if problem["answer_type"] == "list":
         lists = re.findall(r"\[[^\[\]]*\]", response)
         return lists[-1] if lists else response
     numbers = re.findall(r"-?\d+(?:\.\d+)?", response.replace(",", ""))
     return numbers[-1] if numbers else response
 
 
-def mathvista_normalize(extraction: str, problem: dict) -> str | None:
-    """MathVista's `normalize_extracted_answer`: a letter ("B" or "(B) ...") becomes its choice, any other
-    multiple-choice text the most similar choice (edit distance); integers and floats (at the problem's
-    precision) as canonical strings; None when a number does not parse."""
-    choices = problem.get("choices") or []
-    if problem["question_type"] == "multi_choice":
-        extraction = str(extraction).strip()
+def mathvista_extract(response: str, problem: dict) -> str:
+    """The answer in a response: MathVista's rules (`mathvista_quick_extract`), else the local stand-in for its
+    GPT-4 step (`_mathvista_gpt_stand_in`)."""
+    quick = mathvista_quick_extract(response, problem)
+    return _mathvista_gpt_stand_in(response, problem) if quick is None else quick
+
+
+def mathvista_normalize(extraction, problem: dict) -> str | None:
+    """calculate_score.py's normalize_extracted_answer: multiple choice: the extraction as a stripped string, the
+    letter of "(b) ..." upper-cased, a letter made its choice, any other text the most similar choice (edit
+    distance, the first of equal ones); integer: str(int(float(x))); float: str(round(float(x), int(precision)));
+    list: str(x); None where a conversion fails (so "inf" for an integer, any float without a precision)."""
+    qtype, atype, choices = problem["question_type"], problem["answer_type"], problem.get("choices")
+    if qtype == "multi_choice":
+        extraction = extraction.strip() if isinstance(extraction, str) else str(extraction)
         letter = re.findall(r"\(([a-zA-Z])\)", extraction)
         if letter:
             extraction = letter[0].upper()
         letters = list(option_letters(len(choices)))
         if extraction in letters:
             return choices[letters.index(extraction)]
-        distances = [_edit_distance(extraction, str(c)) for c in choices]
+        distances = [_edit_distance(extraction, c) for c in choices]
         return choices[distances.index(min(distances))]
     try:
-        if problem["answer_type"] == "integer":
+        if atype == "integer":
             return str(int(float(extraction)))
-        if problem["answer_type"] == "float":
-            return str(round(float(extraction), int(problem.get("precision") or 0)))
-    except ValueError:
+        if atype == "float":
+            return str(round(float(extraction), int(problem.get("precision"))))
+    except (ValueError, TypeError, OverflowError):  # calculate_score.py: `except Exception` -> None
         return None
-    return str(extraction)
+    if atype == "list":
+        return str(extraction)
+    raise MGJaxError(f"MathVista problem {problem.get('pid')!r}: answer_type {atype!r} is none of integer, float, "
+                     "list (calculate_score.py has no rule for it)")
 
 
 def mathvista_scores(answers: list[dict], questions: list[dict]) -> dict:
-    """Accuracy (%) overall, per question and answer type and per metadata value (task, skills, grade,
-    ...), on a split with answers (testmini)."""
+    """Accuracy (%) overall, per question and answer type and per metadata value (task, skills, grade, ...), on a
+    split with answers (testmini): `mathvista_extract`, then `mathvista_normalize` equal to the answer
+    (calculate_score.py's safe_equal)."""
     by_id = {q["question_id"]: q["problem"] for q in questions}
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     right = []
