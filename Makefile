@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo bench clean
+.PHONY: setup browser test demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,7 +13,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[torch,test]'
 	touch $@
 
-test: setup
+# The chat page's test drives a real headless Chromium: Debian's package where the machine lets us install it.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+	  || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "make: could not install chromium (apt-get); tests/test_serve.py's page test needs it"
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

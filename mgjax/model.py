@@ -183,8 +183,9 @@ class MGM(nn.Module):
 
     def decode(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: Any,
                index: jax.Array) -> tuple[jax.Array, Any]:
-        """One generation step: tokens int [B] at cache slot `index` with rotary positions int [B]; `valid`
-        bool [B, S] over the cache slots -> (float32 logits [B, V] of the next token, the cache)."""
+        """One generation step: tokens int [B] at cache slot `index` (int, or int [B]: each row's own) with
+        rotary positions int [B]; `valid` bool [B, S] over the cache slots -> (float32 logits [B, V] of the
+        next token, the cache)."""
         embeds = self.llm.embed(tokens[:, None])
         logits, cache = self.llm(embeds, positions[:, None], valid, cache=cache, index=index, last_only=True)
         return logits[:, 0], cache

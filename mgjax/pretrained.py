@@ -71,29 +71,36 @@ def _budget(n: int) -> int:
 
 
 def _stops(tokenizer, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(token ids, strings): each stop that is one token of the vocabulary is checked on device as an id,
-    the others on the decoded text; the tokenizer's eos always stops."""
+    """(token ids, strings): each stop that is one token of the vocabulary is checked on device as that id (a
+    row ends there at once), and every stop that is not a special token on the decoded text too, since other
+    tokens can spell it ("an" inside "ang"); the tokenizer's eos always stops."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     texts = []
-    vocab = tokenizer.get_vocab()
+    vocab, special = tokenizer.get_vocab(), set(tokenizer.all_special_tokens)
     for s in dict.fromkeys(stops):
         encoded = tokenizer.encode(s, add_special_tokens=False)
         if s in vocab:
             ids.add(vocab[s])
         elif len(encoded) == 1 and tokenizer.decode(encoded) == s:
             ids.add(encoded[0])
-        else:
+        if s not in special:
             texts.append(s)
     return tuple(sorted(ids)), tuple(texts)
 
 
 def _stop_at(tokenizer, row: np.ndarray, text_stops: tuple[str, ...]) -> int:
-    """How many of `row`'s tokens stay: up to its first stop string (or its pad tail after a stop id)."""
-    if text_stops and any(s in tokenizer.decode(row) for s in text_stops):
-        for k in range(1, len(row) + 1):
-            if any(s in tokenizer.decode(row[:k]) for s in text_stops):
-                return k
-    return len(row)
+    """How many of `row`'s tokens stay: up to the first token whose text completes a stop string (or all)."""
+    def has_stop(k: int) -> bool:
+        text = tokenizer.decode(row[:k])
+        return any(s in text for s in text_stops)
+
+    if not text_stops or not has_stop(len(row)):
+        return len(row)
+    lo, hi = 1, len(row)  # the smallest k with a stop in the text of the first k tokens (more tokens keep it)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+    return lo
 
 
 def _text(tokenizer, ids: np.ndarray, stops: Sequence[str]) -> str:

@@ -315,3 +315,30 @@ def test_chat_turns_and_the_image_prompt(monkeypatch, capsys):
 
     assert generation_prompt("Here: <h>a red fox</h> or <h> a cat\nin snow </h>.") == "a cat\nin snow"
     assert generation_prompt("no prompt") is None
+
+
+@pytest.mark.parametrize("kind,scan", [(k, False) for k in FAMILIES] + [("gemma", True)])
+def test_the_serving_engine_answers_each_prompt_as_alone(kind, scan, tokenizers):
+    """The continuous-batching engine (`mgjax serve`'s) on every family and a scanned (stacked) cache: more
+    prompts than slots, mixed lengths, image counts and budgets; each answer's tokens are what `generate`
+    gives its prompt alone (rows at different cache slots and positions, joining and leaving the batch)."""
+    from mgjax.infer.engine import Engine, Request
+
+    model = _model(kind, tokenizers[kind], scan=scan)
+    ids, images = _prompts(model.config, model.config.lm.vocab_size)
+    settings = [{"max_tokens": 6}, {"max_tokens": 4}, {"max_tokens": 5}]  # samplers: tests/test_serve.py
+    engine = Engine(model, slots=2, context=256).start(warm=False)  # 256: the blocked cache attention
+    try:
+        requests = [Request(np.asarray(x, np.int32), im, aux, **s) for x, (im, aux), s in zip(ids, images, settings)]
+        for r in requests:
+            engine.submit(r)
+        for r in requests:
+            while r.events.get(timeout=300)[0] != "done":
+                pass
+    finally:
+        engine.stop()
+    for r, x, (im, aux), s in zip(requests, ids, images, settings):
+        # output_scores: the program `_batched_equals_alone` compiled
+        alone = model.generate([x], im, aux, max_new_tokens=s["max_tokens"], output_scores=True)
+        n = int(alone.lengths[0])
+        assert r.tokens == alone.token_ids[0][:n].tolist() and r.answer == alone.text[0], kind

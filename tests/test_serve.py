@@ -1,26 +1,44 @@
-"""`mgjax serve`: OpenAI chat completions over plain HTTP, concurrent requests batched into one generate
-call with each answer what its prompt gives alone; bad requests get 400 with the reason."""
+"""`mgjax serve`: OpenAI chat completions over the continuous-batching engine. Requests join the running batch
+and leave it as they end, each answer what its prompt gives alone (`Pretrained.generate`); streams send one
+event per token; bad requests get 400 with the reason; overload 429, timeouts 504, hang-ups free their slot,
+SIGTERM drains; /health, /metrics and the chat page (in a real headless Chromium)."""
 
 from __future__ import annotations
 
 import base64
+import http.client
+import io
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
 from helpers import GOLDEN, golden_model
+from mgjax.infer.engine import Request, settled_text
 from mgjax.infer.server import Server
 
 CASE = GOLDEN / "llama_vicuna"
+CKPT = CASE / "MGM-7B-tiny"
+# one shape for every server of this module (and the CLI's), so that they share compiled programs
+SHAPE = {"slots": 4, "context": 512, "warm_text": 64}
 
 
 @pytest.fixture(scope="module")
 def served():
     model = golden_model()
-    server = Server(model, port=0, max_batch=4).start()
+    server = Server(model, port=0, **SHAPE).start()
+    assert server.wait_ready(600)
     yield model, f"http://127.0.0.1:{server.address[1]}", server
     server.close()
 
@@ -35,43 +53,118 @@ def _post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def _image_part(path) -> dict:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}}
+def _image_url(data: bytes, kind: str = "jpeg") -> str:
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def test_concurrent_requests_are_batched_and_answered_as_alone(served):
-    model, _, _ = served
-    questions = ["What is unusual about this image?", "Describe the colours.", "What is the man doing?"]
-    # A server of its own whose batch closes when the three are in (or after 2 minutes): sharing a batch does
-    # not depend on how soon a loaded machine schedules the client threads.
-    server = Server(model, port=0, max_batch=len(questions), wait_s=120).start()
-    url = f"http://127.0.0.1:{server.address[1]}"
+def _ask(question: str, image: bool = True, **settings) -> dict:
+    parts = [{"type": "text", "text": question}]
+    if image:
+        parts.append({"type": "image_url", "image_url": {"url": _image_url((CASE / "input.jpg").read_bytes())}})
+    return {"model": "x", "messages": [{"role": "system", "content": "ignored: the template has its own"},
+                                       {"role": "user", "content": parts}], **settings}
+
+
+def _alone(model, question: str, image: bool = True, max_tokens: int = 256, **kw):
+    ids, im, aux = model.prompt_inputs(question, [CASE / "input.jpg"] if image else [])
+    return ids, model.generate([ids], im, aux, max_new_tokens=max_tokens, **kw)
+
+
+def test_concurrent_mixed_requests_share_steps_and_answer_as_alone(served):
+    """More requests than slots, with different budgets, samplers and stops: every answer (text, finish
+    reason, token counts) is what `generate` gives its prompt alone, and the rows shared decode steps."""
+    model, url, server = served
+    alone_text = _alone(model, "Describe the colours.", max_tokens=12)[1].text[0]
+    stop = next(alone_text[i:i + 2] for i in range(3, len(alone_text)) if alone_text[i:i + 2].strip())
+    cases = [("What is unusual about this image?", True, {"max_tokens": 5}),
+             ("Describe the colours.", True, {"max_tokens": 12, "stop": [stop]}),
+             ("What is the man doing?", True, {"max_tokens": 9, "temperature": 0.8, "top_p": 0.9, "seed": 7}),
+             ("Say hello.", False, {"max_tokens": 7}),
+             ("Where is this?", True, {"max_tokens": 11, "temperature": 1.3, "top_k": 20, "seed": 3}),
+             ("Count the cars.", True, {"max_tokens": 6})]
+    before = dict(server.engine.stats)
     results = {}
 
-    def ask(i, q):
-        body = {"model": "x", "max_tokens": 5, "messages": [
-            {"role": "system", "content": "ignored: the template has its own"},
-            {"role": "user", "content": [{"type": "text", "text": q}, _image_part(CASE / "input.jpg")]}]}
-        results[i] = _post(url, body)
+    def ask(i, question, image, settings):
+        results[i] = _post(url, _ask(question, image, **settings))
 
-    threads = [threading.Thread(target=ask, args=(i, q)) for i, q in enumerate(questions)]
+    threads = [threading.Thread(target=ask, args=(i, *c)) for i, c in enumerate(cases)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    server.close()
-    for i, q in enumerate(questions):
+    for i, (question, image, settings) in enumerate(cases):
         status, reply = results[i]
         assert status == 200, reply
-        ids, im, aux = model.prompt_inputs(q, [CASE / "input.jpg"])
-        alone = model.generate([ids], im, aux, max_new_tokens=5)
+        ids, alone = _alone(model, question, image, settings["max_tokens"],
+                            temperature=settings.get("temperature", 0.0), top_p=settings.get("top_p", 1.0),
+                            top_k=settings.get("top_k", 0), seed=settings.get("seed", 0), stop=settings.get("stop"))
         choice = reply["choices"][0]
-        assert choice["message"] == {"role": "assistant", "content": alone.text[0]}
+        assert choice["message"] == {"role": "assistant", "content": alone.text[0]}, (i, settings)
         assert choice["finish_reason"] == ("stop" if alone.stopped[0] else "length")
         assert reply["usage"]["completion_tokens"] == int(alone.lengths[0])
-        assert reply["usage"]["prompt_tokens"] == len(ids) - 1 + model.config.tokens_per_image
-    assert max(server.batch_sizes) > 1  # at least two of the three requests shared a batch
+        assert reply["usage"]["prompt_tokens"] == len(ids) - image + image * model.config.tokens_per_image
+    assert results[1][1]["choices"][0]["finish_reason"] == "stop"  # the stop string was met
+    tokens = server.engine.stats["tokens"] - before["tokens"]
+    steps = server.engine.stats["steps"] - before["steps"]
+    assert steps < tokens - len(cases), (steps, tokens)  # rows decoded together (a prefill gives a row's 1st token)
+
+
+def test_a_request_joins_the_running_batch_and_leaves_it_first(served):
+    """Continuous batching: a short request sent while a long one decodes is prefilled into a free slot at once,
+    decodes beside it and ends first; both answers equal their prompts alone."""
+    model, _, server = served
+    engine = server.engine
+    ids, im, aux = model.prompt_inputs("Tell me a long story.", [CASE / "input.jpg"])
+    long = Request(ids, im, aux, max_tokens=300)
+    engine.submit(long)
+    for _ in range(5):  # the long request is running
+        assert long.events.get(timeout=300)[0] == "delta"
+    ids2, im2, aux2 = model.prompt_inputs("Say hello.", [])
+    short = Request(ids2, im2, aux2, max_tokens=4)
+    engine.submit(short)
+    while short.events.get(timeout=300)[0] != "done":
+        pass
+    assert long.finish_reason is None and len(long.tokens) < 300  # still decoding when the short one ended
+    while long.events.get(timeout=300)[0] != "done":
+        pass
+    assert short.answer == model.generate([ids2], im2, aux2, max_new_tokens=4).text[0]
+    assert long.answer == model.generate([ids], im, aux, max_new_tokens=300).text[0]
+
+
+def test_stream_sends_a_delta_per_token_with_the_openai_client(served):
+    import openai
+
+    _, url, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+    body = _ask("What is unusual about this image?", max_tokens=24)
+    whole = client.chat.completions.create(**body)
+    chunks = list(client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content is not None]
+    assert len(deltas) == whole.usage.completion_tokens  # one event per decoded token
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_settled_text_never_sends_half_a_character_or_a_stop_prefix():
+    """Incremental decoding: each prefix of a byte-fallback encoding settles to a prefix of the final text, with
+    no U+FFFD from a character still being spelled out and nothing that may become a stop string."""
+    tok = golden_model().tokenizer
+    text = "Price: 5€, naïve café ✓ and ünïcode ok"
+    tokens = tok.encode(text, add_special_tokens=False)
+    byte_tokens = frozenset(i for t, i in tok.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t))
+    assert any(t in byte_tokens for t in tokens)  # the tiny vocabulary spells these characters in bytes
+    final = tok.decode(tokens, skip_special_tokens=True).strip()
+    seen = ""
+    for k in range(1, len(tokens) + 1):
+        now = settled_text(tok, tokens[:k], byte_tokens, ("ok!",))  # "ok" ends the text: it may become the stop
+        assert now.startswith(seen) and final.startswith(now), (k, now)
+        assert "\ufffd" not in now
+        seen = now
+    assert seen == "Price: 5€, naïve café ✓ and ünïcode"
 
 
 @pytest.mark.parametrize("body,raw,culprit", [
@@ -87,6 +180,9 @@ def test_concurrent_requests_are_batched_and_answered_as_alone(served):
      None, "cannot read the image"),
     ({"n": 2, "messages": [{"role": "user", "content": "hi"}]}, None, "n > 1"),
     ({"max_tokens": "many", "messages": [{"role": "user", "content": "hi"}]}, None, "decoding setting"),
+    ({"max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}, None, "'max_tokens' must be an integer >= 1"),
+    ({"temperature": -1, "messages": [{"role": "user", "content": "hi"}]}, None, "'temperature'"),
+    ({"max_tokens": 10_000, "messages": [{"role": "user", "content": "hi"}]}, None, "--context"),
     ({"stop": [3], "messages": [{"role": "user", "content": "hi"}]}, None, "'stop'"),
 ])
 def test_bad_requests_get_400_with_the_reason(served, body, raw, culprit):
@@ -98,8 +194,72 @@ def test_bad_requests_get_400_with_the_reason(served, body, raw, culprit):
     assert status == 200 and reply["object"] == "chat.completion"
 
 
-def test_models_route_and_unknown_routes(served):
-    _, url, _ = served
+def _open_stream(url: str, max_tokens: int) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A streamed request whose first token event has arrived."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    conn.request("POST", "/v1/chat/completions", json.dumps(_ask("Tell me everything.", max_tokens=max_tokens,
+                                                                 stream=True)), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    return conn, resp
+
+
+def _until(condition, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_overload_timeout_and_hang_up_free_their_slots(served):
+    _, url, server = served
+    engine = server.engine
+    limit, timeout = server.max_concurrent, server.timeout_s
+    try:
+        server.max_concurrent = 1
+        conn, resp = _open_stream(url, max_tokens=380)
+        status, reply = _post(url, _ask("hi", False, max_tokens=2))
+        assert status == 429 and "limit of 1 concurrent" in reply["error"]["message"]
+        tokens, gone = engine.stats["tokens"], server.counts["disconnects"]
+        resp.close()  # the client hangs up mid-answer: its slot frees at once, not after 380 tokens
+        conn.close()
+        _until(lambda: engine.active == 0 and server.inflight == 0, "the hung-up request kept its slot")
+        assert server.counts["disconnects"] == gone + 1 and engine.stats["tokens"] - tokens < 370
+        server.max_concurrent, server.timeout_s = limit, 0.05
+        status, reply = _post(url, _ask("Tell me everything.", max_tokens=380))
+        assert status == 504 and "timeout of 0.05 s" in reply["error"]["message"], reply
+        _until(lambda: engine.active == 0, "the timed-out request kept its slot")
+    finally:
+        server.max_concurrent, server.timeout_s = limit, timeout
+    status, _ = _post(url, _ask("hi", False, max_tokens=2))
+    assert status == 200
+
+
+def test_health_metrics_warm_programs_and_draining(served):
+    model, url, server = served
+    programs = set(server.engine._prefills)
+    assert _post(url, _ask("What is unusual about this image?", max_tokens=3))[0] == 200
+    assert set(server.engine._prefills) == programs  # compiled before the server was ready
+    assert server.engine._step._cache_size() == 1
+    with urllib.request.urlopen(url + "/health", timeout=30) as r:
+        assert json.loads(r.read()) == {"status": "ok", "slots": 4, "active": 0}
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    metrics = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    for name in ("mgjax_queue_depth", "mgjax_active_slots", "mgjax_tokens_per_second", "mgjax_generated_tokens_total"):
+        assert name in metrics, name
+    assert int(metrics["mgjax_time_to_first_token_seconds_count"]) >= 1
+    assert int(metrics['mgjax_request_latency_seconds_bucket{le="+Inf"}']) >= 1
+    assert float(metrics["mgjax_tokens_per_second"]) > 0
+    server.draining = True
+    try:
+        assert _post(url, _ask("hi", False, max_tokens=2))[0] == 503
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/health", timeout=30)
+        assert e.value.code == 503 and json.loads(e.value.read())["status"] == "draining"
+    finally:
+        server.draining = False
     with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
         assert json.loads(r.read())["data"][0]["id"] == "MGM-7B-tiny"
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -107,16 +267,121 @@ def test_models_route_and_unknown_routes(served):
     assert e.value.code == 404
 
 
-def test_stream_true_gets_server_sent_events(served):
-    """OpenAI clients with stream=True read `data: {chunk}` events ending in `data: [DONE]`."""
+def test_serve_command_finishes_in_flight_requests_on_sigterm():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "mgjax", "serve", "--ckpt", str(CKPT), "--port", "0", "--slots", "4",
+                             "--context", "512", "--warm-text", "64"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            found = re.search(r"on (http://\S+)/v1", line)
+            if found:
+                break
+        else:
+            pytest.fail(f"mgjax serve did not start: {proc.stderr.read()}")
+        conn, resp = _open_stream(found.group(1), max_tokens=300)
+        proc.send_signal(signal.SIGTERM)
+        events = [e for e in resp.read().decode().split("\n\n") if e]
+        conn.close()
+        assert events[-1] == "data: [DONE]"
+        finish = json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
+        assert finish == "length" and len(events) == 300 + 1  # 299 more tokens, the finish, [DONE]
+        assert proc.wait(timeout=120) == 0
+        assert "SIGTERM: answering the 1 requests in flight" in proc.stdout.read()
+    finally:
+        proc.kill()
+
+
+def _chromium() -> str:
+    found = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    assert found, "the page test needs Chromium: `apt-get install chromium` (make setup does it where it can)"
+    return found
+
+
+class _DevTools:
+    """A headless Chromium page driven through the DevTools protocol (websocket-client)."""
+
+    def __init__(self, profile: str):
+        import websocket
+
+        self.proc = subprocess.Popen([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu",
+                                      "--remote-debugging-port=0", f"--user-data-dir={profile}",
+                                      "--window-size=900,900", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:
+            found = re.search(r"DevTools listening on ws://([^/]+)/", line)
+            if found:
+                break
+        else:
+            raise AssertionError("Chromium did not open its DevTools port")
+        with urllib.request.urlopen(f"http://{found.group(1)}/json/list", timeout=30) as r:
+            page = next(t for t in json.loads(r.read()) if t["type"] == "page")
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=120)
+        self.next_id = 0
+
+    def __call__(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    def js(self, expression: str):
+        return self("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)["result"].get(
+            "value")
+
+    def wait(self, expression: str, seconds: float = 120):
+        deadline = time.monotonic() + seconds
+        while not self.js(expression):
+            assert time.monotonic() < deadline, f"the page never got {expression}"
+            time.sleep(0.05)
+
+    def close(self):
+        self.ws.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_chat_page_streams_an_answer_and_continues_in_chromium(served, tmp_path):
+    """The page at / in a real headless Chromium: attach an image, ask, the streamed answer appears and equals
+    the API's; a second question continues the conversation; the screenshot shows the attached image."""
+    from PIL import Image
+
     _, url, _ = served
-    body = {"max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    whole = _post(url, {**body, "stream": False})[1]["choices"][0]["message"]["content"]
-    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode())
-    with urllib.request.urlopen(req, timeout=300) as r:
-        assert r.headers["Content-Type"] == "text/event-stream"
-        events = [e[len("data: "):] for e in r.read().decode().split("\n\n") if e]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (255, 0, 255)).save(png, format="PNG")
+    image = tmp_path / "magenta.png"
+    image.write_bytes(png.getvalue())
+    first = [{"type": "text", "text": "What is unusual about this image?"},
+             {"type": "image_url", "image_url": {"url": _image_url(png.getvalue(), "png")}}]
+    with tempfile.TemporaryDirectory() as profile:
+        page = _DevTools(profile)
+        try:
+            page("Page.navigate", url=url + "/")
+            page.wait("document.readyState === 'complete' && !!document.getElementById('ask')")
+            root = page("DOM.getDocument")["root"]["nodeId"]
+            node = page("DOM.querySelector", nodeId=root, selector="#image")["nodeId"]
+            page("DOM.setFileInputFiles", nodeId=node, files=[str(image)])
+            page.wait("!document.getElementById('preview').hidden")
+            answers = []
+            page.js("document.getElementById('max-tokens').value = 12")
+            for question in ("What is unusual about this image?", "And what colour is it?"):
+                page.js(f"document.getElementById('question').value = {json.dumps(question)};"
+                        "document.getElementById('send').click()")
+                page.wait(f"document.querySelectorAll('.assistant[data-state=done]').length === {len(answers) + 1}"
+                          " || !!document.querySelector('.assistant[data-state=error]')")
+                answers.append(page.js("[...document.querySelectorAll('.assistant')].pop().textContent"))
+            shot = Image.open(io.BytesIO(base64.b64decode(page("Page.captureScreenshot", format="png")["data"])))
+        finally:
+            page.close()
+    messages = [{"role": "user", "content": first}]
+    status, reply = _post(url, {"messages": messages, "max_tokens": 12})
+    assert status == 200 and answers[0] == reply["choices"][0]["message"]["content"]
+    messages += [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": "And what colour is it?"}]
+    status, reply = _post(url, {"messages": messages, "max_tokens": 12})
+    assert status == 200 and answers[1] == reply["choices"][0]["message"]["content"]
+    pixels = np.asarray(shot.convert("RGB")).astype(int)
+    magenta = (np.abs(pixels - [255, 0, 255]).sum(-1) < 30).sum()
+    assert magenta >= 60 * 60, f"the attached image is not on the screenshot ({magenta} magenta pixels)"

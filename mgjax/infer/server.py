@@ -1,10 +1,12 @@
 """`mgjax serve`: an OpenAI-compatible chat endpoint (`POST /v1/chat/completions`, `GET /v1/models`) over
-`Pretrained.generate`, so that lmms-eval, VLMEvalKit or any OpenAI client can evaluate a model.
+the continuous-batching engine (`mgjax.infer.engine`), so that lmms-eval, VLMEvalKit or any OpenAI client
+can evaluate a model; a chat page at `/`, `GET /health` and Prometheus `GET /metrics` for operators.
 
-Concurrent requests are queued and batched: a worker takes the first waiting request, gathers up to
-`max_batch` more with the same decoding settings for `wait_s`, and answers them with one jitted batch
-(each row what it gives alone). A bad request gets HTTP 400 with the reason; nothing a client sends
-stops the server.
+Every request joins the running batch as soon as a slot is free and leaves it when its answer ends, each
+answer what its prompt gives alone; `stream: true` sends one server-sent event per decoded token. A bad
+request gets HTTP 400 with the reason, one over `max_concurrent` 429, one that runs past `timeout_s` 504,
+and a client that hangs up frees its slot; nothing a client sends stops the server. `drain` (SIGTERM)
+answers what is in flight, refuses new requests (503) and returns.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import base64
 import json
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,21 +28,13 @@ import numpy as np
 from mgjax.data.image import load_image
 from mgjax.data.templates import get_template, with_image_markers
 from mgjax.errors import MGJaxError
+from mgjax.infer.engine import Engine, Request
+
+PAGE = Path(__file__).with_name("page.html")
 
 
 class BadRequest(Exception):
     """What the client sent cannot be answered; the message says why (HTTP 400)."""
-
-
-@dataclass
-class _Job:
-    ids: np.ndarray
-    images: np.ndarray
-    images_aux: np.ndarray
-    settings: tuple  # requests batch together only when these are equal
-    done: threading.Event = field(default_factory=threading.Event)
-    result: dict | None = None
-    error: str | None = None
 
 
 def _image(url: str, allow_paths: bool):
@@ -98,32 +93,123 @@ def conversation(messages: Any, allow_paths: bool) -> tuple[list[str], list]:
     return turns, images
 
 
-class Server:
-    """The model, the request queue and the batching worker; `httpd` serves HTTP on `address`."""
+class Histogram:
+    """A Prometheus histogram of seconds."""
 
-    def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-                 wait_s: float = 0.02, model_id: str | None = None, allow_paths: bool = False):
-        self.model, self.max_batch, self.wait_s, self.allow_paths = model, max_batch, wait_s, allow_paths
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, x: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.BUCKETS) if x <= b), len(self.BUCKETS))] += 1
+        self.sum += x
+
+    def lines(self, name: str) -> list[str]:
+        out, total = [], 0
+        for b, n in zip((*map(str, self.BUCKETS), "+Inf"), self.counts):
+            total += n
+            out.append(f'{name}_bucket{{le="{b}"}} {total}')
+        return [*out, f"{name}_sum {self.sum}", f"{name}_count {total}"]
+
+
+def _settings(body: dict) -> dict:
+    """The decoding settings of a request body, checked as OpenAI's API checks them."""
+    def number(key, kind, default, ok, want):
+        value = body.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise BadRequest(f"bad decoding setting: '{key}' must be {want}, got {value!r:.40}")
+        if not ok(value):
+            raise BadRequest(f"bad decoding setting: '{key}' must be {want}, got {value}")
+        return kind(value)
+
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("'stop' must be a string or a list of strings")
+    temperature = number("temperature", float, 0.0, lambda x: 0 <= x <= 2, "a number in [0, 2]")
+    budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return {"max_tokens": number(budget, int, 256, lambda x: x >= 1, "an integer >= 1"),
+            "temperature": temperature,
+            "top_p": number("top_p", float, 1.0, lambda x: 0 < x <= 1, "a number in (0, 1]"),
+            "top_k": number("top_k", int, 0, lambda x: x >= 0, "an integer >= 0"),
+            "seed": number("seed", int, 0, lambda x: 0 <= x < 2**32, "an integer in [0, 2**32)") if temperature
+            else 0, "stop": tuple(stop)}
+
+
+class Server:
+    """The engine, the HTTP server on `address` and the operational state (in-flight requests, metrics)."""
+
+    def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
+                 context: int | None = None, max_concurrent: int = 64, timeout_s: float = 600.0,
+                 model_id: str | None = None, allow_paths: bool = False, warm_text: int = 128):
+        self.model, self.allow_paths = model, allow_paths
+        self.max_concurrent, self.timeout_s = max_concurrent, timeout_s
         self.model_id = model_id or Path(model.path).name
-        self.batch_sizes: list[int] = []  # of every batch run (what the tests and logs look at)
-        self._queue: queue.Queue = queue.Queue()
-        self._worker = threading.Thread(target=self._work, daemon=True)
+        self.engine = Engine(model, slots, context, warm_text)
+        self.engine.on_token = self._on_token
+        self.inflight = 0
+        self.draining = False
+        self._lock = threading.Condition()
+        self.ttft, self.latency = Histogram(), Histogram()
+        self.counts = {"requests": 0, "rejected_busy": 0, "timeouts": 0, "disconnects": 0}
+        self._recent: list[float] = []  # when each token of the last 10 s was decoded
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self.httpd.daemon_threads = True
         self.address = self.httpd.server_address
 
-    def start(self) -> "Server":
-        self._worker.start()
+    def start(self, warm: bool = True) -> "Server":
+        """Serves HTTP at once (/health says "warming" until the engine has compiled its programs); requests
+        sent meanwhile wait for it."""
+        self.engine.start(warm)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self.engine.ready.wait(timeout)
 
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-        self._queue.put(None)
+        self.engine.stop()
+
+    def drain(self) -> None:
+        """Refuses new requests (503) and returns once every accepted one has been answered."""
+        with self._lock:
+            self.draining = True
+            while self.inflight:
+                self._lock.wait()
+
+    def _on_token(self, now: float) -> None:
+        self._recent.append(now)
+        if self._recent[0] < now - 10:
+            self._recent = [t for t in self._recent if t >= now - 10]
+
+    def metrics(self) -> str:
+        e = self.engine
+        now = time.monotonic()
+        lines = ["# TYPE mgjax_queue_depth gauge", f"mgjax_queue_depth {len(e.waiting)}",
+                 "# TYPE mgjax_active_slots gauge", f"mgjax_active_slots {e.active}",
+                 "# TYPE mgjax_slots gauge", f"mgjax_slots {e.slots}",
+                 "# TYPE mgjax_inflight_requests gauge", f"mgjax_inflight_requests {self.inflight}",
+                 "# TYPE mgjax_tokens_per_second gauge",
+                 f"mgjax_tokens_per_second {sum(t >= now - 10 for t in list(self._recent)) / 10}",
+                 "# TYPE mgjax_generated_tokens_total counter", f"mgjax_generated_tokens_total {e.stats['tokens']}",
+                 "# TYPE mgjax_decode_steps_total counter", f"mgjax_decode_steps_total {e.stats['steps']}"]
+        for key, value in self.counts.items():
+            lines += [f"# TYPE mgjax_{key}_total counter", f"mgjax_{key}_total {value}"]
+        for name, h in (("mgjax_time_to_first_token_seconds", self.ttft), ("mgjax_request_latency_seconds",
+                                                                           self.latency)):
+            lines += [f"# TYPE {name} histogram", *h.lines(name)]
+        return "\n".join(lines) + "\n"
 
     # --- a request -----------------------------------------------------------------------------------
 
-    def complete(self, body: dict) -> dict:
+    def request(self, body: dict) -> Request:
+        """The engine's request for an OpenAI chat body (BadRequest says what is wrong with it)."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         if body.get("n", 1) != 1:
@@ -138,127 +224,180 @@ class Server:
             pixels = np.stack([a for a, _ in pre]), np.stack([b for _, b in pre])
         else:
             pixels = m.zero_images()
-        stop = body.get("stop") or ()
-        stop = (stop,) if isinstance(stop, str) else stop
-        if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
-            raise BadRequest("'stop' must be a string or a list of strings")
-        stop = tuple(stop)
-        try:
-            temperature = float(body.get("temperature", 0.0) or 0.0)
-            settings = (int(body.get("max_tokens") or body.get("max_completion_tokens") or 256), temperature,
-                        float(body.get("top_p", 1.0) or 1.0), int(body.get("top_k", 0) or 0),
-                        int(body.get("seed", 0) or 0) if temperature else 0, stop)
-        except (TypeError, ValueError) as e:
-            raise BadRequest(f"bad decoding setting ({e})") from None
-        job = _Job(ids, *pixels, settings)
-        self._queue.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise BadRequest(job.error)
+        return Request(ids, *pixels, **_settings(body), stream=bool(body.get("stream")))
+
+    def admit(self) -> None:
+        """Counts a request in, or raises (429 over `max_concurrent`, 503 while draining)."""
+        with self._lock:
+            if self.draining:
+                raise _Refused(503, "the server is shutting down")
+            if self.inflight >= self.max_concurrent:
+                self.counts["rejected_busy"] += 1
+                raise _Refused(429, f"the server is at its limit of {self.max_concurrent} concurrent requests; "
+                               "retry later")
+            self.inflight += 1
+            self.counts["requests"] += 1
+
+    def release(self, req: Request | None) -> None:
+        with self._lock:
+            self.inflight -= 1
+            self._lock.notify_all()
+        if req is not None and req.finish_reason is not None:
+            self.latency.observe(time.monotonic() - req.submitted)
+            self.ttft.observe(req.first_token_at - req.submitted)
+
+    def reply(self, req: Request) -> dict:
+        """The chat.completion of a finished request."""
+        prompt_tokens = req.length
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_id, **job.result}
+                "model": self.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": req.answer},
+                             "finish_reason": req.finish_reason}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(req.tokens),
+                          "total_tokens": prompt_tokens + len(req.tokens)}}
 
-    # --- the batching worker -------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while (first := self._queue.get()) is not None:
-            group, later = [first], []
-            deadline = time.monotonic() + self.wait_s
-            while len(group) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                try:
-                    job = self._queue.get(timeout=left)
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._queue.put(None)
-                    break
-                (group if job.settings == first.settings else later).append(job)
-            for job in later:
-                self._queue.put(job)
-            self._run(group)
+class _Refused(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
 
-    def _run(self, group: list[_Job]) -> None:
-        max_new, temperature, top_p, top_k, seed, stop = group[0].settings
-        try:
-            out = self.model.generate([j.ids for j in group], np.concatenate([j.images for j in group]),
-                                      np.concatenate([j.images_aux for j in group]), max_new_tokens=max_new,
-                                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
-        except MGJaxError as e:  # a prompt too long, a setting out of range: that batch's clients hear why
-            for j in group:
-                j.error = str(e)
-                j.done.set()
-            return
-        except Exception as e:  # never take the server down; answer 400 with what happened
-            for j in group:
-                j.error = f"generation failed ({type(e).__name__}: {e})"
-                j.done.set()
-            return
-        self.batch_sizes.append(len(group))
-        tpi = self.model.config.tokens_per_image
-        for i, j in enumerate(group):
-            n_img = int((j.ids < 0).sum())
-            prompt_tokens = len(j.ids) + n_img * (tpi - 1)
-            j.result = {"choices": [{"index": 0, "message": {"role": "assistant", "content": out.text[i]},
-                                     "finish_reason": "stop" if out.stopped[i] else "length"}],
-                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": int(out.lengths[i]),
-                                  "total_tokens": prompt_tokens + int(out.lengths[i])}}
-            j.done.set()
+
+class _Gone(Exception):
+    """The client hung up."""
+
+
+def _hung_up(sock) -> bool:
+    """Whether the client closed its side (readable, and nothing to read)."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0]) and not sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return True
 
 
 def _handler(server: Server):
     class Handler(BaseHTTPRequestHandler):
-        def _send(self, code: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
+        def _send(self, code: int, payload: dict | str, content_type: str = "application/json") -> None:
+            data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
-        def _stream(self, reply: dict) -> None:
-            """`stream: true`: the whole answer as one server-sent chunk, then its finish reason and [DONE]
-            (answers are generated in batches, not token by token)."""
-            choice = reply["choices"][0]
-            head = {k: reply[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
-            events = [{**head, "choices": [{"index": 0, "delta": choice["message"], "finish_reason": None}]},
-                      {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]}]
-            data = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, code: int, message: str) -> None:
-            self._send(code, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
+        def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
+            self._send(code, {"error": {"message": message, "type": kind, "code": code}})
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
-            if self.path.rstrip("/") == "/v1/models":
+            path = self.path.split("?")[0].rstrip("/")
+            if path == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": server.model_id, "object": "model",
                                                              "owned_by": "mgjax"}]})
+            elif path == "/health":
+                status = "draining" if server.draining else "ok" if server.engine.ready.is_set() else "warming"
+                self._send(200 if status == "ok" else 503, {"status": status, "slots": server.engine.slots,
+                                                            "active": server.engine.active})
+            elif path == "/metrics":
+                self._send(200, server.metrics(), "text/plain; version=0.0.4")
+            elif path == "":
+                self._send(200, PAGE.read_text().replace("{{MODEL}}", server.model_id), "text/html; charset=utf-8")
             else:
-                self._error(404, f"no route {self.path}; POST /v1/chat/completions or GET /v1/models")
+                self._error(404, f"no route {self.path}; POST /v1/chat/completions, GET /, /v1/models, /health, "
+                            "/metrics")
 
         def do_POST(self):  # noqa: N802
             if self.path.rstrip("/") != "/v1/chat/completions":
                 self._error(404, f"no route {self.path}; POST /v1/chat/completions")
                 return
             try:
+                server.admit()
+            except _Refused as e:
+                self._error(e.code, str(e), "rate_limit_error" if e.code == 429 else "server_error")
+                return
+            req = None
+            try:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"null")
-                reply = server.complete(body)
-                if body.get("stream"):
-                    self._stream(reply)
+                req = server.request(body)
+                server.engine.submit(req)
+                if isinstance(body, dict) and body.get("stream"):
+                    self._stream(req, bool((body.get("stream_options") or {}).get("include_usage")))
                 else:
-                    self._send(200, reply)
+                    self._wait(req)
+                    self._send(200, server.reply(req))
             except json.JSONDecodeError as e:
                 self._error(400, f"the body is not JSON ({e})")
-            except BadRequest as e:
+            except (BadRequest, MGJaxError) as e:
                 self._error(400, str(e))
-            except MGJaxError as e:
-                self._error(400, str(e))
+            except TimeoutError as e:
+                self._error(504, str(e), "timeout")
+            except (_Gone, BrokenPipeError, ConnectionResetError):
+                server.counts["disconnects"] += 1
+                if req is not None:
+                    req.cancel()
             except Exception as e:  # a bug must answer, not kill the connection thread silently
                 self._error(500, f"{type(e).__name__}: {e}")
+            finally:
+                server.release(req)
+
+        def _events(self, req: Request):
+            """The request's engine events until it ends; raises TimeoutError past the server's timeout and
+            _Gone when the client hangs up (both cancel the request, which frees its slot)."""
+            deadline = req.submitted + server.timeout_s
+            while True:
+                try:
+                    kind, value = req.events.get(timeout=min(0.1, max(deadline - time.monotonic(), 0)))
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        req.cancel()
+                        server.counts["timeouts"] += 1
+                        raise TimeoutError(f"no answer within the server's timeout of {server.timeout_s:g} s "
+                                           "(--timeout)") from None
+                    if _hung_up(self.connection):
+                        req.cancel()
+                        raise _Gone() from None
+                    continue
+                if kind == "error":
+                    raise BadRequest(value)
+                yield kind, value
+                if kind == "done":
+                    return
+
+        def _wait(self, req: Request) -> None:
+            for _ in self._events(req):
+                pass
+
+        def _stream(self, req: Request, include_usage: bool) -> None:
+            """Server-sent events: one chunk per decoded token (its new text; the first carries the role),
+            then the finish reason (and the usage when asked), then [DONE]. An error after the headers
+            went out is sent as an `error` event."""
+            head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                    "created": int(time.time()), "model": server.model_id}
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+
+            def send(event) -> None:
+                self.wfile.write(f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+
+            first = True
+            try:
+                for kind, text in self._events(req):
+                    if kind == "delta":
+                        delta = {"role": "assistant", "content": text} if first else {"content": text}
+                        send({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                        first = False
+            except (BadRequest, TimeoutError) as e:
+                send({"error": {"message": str(e), "type": "timeout" if isinstance(e, TimeoutError) else
+                                "invalid_request_error"}})
+                send("[DONE]")
+                return
+            send({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": req.finish_reason}]})
+            if include_usage:
+                send({**head, "choices": [], "usage": server.reply(req)["usage"]})
+            send("[DONE]")
 
         def log_message(self, fmt, *args):  # quiet: the access log would flood an evaluation's output
             pass

@@ -37,12 +37,27 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
+def _query_slots(index: jax.Array, queries: int) -> jax.Array:
+    """int [1 or B, Tq]: the cache slots of `queries` new tokens written from `index`, a slot shared by every
+    row (int scalar) or each row's own (int [B]: a serving engine's rows are at different steps)."""
+    return jnp.reshape(index, (-1, 1)) + jnp.arange(queries)
+
+
+def _write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`new` [B, Tq, ...] written into `cache` [B, S, ...] at slots index .. index + Tq - 1 (`index` as in
+    `_query_slots`)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache, new, index)
+
+
 def cached_mask(valid: jax.Array, index: jax.Array, queries: int) -> jax.Array:
-    """Bool [B, 1, Tq, S] for `queries` new tokens written at cache slots index .. index + Tq - 1: a query
-    sees the slots up to its own that are valid (valid: bool [B, S], False at prompt padding)."""
+    """Bool [B, 1, Tq, S] for `queries` new tokens written at cache slots index .. index + Tq - 1 (`index`
+    an int, or int [B] per row): a query sees the slots up to its own that are valid (valid: bool [B, S],
+    False at prompt padding)."""
     slots = jnp.arange(valid.shape[-1])
-    causal = slots[None, :] <= index + jnp.arange(queries)[:, None]
-    return (causal[None] & valid[:, None, :])[:, None]
+    causal = slots <= _query_slots(index, queries)[..., None]  # [1 or B, Tq, S]
+    return (causal & valid[:, None, :])[:, None]
 
 
 def splash_segments(valid: jax.Array, segments: jax.Array | None = None) -> jax.Array:
@@ -73,18 +88,18 @@ def _blocked(q, k, v, valid, index, dtype, block):
     s, kv = k.shape[1], k.shape[2]
     q = rearrange(q, "b t (k g) d -> b k g t d", k=kv)
     first = jnp.min(jnp.argmax(valid, axis=1))  # the first slot any row attends to
-    stop = index + tq  # slots >= stop hold nothing yet
+    queries = _query_slots(index, tq)  # [1 or B, t]
+    stop = jnp.max(queries) + 1  # slots >= stop hold nothing yet
     neg = jnp.finfo(jnp.float32).min
-    queries = index + jnp.arange(tq)
 
     def visit(j, carry):
         m, total, acc = carry  # running max [b, k, g, t], softmax denominator, numerator [b, k, g, t, d]
         start = jnp.minimum(j * block, s - block)  # the last block may overlap the one before it
         kb, vb, ok = (jax.lax.dynamic_slice_in_dim(a, start, block, axis=1) for a in (k, v, valid))
         slots = start + jnp.arange(block)
-        seen = (slots >= j * block)[None, :] & (slots[None, :] <= queries[:, None])  # [t, block]
+        seen = (slots >= j * block) & (slots <= queries[..., None])  # [1 or B, t, block]
         scores = jnp.einsum("bkgtd,bskd->bkgts", q, kb, preferred_element_type=jnp.float32) * (hd**-0.5)
-        scores = jnp.where(seen[None, None, None] & ok[:, None, None, None, :], scores, neg)
+        scores = jnp.where(seen[:, None, None] & ok[:, None, None, None, :], scores, neg)
         m_new = jnp.maximum(m, scores.max(-1))
         probs = jnp.exp(scores - m_new[..., None])
         scale = jnp.exp(m - m_new)  # 0 once a real score replaces the initial `neg`
@@ -160,11 +175,11 @@ class Attention(nn.Module):
     `mask` is bool, broadcastable to [B, 1, Tq, Tk] (True = attend), or, with `impl` "splash", the int
     segment ids [B, T] of `splash_segments` (causal within a segment); `rope` is (cos, sin) or None.
     Kernels: q [D, H, hd], k/v [D, KV, hd], out [H, hd, D] (logical names from the *_axis fields).
-    With a `cache`, this call's keys and values are written into it at slot `index` and attention runs
-    over all its slots (`mask` then [B, 1, Tq, S], see `cached_mask`), or, with `cache_block` > 0 and
-    `valid` bool [B, S] given, over only the blocks of that many slots that hold tokens (`_blocked`); the
-    call returns (out, cache). `impl` (`LMConfig.attention_impl`): "xla", "cudnn" or "splash" for calls
-    without a cache, equal up to rounding.
+    With a `cache`, this call's keys and values are written into it at slot `index` (shared, or int [B]:
+    each row's own) and attention runs over all its slots (`mask` then [B, 1, Tq, S], see `cached_mask`),
+    or, with `cache_block` > 0 and `valid` bool [B, S] given, over only the blocks of that many slots that
+    hold tokens (`_blocked`); the call returns (out, cache). `impl` (`LMConfig.attention_impl`): "xla",
+    "cudnn" or "splash" for calls without a cache, equal up to rounding.
     """
 
     num_heads: int
@@ -191,8 +206,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, axis=1)
+            k, v = (_write_cache(c, x.astype(c.dtype), index) for c, x in ((cache.k, k), (cache.v, v)))
             cache = KVCache(constrain(k, CACHE_AXES), constrain(v, CACHE_AXES))
         if cache is not None and self.cache_block and valid is not None and k.shape[1] >= self.cache_block:
             out = _blocked(q, k, v, valid, index, self.dtype, self.cache_block)

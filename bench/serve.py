@@ -1,0 +1,135 @@
+"""Benchmark: `mgjax serve` under load, driven by the `openai` client as users drive it. Starts the server
+(a subprocess, so that the clients do not share its interpreter), then for each concurrency sends the same
+requests (one image and a question each, streamed, temperature 0) from that many client threads: throughput,
+time to first token and latency percentiles, and whether every answer equals the answer it got alone (1 client).
+
+  python bench/serve.py                                   # the tiny golden checkpoint, 1, 8 and 32 clients
+  python bench/serve.py --ckpt CKPT --clients 1,8 --requests 48 --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.children import ROOT, write_results  # noqa: E402
+
+GOLDEN = ROOT / "tests" / "fixtures" / "mgm_reference" / "llama_vicuna"
+
+
+def start_server(ckpt: str, slots: int, extra: list[str]) -> tuple[subprocess.Popen, str, float]:
+    """`mgjax serve` on a free port: (process, base URL, seconds until it said it was ready)."""
+    cmd = [sys.executable, "-m", "mgjax", "serve", "--ckpt", ckpt, "--port", "0", "--slots", str(slots), *extra]
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        found = re.search(r"on (http://\S+/v1)", line)
+        if found:
+            return proc, found.group(1), time.perf_counter() - t0
+    raise SystemExit(f"mgjax serve ended before it was ready (exit {proc.wait()})")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_load(url: str, n: int, clients: int, max_tokens: int, image: str) -> dict:
+    """`n` streamed requests from `clients` threads (request i asks question i): per-request answers, TTFT
+    (first chunk with text), latency; wall time."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=600)
+    answers, ttft, latency, tokens = [None] * n, [0.0] * n, [0.0] * n, [0] * n
+
+    def ask(i: int) -> None:
+        messages = [{"role": "user", "content": [{"type": "text", "text": f"Question {i}: what is in the image?"},
+                                                 {"type": "image_url", "image_url": {"url": image}}]}]
+        t0 = time.perf_counter()
+        stream = client.chat.completions.create(model="mgjax", messages=messages, max_tokens=max_tokens,
+                                                stream=True, temperature=0)
+        parts = []
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content is not None:
+                if not parts:
+                    ttft[i] = time.perf_counter() - t0
+                parts.append(chunk.choices[0].delta.content)
+        latency[i], answers[i], tokens[i] = time.perf_counter() - t0, "".join(parts), len(parts)
+
+    def worker(k: int) -> None:
+        for i in range(k, n, clients):
+            ask(i)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
+            "tokens_per_s": sum(tokens) / wall, "tokens": sum(tokens),
+            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p90_s": percentile(ttft, 0.9),
+            "latency_p50_s": percentile(latency, 0.5), "latency_p90_s": percentile(latency, 0.9),
+            "latency_p99_s": percentile(latency, 0.99), "answers": answers}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default=str(GOLDEN / "MGM-7B-tiny"))
+    ap.add_argument("--image", default=str(GOLDEN / "input.jpg"))
+    ap.add_argument("--clients", default="1,8,32", help="concurrencies, comma-separated (1 is the baseline)")
+    ap.add_argument("--requests", type=int, default=24, help="requests per concurrency (at least the clients)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--server-args", default="", help="more `mgjax serve` arguments")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    args = ap.parse_args(argv)
+    levels = sorted({1, *(int(c) for c in args.clients.split(","))})
+    image = "data:image/jpeg;base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
+    proc, url, ready_s = start_server(args.ckpt, args.slots, args.server_args.split())
+    try:
+        rows = [run_load(url, max(args.requests, c), c, args.max_tokens, image) for c in levels]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    alone = rows[0]["answers"]
+    for r in rows:
+        r["equal_to_alone"] = all(a == alone[i % len(alone)] for i, a in enumerate(r.pop("answers"))
+                                  if i < len(alone))
+    print(f"mgjax serve {args.ckpt} ({args.slots} slots), ready in {ready_s:.1f} s; {args.max_tokens} tokens per "
+          "answer, one image, streamed")
+    print(f"{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p90':>8}"
+          f"{'latency p50':>12}{'p90':>8}{'p99':>8}  equal")
+    for r in rows:
+        print(f"{r['clients']:>8}{r['requests']:>9}{r['wall_s']:>8.2f}{r['requests_per_s']:>8.1f}"
+              f"{r['tokens_per_s']:>8.0f}{r['ttft_p50_s'] * 1e3:>8.0f}ms{r['ttft_p90_s'] * 1e3:>6.0f}ms"
+              f"{r['latency_p50_s'] * 1e3:>10.0f}ms{r['latency_p90_s'] * 1e3:>6.0f}ms{r['latency_p99_s'] * 1e3:>6.0f}ms"
+              f"  {r['equal_to_alone']}")
+    base = rows[0]
+    for r in rows[1:]:
+        same = [x for x in rows if x["clients"] == r["clients"]][0]
+        r["speedup_vs_one_by_one"] = (same["requests"] / same["wall_s"]) / (base["requests"] / base["wall_s"])
+        r["ttft_p50_vs_alone"] = r["ttft_p50_s"] / base["ttft_p50_s"]
+        print(f"{r['clients']} clients: {r['speedup_vs_one_by_one']:.1f}x the requests/s of one by one, "
+              f"TTFT p50 {r['ttft_p50_vs_alone']:.1f}x its alone value")
+    path = write_results({"ckpt": args.ckpt, "slots": args.slots, "max_tokens": args.max_tokens,
+                          "ready_s": ready_s, "rows": rows,
+                          "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])},
+                         args.out, ("jax", "openai"))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Continuous batching: one decode loop over a KV cache of `slots` rows, for `mgjax serve`.
+
+A request's prompt is prefilled (alone, at its length bucket) into a free row of the cache as soon as one is
+free, and the row joins the running batch at the next step; each step decodes one token for every row
+(each at its own cache slot and rotary position, `MGM.decode` with a per-row index), and a row that stops
+frees its slot at once. Every row carries its own decoding settings (temperature 0 = greedy, top_k, top_p,
+seed, stop strings, token budget), so mixed requests share a step; a row gives what its prompt gives alone
+through `Pretrained.generate` (the same tokens at temperature 0, and the same samples from the same seed).
+
+Programs: one decode step over all the slots, and one prefill per (length bucket, image count); `warm`
+compiles the step and the prefills of the buckets a one-image prompt of up to `warm_text` text tokens uses,
+before the engine reports ready.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mgjax.data.templates import get_template
+from mgjax.errors import MGJaxError
+from mgjax.infer.generate import prefill
+from mgjax.infer.sampling import next_token
+from mgjax.lm.decoder import init_cache
+from mgjax.model import MGM
+from mgjax.pretrained import _stops, _text, length_bucket
+
+
+@dataclass
+class Request:
+    """One prompt and its decoding settings; the engine reports to `events` (a queue): ("delta", text) per
+    token, then ("done", None) or ("error", message). `cancel()` frees its slot at the next step."""
+
+    ids: np.ndarray  # int32 [T], -200 at images
+    images: np.ndarray
+    images_aux: np.ndarray
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stream: bool = True  # report the text of each token (else only its count, and the answer at the end)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    # filled in by the engine
+    length: int = 0  # merged prompt tokens
+    stops: tuple = ((), ())  # (token ids, strings), `pretrained._stops`
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # what has been sent as deltas
+    answer: str | None = None  # the finished answer, as `Pretrained.generate` gives it
+    finish_reason: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def _choose(logits, seeds, steps, temperature, top_k, top_p):
+    """int32 [B]: each row's next token from float32 logits [B, V] with its own settings (temperature 0 =
+    greedy) and key: `Pretrained.generate`'s key for that row alone (row 0 of a split of key(seed), folded
+    with the token's step)."""
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.split(jax.random.key(s), 1)[0], i))(seeds, steps)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampling = temperature > 0
+
+    def sample():
+        t = jnp.where(sampling, temperature, 1.0)[:, None]
+        return next_token(logits, keys, t, top_k[:, None], top_p[:, None], greedy=False)
+
+    sampled = jax.lax.cond(jnp.any(sampling), sample, lambda: greedy)  # an all-greedy step skips the sort
+    return jnp.where(sampling, sampled, greedy)
+
+
+def _write_row(big, small, row):
+    """A prefilled cache leaf [(L,) 1, P, ...] written into row `row` of the engine's [(L,) N, S, ...] at
+    slots 0 .. P - 1."""
+    lead = big.ndim - 4  # a scanned cache's layer axis comes first
+    start = (0,) * lead + (row, 0, 0, 0)
+    return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
+
+
+class Engine:
+    """The slots, the waiting requests and the loop (a thread: `start`, `stop`)."""
+
+    def __init__(self, model, slots: int = 8, context: int | None = None, warm_text: int = 128):
+        if model.mesh is not None:
+            raise MGJaxError("the serving engine runs on one device: load the model without a mesh")
+        c = model.config
+        self.model, self.slots, self.warm_text = model, slots, warm_text
+        self.context = context or c.max_length  # cache slots per row: prompt bucket + answer
+        if self.context < 64 + 1:
+            raise MGJaxError(f"context {self.context}: needs room for a prompt bucket (64) and an answer")
+        tok = model.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # SentencePiece's byte-fallback tokens (<0xE2>): the decoder turns a run of them into a character, or
+        # into one U+FFFD per byte once the run proves invalid, so a trailing run is not sent before it ends
+        self.byte_tokens = frozenset(i for t, i in tok.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t))
+        self.template_stops = get_template(c.template).stop
+        self.ready = threading.Event()
+        self.rows: list[Request | None] = [None] * slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._prefills: dict = {}
+        self._step = jax.jit(self._step_fn, donate_argnums=1)
+        # per row, on the host: the next input token, its rotary position and cache slot, settings, steps done
+        self.token = np.zeros(slots, np.int32)
+        self.position = np.zeros(slots, np.int32)
+        self.index = np.zeros(slots, np.int32)
+        self.seed = np.zeros(slots, np.uint32)
+        self.step = np.zeros(slots, np.int32)
+        self.temperature = np.zeros(slots, np.float32)
+        self.top_k = np.zeros(slots, np.int32)
+        self.top_p = np.ones(slots, np.float32)
+        self.cache = init_cache(c.lm, slots, self.context, model.module.dtype)
+        self.valid = jnp.zeros((slots, self.context), bool)
+        self.stats = {"tokens": 0, "steps": 0}
+        self.on_token = None  # called (time) per token decoded, for the server's metrics
+
+    # --- programs --------------------------------------------------------------------------------------
+
+    def _step_fn(self, params, cache, valid, tokens, positions, index, seeds, steps, temperature, top_k, top_p):
+        logits, cache = self.model.module.apply({"params": params}, tokens, positions, valid, cache, index,
+                                                method=MGM.decode)
+        return _choose(logits, seeds, steps, temperature, top_k, top_p), cache
+
+    def _prefill_program(self, bucket: int):
+        module, context = self.model.module, self.context
+
+        def run(params, cache, valid, ids, images, images_aux, mask, row, seed, temperature, top_k, top_p):
+            logits, small, small_valid, position = prefill(module, params, ids, images, images_aux, mask, bucket, 0)
+            cache = jax.tree.map(lambda big, s: _write_row(big, s, row), cache, small)
+            row_valid = jnp.concatenate([small_valid, jnp.ones((1, context - bucket), bool)], axis=1)
+            valid = jax.lax.dynamic_update_slice(valid, row_valid, (row, 0))
+            token = _choose(logits, seed[None], jnp.zeros(1, jnp.int32), temperature[None], top_k[None],
+                            top_p[None])
+            return token[0], position[0], cache, valid
+
+        return jax.jit(run, donate_argnums=(1, 2))
+
+    def _prefill(self, req: Request, row: int):
+        bucket = length_bucket(req.length, self.model.config.max_length)
+        key = (bucket, req.images.shape[0])
+        if key not in self._prefills:
+            self._prefills[key] = self._prefill_program(bucket)
+        # left-padded to the bucket, so that one program serves every prompt of the bucket
+        ids, mask = np.full((1, bucket), self.pad_id, np.int32), np.zeros((1, bucket), np.int32)
+        ids[0, bucket - len(req.ids):], mask[0, bucket - len(req.ids):] = req.ids, 1
+        token, position, self.cache, self.valid = self._prefills[key](
+            self.model.params, self.cache, self.valid, ids, req.images, req.images_aux, mask,
+            np.int32(row), np.uint32(req.seed), np.float32(req.temperature), np.int32(req.top_k),
+            np.float32(req.top_p))
+        return int(token), int(position), bucket
+
+    # --- requests --------------------------------------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """Raises MGJaxError (the client's 400) for a request the engine cannot run; sets its length."""
+        m = self.model
+        if req.max_tokens < 1 or req.top_k < 0 or not 0.0 < req.top_p <= 1.0 or req.temperature < 0:
+            raise MGJaxError(f"max_tokens {req.max_tokens} must be >= 1, top_k {req.top_k} >= 0, top_p {req.top_p} "
+                             f"in (0, 1], temperature {req.temperature} >= 0")
+        if not 0 <= req.seed < 2**32:
+            raise MGJaxError(f"seed {req.seed} must be in 0 .. 2**32 - 1")
+        ids, _, req.images, req.images_aux, req.length = m._check_inputs(req.ids[None], req.images, req.images_aux,
+                                                                        None, False)
+        req.ids = ids[0]
+        bucket = length_bucket(req.length, m.config.max_length)
+        if bucket + req.max_tokens > self.context:
+            raise MGJaxError(f"the prompt ({req.length} tokens with its images, compiled as {bucket}) and max_tokens "
+                             f"{req.max_tokens} do not fit the server's context of {self.context} tokens per "
+                             f"request: ask for at most {self.context - bucket} tokens (or start the server with a "
+                             "larger --context)")
+
+    def submit(self, req: Request) -> None:
+        self.check(req)
+        req.stops = _stops(self.model.tokenizer, (*self.template_stops, *req.stop))
+        with self._wake:
+            self.waiting.append(req)
+            self._wake.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def start(self, warm: bool = True) -> "Engine":
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, args=(warm,), daemon=True, name="mgjax-engine")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def warm(self) -> int:
+        """Compiles the step and the prefills of the buckets up to a one-image prompt of `warm_text` text
+        tokens (run on an unused row, which stays free); returns the number of programs compiled."""
+        c = self.model.config
+        images, images_aux = self.model.zero_images()
+        top = length_bucket(c.tokens_per_image + self.warm_text, c.max_length)
+        buckets = [64]
+        while buckets[-1] < top:
+            buckets.append(length_bucket(buckets[-1] + 1, c.max_length))
+        buckets = [b for b in buckets if b < self.context]
+        for bucket in buckets:  # a prompt of that merged length: text only, or one image and text
+            ids = np.full(bucket if bucket <= c.tokens_per_image else bucket - c.tokens_per_image + 1, self.pad_id,
+                          np.int32)
+            if bucket > c.tokens_per_image:
+                ids[0] = -200
+            self._prefill(Request(ids, images, images_aux, 1, length=bucket), 0)
+        self._decode()
+        self.valid = jnp.zeros_like(self.valid)
+        return len(buckets) + 1
+
+    def _loop(self, warm: bool) -> None:
+        if warm:
+            self.warm()
+        self.ready.set()
+        while True:
+            with self._wake:
+                while self._running and not self.waiting and not self.active:
+                    self._wake.wait()
+                if not self._running:
+                    break
+            self._admit()
+            if self.active:
+                self._advance(self._decode())
+        for req in [*self.rows, *self.waiting]:
+            if req is not None:
+                req.events.put(("error", "the server stopped"))
+
+    def _admit(self) -> None:
+        """Prefills waiting requests into the free rows; each gets its first token."""
+        for row in range(self.slots):
+            if self.rows[row] is not None:
+                continue
+            with self._wake:
+                if not self.waiting:
+                    return
+                req = self.waiting.popleft()
+            if req.cancelled.is_set():
+                continue
+            try:
+                token, position, bucket = self._prefill(req, row)
+            except Exception as e:  # never take the loop down; the client hears why
+                req.events.put(("error", f"generation failed ({type(e).__name__}: {e})"))
+                continue
+            self.rows[row] = req
+            self.position[row], self.index[row] = position, bucket
+            self.seed[row], self.step[row] = np.uint32(req.seed), 1
+            self.temperature[row], self.top_k[row], self.top_p[row] = req.temperature, req.top_k, req.top_p
+            self._emit(row, token)
+
+    def _decode(self) -> np.ndarray:
+        out, self.cache = self._step(self.model.params, self.cache, self.valid, self.token, self.position,
+                                     self.index, self.seed, self.step, self.temperature, self.top_k, self.top_p)
+        self.stats["steps"] += 1
+        return np.asarray(out)
+
+    def _advance(self, tokens: np.ndarray) -> None:
+        for row, req in enumerate(self.rows):
+            if req is None:
+                continue
+            self.position[row] += 1
+            self.index[row] += 1
+            self.step[row] += 1
+            self._emit(row, int(tokens[row]))
+
+    def _emit(self, row: int, token: int) -> None:
+        """Records a row's new token, sends the text it adds, and frees the row when the answer ends."""
+        req = self.rows[row]
+        now = time.monotonic()
+        if req.first_token_at is None:
+            req.first_token_at = now
+        req.tokens.append(token)
+        self.token[row] = token
+        self.stats["tokens"] += 1
+        if self.on_token is not None:
+            self.on_token(now)
+        token_stops, text_stops = req.stops
+        tok = self.model.tokenizer
+        if token in token_stops or (text_stops and any(s in tok.decode(req.tokens) for s in text_stops)):
+            req.finish_reason = "stop"
+        elif len(req.tokens) == req.max_tokens:
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            req.answer = _text(tok, np.asarray(req.tokens), (*self.template_stops, *req.stop))
+            self._send(req, req.answer)
+            req.events.put(("done", None))
+            self.rows[row] = None
+        elif req.cancelled.is_set():
+            self.rows[row] = None
+        elif not req.stream:
+            req.events.put(("delta", ""))
+        else:
+            self._send(req, settled_text(tok, req.tokens, self.byte_tokens, text_stops))
+
+    @staticmethod
+    def _send(req: Request, text: str) -> None:
+        """One delta per token: the text it settles (often all of its own, "" while it is held back)."""
+        delta = text[len(req.text):] if text.startswith(req.text) else ""
+        req.text += delta
+        req.events.put(("delta", delta))
+
+
+def settled_text(tokenizer, tokens: list[int], byte_tokens: frozenset, text_stops: tuple[str, ...]) -> str:
+    """The part of an unfinished answer's text that later tokens cannot change: decoded without its trailing
+    run of byte-fallback tokens, and without what may still become a stop string, an incomplete UTF-8
+    character of a byte-level vocabulary (decoded as U+FFFD), or whitespace the finished answer strips."""
+    run = len(tokens)
+    while run and tokens[run - 1] in byte_tokens:
+        run -= 1
+    text = tokenizer.decode(tokens[:run], skip_special_tokens=True)
+    held = max((k for s in text_stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - held].rstrip("\ufffd").strip()
