@@ -219,8 +219,11 @@ def test_overload_timeout_and_hang_up_free_their_slots(served):
     try:
         server.max_concurrent = 1
         conn, resp = _open_stream(url, max_tokens=380)
-        status, reply = _post(url, _ask("hi", False, max_tokens=2))
-        assert status == 429 and "limit of 1 concurrent" in reply["error"]["message"]
+        req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(_ask("hi", False)).encode())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 429 and e.value.headers["Retry-After"] == "1"
+        assert "limit of 1 concurrent" in json.loads(e.value.read())["error"]["message"]
         tokens, gone = engine.stats["tokens"], server.counts["disconnects"]
         resp.close()  # the client hangs up mid-answer: its slot frees at once, not after 380 tokens
         conn.close()

@@ -1,15 +1,17 @@
 """Continuous batching: one decode loop over a KV cache of `slots` rows, for `mgjax serve`.
 
-A request's prompt is prefilled (alone, at its length bucket) into a free row of the cache as soon as one is
-free, and the row joins the running batch at the next step; each step decodes one token for every row
-(each at its own cache slot and rotary position, `MGM.decode` with a per-row index), and a row that stops
-frees its slot at once. Every row carries its own decoding settings (temperature 0 = greedy, top_k, top_p,
-seed, stop strings, token budget), so mixed requests share a step; a row gives what its prompt gives alone
-through `Pretrained.generate` (the same tokens at temperature 0, and the same samples from the same seed).
+Waiting requests are prefilled into the free rows of the cache as soon as there are any (those of one
+length bucket in one call), and join the running batch at the next step; each step decodes one token for
+every row (each at its own cache slot and rotary position, `MGM.decode` with a per-row index), and a row
+that stops frees its slot at once. Every row carries its own decoding settings (temperature 0 = greedy,
+top_k, top_p, seed, stop strings, token budget), so mixed requests share a step; a row gives what its
+prompt gives alone through `Pretrained.generate` (the same tokens at temperature 0, and the same samples
+from the same seed). Each decoded token is reported with the text it adds (`settled_text`: never half a
+character).
 
-Programs: one decode step over all the slots, and one prefill per (length bucket, image count); `warm`
-compiles the step and the prefills of the buckets a one-image prompt of up to `warm_text` text tokens uses,
-before the engine reports ready.
+Programs: one decode step over all the slots, and a prefill per (length bucket, number of prompts: 1, 2,
+4, ..., images); `warm` compiles the step and the prefills of the buckets a one-image prompt of up to
+`warm_text` text tokens uses, before the engine reports ready.
 """
 
 from __future__ import annotations
@@ -138,30 +140,39 @@ class Engine:
     def _prefill_program(self, bucket: int):
         module, context = self.model.module, self.context
 
-        def run(params, cache, valid, ids, images, images_aux, mask, row, seed, temperature, top_k, top_p):
+        def run(params, cache, valid, ids, images, images_aux, mask, rows, seeds, temperature, top_k, top_p):
+            """k prompts [k, bucket] into cache rows `rows` int [k]: their first tokens and positions [k]."""
             logits, small, small_valid, position = prefill(module, params, ids, images, images_aux, mask, bucket, 0)
-            cache = jax.tree.map(lambda big, s: _write_row(big, s, row), cache, small)
-            row_valid = jnp.concatenate([small_valid, jnp.ones((1, context - bucket), bool)], axis=1)
-            valid = jax.lax.dynamic_update_slice(valid, row_valid, (row, 0))
-            token = _choose(logits, seed[None], jnp.zeros(1, jnp.int32), temperature[None], top_k[None],
-                            top_p[None])
-            return token[0], position[0], cache, valid
+            small_valid = jnp.concatenate([small_valid, jnp.ones((len(rows), context - bucket), bool)], axis=1)
+            for i in range(len(rows)):  # k is static: a few dynamic-update-slices in place
+                cache = jax.tree.map(lambda big, s: _write_row(big, s[..., i:i + 1, :, :, :], rows[i]), cache, small)
+                valid = jax.lax.dynamic_update_slice(valid, small_valid[i:i + 1], (rows[i], 0))
+            token = _choose(logits, seeds, jnp.zeros_like(rows), temperature, top_k, top_p)
+            return token, position, cache, valid
 
         return jax.jit(run, donate_argnums=(1, 2))
 
-    def _prefill(self, req: Request, row: int):
-        bucket = length_bucket(req.length, self.model.config.max_length)
-        key = (bucket, req.images.shape[0])
+    def _prefill(self, reqs: list[Request], rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Prefills requests of one length bucket into `rows` together, the batch padded to a power of two
+        (so that a few programs serve every count) by repeating the last request into the last row:
+        (first tokens, next positions) [len(reqs)]."""
+        bucket = length_bucket(reqs[0].length, self.model.config.max_length)
+        k = 1 << (len(reqs) - 1).bit_length()
+        reqs, rows = reqs + [reqs[-1]] * (k - len(reqs)), rows + [rows[-1]] * (k - len(rows))
+        images = np.concatenate([r.images for r in reqs])
+        key = (bucket, k, images.shape[0])
         if key not in self._prefills:
             self._prefills[key] = self._prefill_program(bucket)
         # left-padded to the bucket, so that one program serves every prompt of the bucket
-        ids, mask = np.full((1, bucket), self.pad_id, np.int32), np.zeros((1, bucket), np.int32)
-        ids[0, bucket - len(req.ids):], mask[0, bucket - len(req.ids):] = req.ids, 1
+        ids, mask = np.full((k, bucket), self.pad_id, np.int32), np.zeros((k, bucket), np.int32)
+        for i, r in enumerate(reqs):
+            ids[i, bucket - len(r.ids):], mask[i, bucket - len(r.ids):] = r.ids, 1
+        settings = [np.asarray([getattr(r, name) for r in reqs], dtype) for name, dtype in
+                    (("seed", np.uint32), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32))]
         token, position, self.cache, self.valid = self._prefills[key](
-            self.model.params, self.cache, self.valid, ids, req.images, req.images_aux, mask,
-            np.int32(row), np.uint32(req.seed), np.float32(req.temperature), np.int32(req.top_k),
-            np.float32(req.top_p))
-        return int(token), int(position), bucket
+            self.model.params, self.cache, self.valid, ids, images, np.concatenate([r.images_aux for r in reqs]),
+            mask, np.asarray(rows, np.int32), *settings)
+        return np.asarray(token), np.asarray(position)
 
     # --- requests --------------------------------------------------------------------------------------
 
@@ -210,8 +221,8 @@ class Engine:
             self._thread.join()
 
     def warm(self) -> int:
-        """Compiles the step and the prefills of the buckets up to a one-image prompt of `warm_text` text
-        tokens (run on an unused row, which stays free); returns the number of programs compiled."""
+        """Compiles the step and the prefills (of 1, 2, 4, ... prompts) of the buckets up to a one-image
+        prompt of `warm_text` text tokens, on rows that stay free; returns the number of programs compiled."""
         c = self.model.config
         images, images_aux = self.model.zero_images()
         top = length_bucket(c.tokens_per_image + self.warm_text, c.max_length)
@@ -224,10 +235,14 @@ class Engine:
                           np.int32)
             if bucket > c.tokens_per_image:
                 ids[0] = -200
-            self._prefill(Request(ids, images, images_aux, 1, length=bucket), 0)
+            warm = Request(ids, images, images_aux, 1, length=bucket)
+            k = 1
+            while k < 2 * self.slots:  # every batch of new requests the loop may prefill together
+                self._prefill([warm] * k, [min(i, self.slots - 1) for i in range(k)])
+                k *= 2
         self._decode()
         self.valid = jnp.zeros_like(self.valid)
-        return len(buckets) + 1
+        return len(self._prefills) + 1
 
     def _loop(self, warm: bool) -> None:
         if warm:
@@ -247,26 +262,33 @@ class Engine:
                 req.events.put(("error", "the server stopped"))
 
     def _admit(self) -> None:
-        """Prefills waiting requests into the free rows; each gets its first token."""
-        for row in range(self.slots):
-            if self.rows[row] is not None:
-                continue
-            with self._wake:
-                if not self.waiting:
-                    return
+        """Prefills waiting requests into the free rows, those of one length bucket together; each gets its
+        first token."""
+        free = [row for row in range(self.slots) if self.rows[row] is None]
+        with self._wake:
+            taken = []
+            while self.waiting and len(taken) < len(free):
                 req = self.waiting.popleft()
-            if req.cancelled.is_set():
-                continue
+                if not req.cancelled.is_set():
+                    taken.append(req)
+        groups: dict[int, list[Request]] = collections.defaultdict(list)
+        for req in taken:
+            groups[length_bucket(req.length, self.model.config.max_length)].append(req)
+        for reqs in groups.values():
+            rows, free = free[:len(reqs)], free[len(reqs):]
             try:
-                token, position, bucket = self._prefill(req, row)
-            except Exception as e:  # never take the loop down; the client hears why
-                req.events.put(("error", f"generation failed ({type(e).__name__}: {e})"))
+                tokens, positions = self._prefill(reqs, rows)
+            except Exception as e:  # never take the loop down; the clients hear why
+                for req in reqs:
+                    req.events.put(("error", f"generation failed ({type(e).__name__}: {e})"))
+                free += rows
                 continue
-            self.rows[row] = req
-            self.position[row], self.index[row] = position, bucket
-            self.seed[row], self.step[row] = np.uint32(req.seed), 1
-            self.temperature[row], self.top_k[row], self.top_p[row] = req.temperature, req.top_k, req.top_p
-            self._emit(row, token)
+            for req, row, token, position in zip(reqs, rows, tokens, positions):
+                self.rows[row] = req
+                self.position[row], self.index[row] = position, length_bucket(req.length, self.model.config.max_length)
+                self.seed[row], self.step[row] = np.uint32(req.seed), 1
+                self.temperature[row], self.top_k[row], self.top_p[row] = req.temperature, req.top_k, req.top_p
+                self._emit(row, int(token))
 
     def _decode(self) -> np.ndarray:
         out, self.cache = self._step(self.model.params, self.cache, self.valid, self.token, self.position,

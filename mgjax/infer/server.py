@@ -12,6 +12,7 @@ answers what is in flight, refuses new requests (503) and returns.
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import queue
 import select
@@ -156,7 +157,7 @@ class Server:
         self._lock = threading.Condition()
         self.ttft, self.latency = Histogram(), Histogram()
         self.counts = {"requests": 0, "rejected_busy": 0, "timeouts": 0, "disconnects": 0}
-        self._recent: list[float] = []  # when each token of the last 10 s was decoded
+        self._recent: collections.deque[float] = collections.deque()  # when each token of the last 10 s came
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
         self.address = self.httpd.server_address
@@ -185,8 +186,8 @@ class Server:
 
     def _on_token(self, now: float) -> None:
         self._recent.append(now)
-        if self._recent[0] < now - 10:
-            self._recent = [t for t in self._recent if t >= now - 10]
+        while self._recent[0] < now - 10:
+            self._recent.popleft()
 
     def metrics(self) -> str:
         e = self.engine
@@ -196,7 +197,7 @@ class Server:
                  "# TYPE mgjax_slots gauge", f"mgjax_slots {e.slots}",
                  "# TYPE mgjax_inflight_requests gauge", f"mgjax_inflight_requests {self.inflight}",
                  "# TYPE mgjax_tokens_per_second gauge",
-                 f"mgjax_tokens_per_second {sum(t >= now - 10 for t in list(self._recent)) / 10}",
+                 f"mgjax_tokens_per_second {sum(t >= now - 10 for t in tuple(self._recent)) / 10}",
                  "# TYPE mgjax_generated_tokens_total counter", f"mgjax_generated_tokens_total {e.stats['tokens']}",
                  "# TYPE mgjax_decode_steps_total counter", f"mgjax_decode_steps_total {e.stats['steps']}"]
         for key, value in self.counts.items():
@@ -208,8 +209,9 @@ class Server:
 
     # --- a request -----------------------------------------------------------------------------------
 
-    def request(self, body: dict) -> Request:
-        """The engine's request for an OpenAI chat body (BadRequest says what is wrong with it)."""
+    def request(self, body: dict, arrived: float) -> Request:
+        """The engine's request for an OpenAI chat body that arrived at `arrived` (time.monotonic; its
+        timeout, time to first token and latency count from then); BadRequest says what is wrong with it."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         if body.get("n", 1) != 1:
@@ -224,7 +226,7 @@ class Server:
             pixels = np.stack([a for a, _ in pre]), np.stack([b for _, b in pre])
         else:
             pixels = m.zero_images()
-        return Request(ids, *pixels, **_settings(body), stream=bool(body.get("stream")))
+        return Request(ids, *pixels, **_settings(body), stream=bool(body.get("stream")), submitted=arrived)
 
     def admit(self) -> None:
         """Counts a request in, or raises (429 over `max_concurrent`, 503 while draining)."""
@@ -242,9 +244,9 @@ class Server:
         with self._lock:
             self.inflight -= 1
             self._lock.notify_all()
-        if req is not None and req.finish_reason is not None:
-            self.latency.observe(time.monotonic() - req.submitted)
-            self.ttft.observe(req.first_token_at - req.submitted)
+            if req is not None and req.finish_reason is not None:
+                self.latency.observe(time.monotonic() - req.submitted)
+                self.ttft.observe(req.first_token_at - req.submitted)
 
     def reply(self, req: Request) -> dict:
         """The chat.completion of a finished request."""
@@ -277,16 +279,21 @@ def _hung_up(sock) -> bool:
 
 def _handler(server: Server):
     class Handler(BaseHTTPRequestHandler):
-        def _send(self, code: int, payload: dict | str, content_type: str = "application/json") -> None:
+        def _send(self, code: int, payload: dict | str, content_type: str = "application/json",
+                  headers: dict | None = None) -> None:
             data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
             self.send_response(code)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
         def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
-            self._send(code, {"error": {"message": message, "type": kind, "code": code}})
+            # a client told to come back (busy, draining) is told when: OpenAI's clients honour Retry-After
+            retry = {"Retry-After": "1"} if code in (429, 503) else None
+            self._send(code, {"error": {"message": message, "type": kind, "code": code}}, headers=retry)
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
             path = self.path.split("?")[0].rstrip("/")
@@ -309,6 +316,7 @@ def _handler(server: Server):
             if self.path.rstrip("/") != "/v1/chat/completions":
                 self._error(404, f"no route {self.path}; POST /v1/chat/completions")
                 return
+            arrived = time.monotonic()
             try:
                 server.admit()
             except _Refused as e:
@@ -318,7 +326,7 @@ def _handler(server: Server):
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"null")
-                req = server.request(body)
+                req = server.request(body, arrived)
                 server.engine.submit(req)
                 if isinstance(body, dict) and body.get("stream"):
                     self._stream(req, bool((body.get("stream_options") or {}).get("include_usage")))
