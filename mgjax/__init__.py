@@ -1,10 +1,23 @@
-"""mgjax: Mini-Gemini (MGM) in JAX/Flax."""
+"""mgjax: Mini-Gemini (MGM) in JAX/Flax.
 
-from mgjax.config import CLIPConfig, ConvNextConfig, LMConfig, MGMConfig
-from mgjax.presets import PRESETS, preset
-from mgjax.errors import MGJaxError
-from mgjax.model import MGM
-from mgjax.pretrained import Pretrained, load_pretrained
+The names below load on first use (PEP 562), so that `import mgjax` (and the `mgjax` command, before it has
+installed its Ctrl-C handling) does not import JAX and Flax.
+"""
 
-__all__ = ["CLIPConfig", "ConvNextConfig", "LMConfig", "MGMConfig", "PRESETS", "preset", "MGJaxError", "MGM",
-           "Pretrained", "load_pretrained"]
+import importlib
+
+_HOMES = {"CLIPConfig": "mgjax.config", "ConvNextConfig": "mgjax.config", "LMConfig": "mgjax.config",
+          "MGMConfig": "mgjax.config", "PRESETS": "mgjax.presets", "preset": "mgjax.presets",
+          "MGJaxError": "mgjax.errors", "MGM": "mgjax.model", "Pretrained": "mgjax.pretrained",
+          "load_pretrained": "mgjax.pretrained"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mgjax' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -760,14 +760,19 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
     """Runs one `mgjax` command and returns its exit status: 0, 2 (bad input, one line on stderr), 130 / 143
     (Ctrl-C / SIGTERM). With `exit_on_signal` (the `mgjax` command itself) an interrupted process exits
     there and then: the work it stopped may hold half-built objects (an asyncio loop inside Orbax, say)
-    whose finalizers would print tracebacks as the exception is dropped; the outputs are already clean."""
-    args = build_parser().parse_args(argv)
+    whose finalizers would print tracebacks as the exception is dropped; the outputs are already clean.
+    The signals are handled from the first line on: one that lands while the parser or a command imports
+    JAX ends the same way."""
+    given = sys.argv[1:] if argv is None else argv
+    name = next((a for a in given if not a.startswith("-")), "")  # the command, before the parser knows it
     try:
         with interrupt.handled():
+            args = build_parser().parse_args(argv)
+            name = args.command
             return args.func(args)
     except (KeyboardInterrupt, interrupt.Terminated) as e:
         what, code = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("terminated", 143)
-        print(f"mgjax {args.command}: {what}; nothing half-written was left", file=sys.stderr)
+        print(f"mgjax {name}: {what}; nothing half-written was left", file=sys.stderr)
         if exit_on_signal:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -775,7 +780,7 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
         return code
     except MGJaxError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
-        print(f"mgjax {args.command}: error: {message}", file=sys.stderr)
+        print(f"mgjax {name}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,12 +1,15 @@
-"""Ctrl-C and SIGTERM for the `mgjax` command: raised in the main thread (so outputs are cleaned up) and
-remembered, because an exception raised while Python runs a finalizer (JAX's garbage-collection callback,
-say) is dropped. `check()` at a commit point re-raises a signal that was dropped that way; Python's report
-of the dropped one is silenced, so the command still ends with its one line."""
+"""Ctrl-C and SIGTERM for the `mgjax` command: raised in the main thread (so outputs are cleaned up), never
+inside an import (it is sent again once the import is over), and remembered, because an exception raised
+while Python runs a finalizer (JAX's garbage-collection callback, say) is dropped. `check()` at a commit
+point re-raises a signal that was dropped that way; Python's report of the dropped one is silenced, so the
+command still ends with its one line."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -18,8 +21,22 @@ class Terminated(BaseException):
 _received: list[type[BaseException]] = []
 
 
+def _importing(frame) -> bool:
+    """Whether `frame` runs inside an import (a module body, or a C extension initialising)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raiser(exc: type[BaseException]):
     def handler(signum, frame):
+        if _importing(frame):
+            # An exception raised inside an import leaves the module half initialised: jaxlib's extension then
+            # fails with an ImportError, or the process crashes. The signal comes back once the import is over.
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
         _received.append(exc)
         raise exc
 

@@ -268,3 +268,34 @@ def test_bf16_release_round_trip_with_the_convnext_from_its_folder(tmp_path):
     want, got = (traverse_util.flatten_dict(mgjax.load_pretrained(p).params) for p in (src, exported))
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg="/".join(k))
+
+
+def test_ctrl_c_at_any_moment_of_start_up_exits_130_with_one_line(tmp_path):
+    """SIGINT while the command starts (Python importing mgjax, JAX, Flax, torch; the parser; set-up) or
+    works: exit 130 with the one line, no traceback and no output; or, sent after the command has ended, its
+    normal exit with a whole OUT. Five convert processes, signalled 0.1 to 3 s after they start."""
+    import signal
+    import subprocess
+    import time
+
+    delays = (0.1, 0.4, 1.0, 2.0, 3.0)
+    procs = []
+    for i, delay in enumerate(delays):
+        out = tmp_path / f"out{i}"
+        procs.append((out, delay, subprocess.Popen(_convert_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                   text=True)))
+    start = time.monotonic()
+    for _, delay, proc in procs:
+        time.sleep(max(0.0, start + delay - time.monotonic()))
+        proc.send_signal(signal.SIGINT)
+    codes = []
+    for out, delay, proc in procs:
+        _, err = proc.communicate(timeout=300)
+        codes.append(proc.returncode)
+        if proc.returncode == 0:
+            assert mgjax.load_pretrained(out).config.lm == mgjax.load_pretrained(SRC).config.lm
+            continue
+        assert proc.returncode == 130, (delay, err[-2000:])
+        assert err == "mgjax convert: interrupted; nothing half-written was left\n", (delay, err[-2000:])
+        assert not out.exists() and not (tmp_path / f".out{delay}.partial").exists()
+    assert codes[0] == 130  # at 0.1 s the command is still importing
