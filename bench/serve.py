@@ -44,9 +44,20 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def server_means(url: str) -> dict:
+    """The server's own TTFT and latency (sum, count) from its /metrics: from a request's arrival, without the
+    clients' side."""
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=60) as r:
+        metrics = dict(line.rsplit(" ", 1) for line in r.read().decode().splitlines() if not line.startswith("#"))
+    return {k: (float(metrics[f"mgjax_{k}_seconds_sum"]), float(metrics[f"mgjax_{k}_seconds_count"]))
+            for k in ("time_to_first_token", "request_latency")}
+
+
 def run_load(url: str, n: int, clients: int, max_tokens: int, image: str) -> dict:
     """`n` streamed requests from `clients` threads (request i asks question i): per-request answers, TTFT
-    (first chunk with text), latency; wall time."""
+    (first chunk with text), latency; wall time; the server's mean TTFT and latency."""
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=600)
@@ -66,10 +77,16 @@ def run_load(url: str, n: int, clients: int, max_tokens: int, image: str) -> dic
                 parts.append(chunk.choices[0].delta.content)
         latency[i], answers[i], tokens[i] = time.perf_counter() - t0, "".join(parts), len(parts)
 
+    errors: list[str] = []
+
     def worker(k: int) -> None:
         for i in range(k, n, clients):
-            ask(i)
+            try:
+                ask(i)
+            except Exception as e:  # counted: a lost request is a result too
+                errors.append(f"request {i}: {type(e).__name__}: {e}")
 
+    before = server_means(url)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
     for t in threads:
@@ -77,8 +94,12 @@ def run_load(url: str, n: int, clients: int, max_tokens: int, image: str) -> dic
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"clients": clients, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
+    after = server_means(url)
+    server = {k: (after[k][0] - before[k][0]) / max(after[k][1] - before[k][1], 1) for k in after}
+    return {"server_ttft_mean_s": server["time_to_first_token"], "server_latency_mean_s": server["request_latency"],
+            "clients": clients, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
             "first_latency_s": latency[0], "tokens_per_s": sum(tokens) / wall, "tokens": sum(tokens),
+            "errors": errors,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p90_s": percentile(ttft, 0.9),
             "latency_p50_s": percentile(latency, 0.5), "latency_p90_s": percentile(latency, 0.9),
             "latency_p99_s": percentile(latency, 0.99), "answers": answers}
@@ -111,16 +132,16 @@ def main(argv=None) -> int:
           f"request on the fresh server took {rows[0]['first_latency_s'] * 1e3:.0f} ms; {args.max_tokens} tokens per "
           "answer, one image, streamed")
     print(f"{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p90':>8}"
-          f"{'latency p50':>12}{'p90':>8}{'p99':>8}  equal")
+          f"{'latency p50':>12}{'p90':>8}{'p99':>8}{'server TTFT':>12}{'latency':>9}  equal")
     for r in rows:
         print(f"{r['clients']:>8}{r['requests']:>9}{r['wall_s']:>8.2f}{r['requests_per_s']:>8.1f}"
               f"{r['tokens_per_s']:>8.0f}{r['ttft_p50_s'] * 1e3:>8.0f}ms{r['ttft_p90_s'] * 1e3:>6.0f}ms"
               f"{r['latency_p50_s'] * 1e3:>10.0f}ms{r['latency_p90_s'] * 1e3:>6.0f}ms{r['latency_p99_s'] * 1e3:>6.0f}ms"
-              f"  {r['equal_to_alone']}")
+              f"{r['server_ttft_mean_s'] * 1e3:>10.0f}ms{r['server_latency_mean_s'] * 1e3:>7.0f}ms"
+              f"  {r['equal_to_alone']}" + (f"  ({len(r['errors'])} failed)" if r["errors"] else ""))
     base = rows[0]
     for r in rows[1:]:
-        same = [x for x in rows if x["clients"] == r["clients"]][0]
-        r["speedup_vs_one_by_one"] = (same["requests"] / same["wall_s"]) / (base["requests"] / base["wall_s"])
+        r["speedup_vs_one_by_one"] = r["requests_per_s"] / base["requests_per_s"]
         r["ttft_p50_vs_alone"] = r["ttft_p50_s"] / base["ttft_p50_s"]
         print(f"{r['clients']} clients: {r['speedup_vs_one_by_one']:.1f}x the requests/s of one by one, "
               f"TTFT p50 {r['ttft_p50_vs_alone']:.1f}x its alone value")

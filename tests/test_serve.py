@@ -217,6 +217,8 @@ def test_overload_timeout_and_hang_up_free_their_slots(served):
     engine = server.engine
     limit, timeout = server.max_concurrent, server.timeout_s
     try:
+        # an answered request leaves the count just after its client has the reply
+        _until(lambda: server.inflight == 0, "a request of an earlier test is still counted")
         server.max_concurrent = 1
         conn, resp = _open_stream(url, max_tokens=380)
         req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(_ask("hi", False)).encode())
