@@ -26,10 +26,11 @@ from bench.children import ROOT, child, run_child  # noqa: E402
 OUT = ROOT / "bench" / "results" / "tpu.json"
 # stage 2 on a reference slice per size, the configs as released, then the variants that fit where they do not
 TRAIN = [("MGM-7B", "v5p-64", []), ("MGM-34B-HD", "v5p-64", []), ("MGM-8x7B-HD", "v5p-64", []),
-         ("MGM-34B-HD", "v5p-64", ["micro_batch=4"]), ("MGM-8x7B-HD", "v5p-64", ["micro_batch=4"]),
-         ("MGM-2B", "v5p-16", []), ("MGM-7B-HD", "v5p-64", []), ("MGM-8B", "v5p-64", []),
-         ("MGM-8B-HD", "v5p-64", []), ("MGM-13B", "v5p-64", []), ("MGM-13B-HD", "v5p-64", []),
-         ("MGM-34B", "v5p-64", []), ("MGM-8x7B", "v5p-64", [])]
+         ("MGM-34B-HD", "v5p-64", ["micro_batch=4"]), ("MGM-2B", "v5p-16", []), ("MGM-7B-HD", "v5p-64", []),
+         ("MGM-8B", "v5p-64", []), ("MGM-8B-HD", "v5p-64", []), ("MGM-13B", "v5p-64", []),
+         ("MGM-13B-HD", "v5p-64", []), ("MGM-34B", "v5p-64", []), ("MGM-8x7B", "v5p-64", []),
+         # the largest two on half the slice: is v5p-64 the smallest that fits?
+         ("MGM-8x7B-HD", "v5p-32", []), ("MGM-34B-HD", "v5p-32", ["micro_batch=4"])]
 # batch-32 eval at the longest budget: (slice, mesh) tried in order until one fits; one host's chips (each
 # host answers its own share). tensor=-1 (the weights stay put while decoding) leaves the towers' maps of all 32
 # images on every chip: it fits no v5e slice even for MGM-2B (22 GB per chip; bench/results/tpu.json), so the
