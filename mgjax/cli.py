@@ -758,36 +758,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
     """Runs one `mgjax` command and returns its exit status: 0, 2 (bad input, one line on stderr), 130 / 143
-    (Ctrl-C / SIGTERM). With `exit_on_signal` (the `mgjax` command itself) an interrupted process exits
-    there and then: the work it stopped may hold half-built objects (an asyncio loop inside Orbax, say)
-    whose finalizers would print tracebacks as the exception is dropped; the outputs are already clean.
-    The signals are handled from the first line on: one that lands while the parser or a command imports
-    JAX ends the same way."""
-    given = sys.argv[1:] if argv is None else argv
-    name = next((a for a in given if not a.startswith("-")), "")  # the command, before the parser knows it
+    (Ctrl-C / SIGTERM, `interrupt.stopped`; with `exit_on_signal`, the `mgjax` command itself, the process
+    exits there and then). The signals are handled from the first line on: one that lands while the parser
+    or a command imports JAX ends the same way."""
+    name = interrupt.command_name(sys.argv[1:] if argv is None else argv)
     try:
         with interrupt.handled():
             args = build_parser().parse_args(argv)
             name = args.command
             return args.func(args)
     except (KeyboardInterrupt, interrupt.Terminated) as e:
-        what, code = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("terminated", 143)
-        print(f"mgjax {name}: {what}; nothing half-written was left", file=sys.stderr)
-        if exit_on_signal:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        return code
+        return interrupt.stopped(e, name, exit_on_signal)
     except MGJaxError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"mgjax {name}: error: {message}", file=sys.stderr)
         return 2
-
-
-def command() -> None:
-    """The `mgjax` console command."""
-    sys.exit(main(exit_on_signal=True))
-
-
-if __name__ == "__main__":
-    command()

@@ -72,3 +72,22 @@ def check() -> None:
     """Raises the signal received under `handled()`, if any: call it before making work final."""
     if _received:
         raise _received[-1]
+
+
+def command_name(argv: list[str]) -> str:
+    """The `mgjax` command's subcommand in `argv`, before the parser has read it."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def stopped(e: BaseException, name: str, exit_now: bool) -> int:
+    """The one line of a command a signal stopped, and its exit status (130 Ctrl-C, 143 SIGTERM). With
+    `exit_now` the process ends there and then: the work it stopped may hold half-built objects (an asyncio
+    loop inside Orbax, say) whose finalizers would print tracebacks as the exception is dropped; the outputs
+    are already clean."""
+    what, code = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("terminated", 143)
+    print(f"mgjax {name}: {what}; nothing half-written was left", file=sys.stderr)
+    if exit_now:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
