@@ -117,11 +117,34 @@ def _batched_equals_alone(model: Pretrained, **kw):
     return batch
 
 
+def _engine_equals(model: Pretrained, batch):
+    """The continuous-batching engine (`mgjax serve`'s) on `_prompts` with two slots for three prompts (rows at
+    different cache slots and positions, joining and leaving the batch; 256 cache slots: the blocked cache
+    attention): each answer's tokens are `batch`'s row, which is what `generate` gives it alone."""
+    from mgjax.infer.engine import Engine, Request
+
+    ids, images = _prompts(model.config, model.config.lm.vocab_size)
+    engine = Engine(model, slots=2, context=256).start(warm=False)
+    try:
+        requests = [Request(np.asarray(x, np.int32), im, aux, max_tokens=6) for x, (im, aux) in zip(ids, images)]
+        for r in requests:
+            engine.submit(r)
+        for r in requests:
+            while r.events.get(timeout=300)[0] != "done":
+                pass
+    finally:
+        engine.stop()
+    for row, r in enumerate(requests):
+        assert r.tokens == batch.token_ids[row][:len(r.tokens)].tolist() and r.answer == batch.text[row]
+        assert len(r.tokens) == 6 or r.finish_reason == "stop"
+
+
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_a_batch_row_equals_that_prompt_alone(kind, tokenizers):
+def test_a_batch_row_and_a_serving_engine_row_equal_that_prompt_alone(kind, tokenizers):
     """Mixed prompt lengths, two images in one row, a text-only row: each row's tokens, text and scores are
-    what it gets alone (another batch size, another prompt length bucket)."""
-    _batched_equals_alone(_model(kind, tokenizers[kind]))
+    what it gets alone (another batch size, another prompt length bucket); so are the serving engine's."""
+    model = _model(kind, tokenizers[kind])
+    _engine_equals(model, _batched_equals_alone(model))
 
 
 def test_beam_search_rows_equal_alone(tokenizers):
@@ -144,8 +167,8 @@ def test_beam_search_rows_equal_alone(tokenizers):
 
 
 def test_scanned_layers_and_a_mesh_generate_the_same(tokenizers):
-    """Scanned layers (one stacked cache) and a (data, fsdp, tensor) mesh (Gemma's single KV head over a
-    tensor axis of 2) give the per-layer single-device tokens."""
+    """Scanned layers (one stacked cache; the serving engine's too) and a (data, fsdp, tensor) mesh (Gemma's
+    single KV head over a tensor axis of 2) give the per-layer single-device tokens."""
     ref = _batched_equals_alone(_model("gemma", tokenizers["gemma"]))
     base = _model("gemma", tokenizers["gemma"])
     layers = [base.params["llm"].pop(f"layers_{i}") for i in range(base.config.lm.num_layers)]
@@ -157,6 +180,7 @@ def test_scanned_layers_and_a_mesh_generate_the_same(tokenizers):
     ids, images = _prompts(base.config, base.config.lm.vocab_size)
     args = (ids, np.concatenate([i for i, _ in images]), np.concatenate([a for _, a in images]))
     np.testing.assert_array_equal(scanned.generate(*args, max_new_tokens=6).token_ids, ref.token_ids)
+    _engine_equals(scanned, ref)  # the engine's cache rows written into a stacked (scanned) cache
     sharded = _model("gemma", tokenizers["gemma"], mesh=(2, 2, 2, 1))
     np.testing.assert_array_equal(sharded.generate(*args, max_new_tokens=6).token_ids, ref.token_ids)
 
@@ -316,29 +340,3 @@ def test_chat_turns_and_the_image_prompt(monkeypatch, capsys):
     assert generation_prompt("Here: <h>a red fox</h> or <h> a cat\nin snow </h>.") == "a cat\nin snow"
     assert generation_prompt("no prompt") is None
 
-
-@pytest.mark.parametrize("kind,scan", [(k, False) for k in FAMILIES] + [("gemma", True)])
-def test_the_serving_engine_answers_each_prompt_as_alone(kind, scan, tokenizers):
-    """The continuous-batching engine (`mgjax serve`'s) on every family and a scanned (stacked) cache: more
-    prompts than slots, mixed lengths, image counts and budgets; each answer's tokens are what `generate`
-    gives its prompt alone (rows at different cache slots and positions, joining and leaving the batch)."""
-    from mgjax.infer.engine import Engine, Request
-
-    model = _model(kind, tokenizers[kind], scan=scan)
-    ids, images = _prompts(model.config, model.config.lm.vocab_size)
-    settings = [{"max_tokens": 6}, {"max_tokens": 4}, {"max_tokens": 5}]  # samplers: tests/test_serve.py
-    engine = Engine(model, slots=2, context=256).start(warm=False)  # 256: the blocked cache attention
-    try:
-        requests = [Request(np.asarray(x, np.int32), im, aux, **s) for x, (im, aux), s in zip(ids, images, settings)]
-        for r in requests:
-            engine.submit(r)
-        for r in requests:
-            while r.events.get(timeout=300)[0] != "done":
-                pass
-    finally:
-        engine.stop()
-    for r, x, (im, aux), s in zip(requests, ids, images, settings):
-        # output_scores: the program `_batched_equals_alone` compiled
-        alone = model.generate([x], im, aux, max_new_tokens=s["max_tokens"], output_scores=True)
-        n = int(alone.lengths[0])
-        assert r.tokens == alone.token_ids[0][:n].tolist() and r.answer == alone.text[0], kind

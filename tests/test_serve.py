@@ -72,14 +72,14 @@ def _alone(model, question: str, image: bool = True, max_tokens: int = 256, **kw
 
 def test_concurrent_mixed_requests_share_steps_and_answer_as_alone(served):
     """More requests than slots, with different budgets, samplers and stops: every answer (text, finish
-    reason, token counts) is what `generate` gives its prompt alone, and the rows shared decode steps."""
+    reason, token counts) is what `generate` gives its prompt alone, and the rows shared decode steps
+    (text-only prompts and every family: tests/test_generate.py)."""
     model, url, server = served
     alone_text = _alone(model, "Describe the colours.", max_tokens=12)[1].text[0]
     stop = next(alone_text[i:i + 2] for i in range(3, len(alone_text)) if alone_text[i:i + 2].strip())
     cases = [("What is unusual about this image?", True, {"max_tokens": 5}),
              ("Describe the colours.", True, {"max_tokens": 12, "stop": [stop]}),
              ("What is the man doing?", True, {"max_tokens": 9, "temperature": 0.8, "top_p": 0.9, "seed": 7}),
-             ("Say hello.", False, {"max_tokens": 7}),
              ("Where is this?", True, {"max_tokens": 11, "temperature": 1.3, "top_k": 20, "seed": 3}),
              ("Count the cars.", True, {"max_tokens": 6})]
     before = dict(server.engine.stats)
