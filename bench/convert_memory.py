@@ -3,7 +3,7 @@
 Writes a synthetic checkpoint shaped exactly like a released MGM model (default MGM-7B: Vicuna-7B +
 CLIP ViT-L/14-336 + ConvNeXt-L, ~15 GB of random bf16 in ~5 GB indexed safetensors shards, with the
 released tensor names, including the tensors mgjax ignores: CLIP's last encoder layer and its
-post-LayerNorm), then runs `python -m mgjax.cli convert SRC OUT --dtype bfloat16 --towers-from-checkpoint`
+post-LayerNorm), then runs `python -m mgjax convert SRC OUT --dtype bfloat16 --towers-from-checkpoint`
 in a child process (per-layer layout, then `--scan-layers` unless `--skip-scan`) and reports, per layout:
 
   wall s          child's wall time (interpreter start and imports included)
@@ -280,7 +280,7 @@ def run_convert(src: Path, out: Path, scan: bool, dtype: str, trace: bool) -> di
     else:
         trace_file = None
         # No tower folders here: the synthetic checkpoint's tower copies stand in for them.
-        cmd = [sys.executable, "-m", "mgjax.cli", "convert", str(src), str(out), "--dtype", dtype,
+        cmd = [sys.executable, "-m", "mgjax", "convert", str(src), str(out), "--dtype", dtype,
                "--towers-from-checkpoint"]
         if scan:
             cmd.append("--scan-layers")
@@ -423,7 +423,7 @@ def verify(src: str, out: str, n: str = "16") -> None:
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    # The mgjax of this checkout (what `python -m mgjax.cli` with cwd=ROOT runs), not an installed one.
+    # The mgjax of this checkout (what `python -m mgjax` with cwd=ROOT runs), not an installed one.
     sys.path.insert(0, str(ROOT))
     if argv[:1] == ["_child"]:
         child(*argv[1:])

@@ -51,7 +51,7 @@ def test_check_cluster_with_environment_variables():
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_XLA}",
                "JAX_PLATFORMS": "cpu", "MGJAX_COORDINATOR": f"127.0.0.1:{port}", "MGJAX_NUM_PROCESSES": "2",
                "MGJAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "mgjax.cli", "check-cluster"], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "mgjax", "check-cluster"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
