@@ -180,6 +180,8 @@ def main(argv=None) -> int:
                 train = args.hlo_dir and spec["kind"] == "train"
                 hlo = {"hlo_file": str(Path(args.hlo_dir) / _hlo_name(spec))} if train else {}
                 r = run_child(__file__, spec["kind"], {**spec, **hlo}, dict(os.environ), ("name", "slice"))
+                if out.is_file():  # read again: another run (--kind train beside --kind eval) may have added rows
+                    results = json.loads(out.read_text())
                 results["rows"] = [x for x in results["rows"] if x["spec"] != spec] + \
                     [{"spec": spec, "command": " ".join(command(spec)), "result": r}]
                 out.parent.mkdir(parents=True, exist_ok=True)
