@@ -152,6 +152,13 @@ def test_decompression_bomb_is_an_error(tmp_path, monkeypatch):
         load_image(path)
 
 
+def test_an_empty_image_is_an_error():
+    """0 x N pixels (an array, or PIL's own empty image): PIL would resize it without a word."""
+    for image in (np.zeros((0, 5, 3), np.uint8), np.zeros((4, 0), np.uint8), Image.new("RGB", (0, 0))):
+        with pytest.raises(MGJaxError, match="an empty image"):
+            load_image(image)
+
+
 # --- paths and the tokenizer ----------------------------------------------------------------------
 
 def test_relative_path_survives_chdir(tmp_path, monkeypatch):

@@ -51,8 +51,10 @@ def clip_process(img: Image.Image, size: int) -> np.ndarray:
 
 
 def _check_size(w: int, h: int, what: str) -> None:
-    """PIL's decompression-bomb limit, as an error for every kind of input (PIL itself only warns
-    below twice the limit, and never checks images built in memory)."""
+    """An empty image, or PIL's decompression-bomb limit, as an error for every kind of input (PIL itself
+    only warns below twice the limit, and never checks images built in memory)."""
+    if w < 1 or h < 1:  # PIL opens and resizes these without a word; the pixels would be garbage
+        raise MGJaxError(f"{what}: {w} x {h} pixels, an empty image; pass an image with pixels")
     limit = Image.MAX_IMAGE_PIXELS
     if limit and w * h > limit:
         raise MGJaxError(f"{what}: {w} x {h} = {w * h} pixels exceeds the limit of {limit} (a decompression bomb, "
