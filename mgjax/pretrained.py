@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -74,6 +75,13 @@ def _stops(tokenizer, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str,
     """(token ids, strings): each stop that is one token of the vocabulary is checked on device as that id (a
     row ends there at once), and every stop that is not a special token on the decoded text too, since other
     tokens can spell it ("an" inside "ang"); the tokenizer's eos always stops."""
+    return _stop_sets(tokenizer, tuple(stops))
+
+
+@functools.lru_cache(maxsize=256)
+def _stop_sets(tokenizer, stops: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    # cached: the vocabulary dict is rebuilt by every get_vocab() (256k entries for Gemma), and a server
+    # or an evaluation asks for the same stops with every request or batch
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     texts = []
     vocab, special = tokenizer.get_vocab(), set(tokenizer.all_special_tokens)

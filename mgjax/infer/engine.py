@@ -54,6 +54,7 @@ class Request:
     events: queue.Queue = field(default_factory=queue.Queue)
     # filled in by the engine
     length: int = 0  # merged prompt tokens
+    bucket: int = 0  # the length its prompt is padded (and prefilled) to, `length_bucket`
     stops: tuple = ((), ())  # (token ids, strings), `pretrained._stops`
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # what has been sent as deltas
@@ -156,7 +157,7 @@ class Engine:
         """Prefills requests of one length bucket into `rows` together, the batch padded to a power of two
         (so that a few programs serve every count) by repeating the last request into the last row:
         (first tokens, next positions) [len(reqs)]."""
-        bucket = length_bucket(reqs[0].length, self.model.config.max_length)
+        bucket = reqs[0].bucket
         k = 1 << (len(reqs) - 1).bit_length()
         reqs, rows = reqs + [reqs[-1]] * (k - len(reqs)), rows + [rows[-1]] * (k - len(rows))
         images = np.concatenate([r.images for r in reqs])
@@ -177,7 +178,8 @@ class Engine:
     # --- requests --------------------------------------------------------------------------------------
 
     def check(self, req: Request) -> None:
-        """Raises MGJaxError (the client's 400) for a request the engine cannot run; sets its length."""
+        """Raises MGJaxError (the client's 400) for a request the engine cannot run; sets its length and
+        bucket."""
         m = self.model
         if req.max_tokens < 1 or req.top_k < 0 or not 0.0 < req.top_p <= 1.0 or req.temperature < 0:
             raise MGJaxError(f"max_tokens {req.max_tokens} must be >= 1, top_k {req.top_k} >= 0, top_p {req.top_p} "
@@ -186,13 +188,12 @@ class Engine:
             raise MGJaxError(f"seed {req.seed} must be in 0 .. 2**32 - 1")
         ids, _, req.images, req.images_aux, req.length = m._check_inputs(req.ids[None], req.images, req.images_aux,
                                                                         None, False)
-        req.ids = ids[0]
-        bucket = length_bucket(req.length, m.config.max_length)
-        if bucket + req.max_tokens > self.context:
-            raise MGJaxError(f"the prompt ({req.length} tokens with its images, compiled as {bucket}) and max_tokens "
-                             f"{req.max_tokens} do not fit the server's context of {self.context} tokens per "
-                             f"request: ask for at most {self.context - bucket} tokens (or start the server with a "
-                             "larger --context)")
+        req.ids, req.bucket = ids[0], length_bucket(req.length, m.config.max_length)
+        if req.bucket + req.max_tokens > self.context:
+            raise MGJaxError(f"the prompt ({req.length} tokens with its images, compiled as {req.bucket}) and "
+                             f"max_tokens {req.max_tokens} do not fit the server's context of {self.context} tokens "
+                             f"per request: ask for at most {self.context - req.bucket} tokens (or start the server "
+                             "with a larger --context)")
 
     def submit(self, req: Request) -> None:
         self.check(req)
@@ -235,7 +236,7 @@ class Engine:
                           np.int32)
             if bucket > c.tokens_per_image:
                 ids[0] = -200
-            warm = Request(ids, images, images_aux, 1, length=bucket)
+            warm = Request(ids, images, images_aux, 1, length=bucket, bucket=bucket)
             k = 1
             while k < 2 * self.slots:  # every batch of new requests the loop may prefill together
                 self._prefill([warm] * k, [min(i, self.slots - 1) for i in range(k)])
@@ -273,7 +274,7 @@ class Engine:
                     taken.append(req)
         groups: dict[int, list[Request]] = collections.defaultdict(list)
         for req in taken:
-            groups[length_bucket(req.length, self.model.config.max_length)].append(req)
+            groups[req.bucket].append(req)
         for reqs in groups.values():
             rows, free = free[:len(reqs)], free[len(reqs):]
             try:
@@ -285,7 +286,7 @@ class Engine:
                 continue
             for req, row, token, position in zip(reqs, rows, tokens, positions):
                 self.rows[row] = req
-                self.position[row], self.index[row] = position, length_bucket(req.length, self.model.config.max_length)
+                self.position[row], self.index[row] = position, req.bucket
                 self.seed[row], self.step[row] = np.uint32(req.seed), 1
                 self.temperature[row], self.top_k[row], self.top_p[row] = req.temperature, req.top_k, req.top_p
                 self._emit(row, int(token))
