@@ -760,7 +760,7 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
     """Runs one `mgjax` command and returns its exit status: 0, 2 (bad input, one line on stderr), 130 / 143
     (Ctrl-C / SIGTERM, `interrupt.stopped`; with `exit_on_signal`, the `mgjax` command itself, the process
     exits there and then). The signals are handled from the first line on: one that lands while the parser
-    or a command imports JAX ends the same way."""
+    or a command imports JAX ends the same way. A full disk (`DiskFull`) exits 1, with one line too."""
     name = interrupt.command_name(sys.argv[1:] if argv is None else argv)
     try:
         with interrupt.handled():
@@ -772,4 +772,4 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
     except MGJaxError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"mgjax {name}: error: {message}", file=sys.stderr)
-        return 2
+        return e.exit_code

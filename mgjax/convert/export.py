@@ -150,8 +150,8 @@ def _export(ckpt: Path, weights: _Weights, out: str | os.PathLike, dtype: str | 
         size += nbytes
 
     total_bytes = sum(int(np.prod(shape)) for u in units for _, shape in u[2]) * dt.itemsize
-    with atomic_output(out, overwrite) as tmp, Progress(f"export {ckpt.name}", len(units), total_bytes,
-                                                        "parameters") as progress:
+    with atomic_output(out, overwrite, needs=lambda: total_bytes) as tmp, \
+            Progress(f"export {ckpt.name}", len(units), total_bytes, "parameters") as progress:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

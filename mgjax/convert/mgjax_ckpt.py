@@ -17,7 +17,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from mgjax.convert.names import ParamSpec
 from mgjax.convert.source import Source, open_source
 from mgjax.data.templates import get_template
 from mgjax.data.tokenize import checkpoint_template
-from mgjax.errors import MGJaxError
+from mgjax.errors import MGJaxError, no_space, stop_when_full
 from mgjax.model import MGM, abstract_params
 from mgjax.progress import Progress
 
@@ -43,11 +43,19 @@ SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "spe
 
 
 @contextmanager
-def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(out: Path, overwrite: bool = False, *, needs: Callable[[], int]) -> Iterator[Path]:
     """A temporary folder beside `out`, renamed to `out` only when the body completes: an interruption
     at any moment (Ctrl-C, SIGTERM, an error) leaves `out` absent, or as it was, never half-written, and
-    the same command can simply be re-run (a stale temporary folder from a killed run is replaced)."""
+    the same command can simply be re-run (a stale temporary folder from a killed run is replaced). A disk
+    that fills up stops it with `DiskFull`, naming `out` and `needs()`, about the bytes the output takes."""
     out = Path(out)
+    with stop_when_full(out, needs, "nothing half-written is left: free space and run the same command again"), \
+            _atomic_output(out, overwrite) as tmp:
+        yield tmp
+
+
+@contextmanager
+def _atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise MGJaxError(f"{out} exists and is a file; choose a folder path for the output")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -61,6 +69,8 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp)
         tmp.mkdir()
     except OSError as e:
+        if no_space(e) is not None:  # reported by atomic_output
+            raise
         raise MGJaxError(f"{out}: cannot write the output there ({e.strerror or e}); choose a writable "
                          "folder") from None
     try:
@@ -140,8 +150,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfl
     shapes = abstract_params(MGM(config, dtype=dt, param_dtype=dt))
     specs = source.plan(shapes)
     total = sum(int(np.prod(s.shape)) for s in specs) * dt.itemsize
-    with atomic_output(out, overwrite) as tmp, Progress(f"convert {src.name}", len(specs), total,
-                                                        "parameters") as progress:
+    with atomic_output(out, overwrite, needs=lambda: total) as tmp, \
+            Progress(f"convert {src.name}", len(specs), total, "parameters") as progress:
         save_streaming(tmp / PARAMS, _groups(source, specs, dt, progress))
         for name in SIDE_FILES:
             for folder in (src, source.tokenizer_dir):

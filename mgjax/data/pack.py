@@ -55,6 +55,11 @@ def _read_images(record: dict, root: Path) -> list[bytes]:
     return out
 
 
+def _image_bytes(records: list[dict], root: Path) -> int:
+    """About what packing `records` writes: their image files, which are stored as they are."""
+    return sum((root / name).stat().st_size for r in records for name in r["images"] if (root / name).is_file())
+
+
 def _write_tfds_metadata(folder: Path, shard_lengths: list[int], num_bytes: int) -> None:
     """dataset_info.json + features.json, so that TFDS reads the shards (its numpy path needs no TensorFlow)."""
     import tensorflow_datasets as tfds
@@ -86,9 +91,9 @@ def pack(json_path: str | os.PathLike, image_root: str | os.PathLike, out: str |
     if shard_size < 1:
         raise MGJaxError(f"shard size {shard_size}: must be a positive number of records")
     bad = BadRecords(f"pack {json_path}")
+    records = list(read_records(json_path, bad))
     lengths, shard_lengths, total_bytes = [], [], 0
-    with atomic_output(out, overwrite) as tmp:
-        records = list(read_records(json_path, bad))
+    with atomic_output(out, overwrite, needs=lambda: _image_bytes(records, root)) as tmp:
         progress = Progress(f"pack {Path(json_path).name}", len(records), unit="records")
         writer = None
         for record in records:

@@ -1,10 +1,11 @@
 """Answering a benchmark's question file in jitted batches, into the LLaVA answer JSONL the official
 scorers read: one line `{question_id, prompt, text, answer_id, model_id, metadata}` per question.
 
-Resumable: answers are appended and flushed batch by batch; a re-run skips the questions already
-answered (a line cut short by a kill is dropped). A question_id may appear more than once (LLaVA's TextVQA
-file uses the image id, shared by the questions on one image): the k-th answer with an id answers the k-th
-question with it. Several hosts split the questions (host i takes every n-th) and each writes its own part
+Resumable: answers are appended batch by batch, each batch whole or not at all (a disk that fills up
+midway stops the run with `DiskFull`, the file as it was before the batch); a re-run skips the questions
+already answered (a line cut short by a kill is dropped). A question_id may appear more than once (LLaVA's
+TextVQA file uses the image id, shared by the questions on one image): the k-th answer with an id answers
+the k-th question with it. Several hosts split the questions (host i takes every n-th) and each writes its own part
 file, merged by host 0 at the end in question order. Each host runs its model on its own devices (a mesh
 over its local devices, or none).
 """
@@ -23,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from mgjax.errors import MGJaxError
+from mgjax.errors import MGJaxError, stop_when_full
 from mgjax.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,8 @@ def run(model, bench: Bench, questions: list[dict], image_root: str | os.PathLik
         else:
             todo.append(q)
     model_id = model_id or Path(model.path).name
-    with open(path, "a") as f, Progress(f"eval {bench.name}", len(mine), unit="questions", done=len(mine) - len(todo)) \
-            as bar:
+    with open(path, "ab", buffering=0) as f, Progress(f"eval {bench.name}", len(mine), unit="questions",
+                                                      done=len(mine) - len(todo)) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             texts = [bench.preset(q) for q in batch]
@@ -164,13 +165,29 @@ def run(model, bench: Bench, questions: list[dict], image_root: str | os.PathLik
                                         seed=len(mine) - len(todo) + start, truncate=True)
                 answers = iter(result.text)
                 texts = [next(answers) if t is None else t for t in texts]
-            for q, text in zip(batch, texts):
-                f.write(json.dumps({"question_id": q["question_id"], "prompt": bench.prompt(q), "text": text,
-                                    "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {},
-                                    **bench.answer_fields(q)}) + "\n")
-            f.flush()
+            lines = "".join(json.dumps({"question_id": q["question_id"], "prompt": bench.prompt(q), "text": text,
+                                        "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {},
+                                        **bench.answer_fields(q)}) + "\n" for q, text in zip(batch, texts)).encode()
+            left = len(todo) - start  # questions without an answer yet, this batch's included
+            with stop_when_full(path, lambda: len(lines) * left // len(batch),
+                                f"its {len(mine) - left} answers are whole: free space and run the same command "
+                                "to answer the rest"):
+                _append(f, lines)
             bar.update(len(batch))
     return path
+
+
+def _append(f, data: bytes) -> None:
+    """Writes `data` at the end of the unbuffered file `f`, or on an error (a disk full midway) nothing: what
+    a write got in is cut off again, so that the file holds whole lines, usable as they are."""
+    end = f.seek(0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:  # a write stops short when the space runs out; the next one raises
+            view = view[f.write(view):]
+    except OSError:
+        f.truncate(end)
+        raise
 
 
 def merge_parts(questions: list[dict], out: str | os.PathLike, process_count: int) -> Path:
@@ -187,8 +204,14 @@ def merge_parts(questions: list[dict], out: str | os.PathLike, process_count: in
     if None in merged:
         qid = questions[merged.index(None)]["question_id"]
         raise MGJaxError(f"question {qid!r} has no answer in the part files of {out}")
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text("".join(line + "\n" for line in merged))
+    tmp, text = out.with_name(out.name + ".partial"), "".join(line + "\n" for line in merged).encode()
+    with stop_when_full(out, lambda: len(text), "the part files are kept: free space and run the same command "
+                        "to merge them"):
+        try:
+            tmp.write_bytes(text)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
     tmp.replace(out)
     for i in range(process_count):
         part_path(out, i, process_count).unlink()
