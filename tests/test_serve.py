@@ -1,11 +1,13 @@
 """`mgjax serve`: OpenAI chat completions over the continuous-batching engine. Requests join the running batch
 and leave it as they end, each answer what its prompt gives alone (`Pretrained.generate`); streams send one
 event per token; bad requests get 400 with the reason; overload 429, timeouts 504, hang-ups free their slot,
-SIGTERM drains; /health, /metrics and the chat page (in a real headless Chromium)."""
+SIGTERM drains; 64 clients against a limit of 16 each get an answer or a 429; /health, /metrics and the chat
+page (in a real headless Chromium)."""
 
 from __future__ import annotations
 
 import base64
+import gc
 import http.client
 import io
 import json
@@ -13,6 +15,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,6 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -55,6 +60,25 @@ def _post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
 
 def _image_url(data: bytes, kind: str = "jpeg") -> str:
     return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def _png(width: int, height: int) -> bytes:
+    """A 1-bit grey PNG whose header says width x height, its data one row of zeros: PIL sizes an image by its
+    header, so it refuses a decompression bomb (what a few KB of zeros inflate to) before decoding a row."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(1 + (width + 7) // 8))) + chunk(b"IEND", b""))
+
+
+# a Windows metafile whose frame is 0 x 0: PIL opens a metafile by its header, and would read it without pixels
+EMPTY_WMF = b"\xd7\xcd\xc6\x9a\0\0" + struct.pack("<4hH", 0, 0, 0, 0, 72) + bytes(6) + b"\x01\0\t\0" + bytes(14)
+
+
+def _with_image(data: bytes, kind: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, {
+        "type": "image_url", "image_url": {"url": _image_url(data, kind)}}]}]}
 
 
 def _ask(question: str, image: bool = True, **settings) -> dict:
@@ -184,14 +208,34 @@ def test_settled_text_never_sends_half_a_character_or_a_stop_prefix():
     ({"temperature": -1, "messages": [{"role": "user", "content": "hi"}]}, None, "'temperature'"),
     ({"max_tokens": 10_000, "messages": [{"role": "user", "content": "hi"}]}, None, "--context"),
     ({"stop": [3], "messages": [{"role": "user", "content": "hi"}]}, None, "'stop'"),
+    (_with_image(EMPTY_WMF, "wmf"), None, "0 x 0 pixels, an empty image"),
+    (_with_image(_png(0, 8), "png"), None, "cannot read the image"),  # PIL refuses a header of 0 x N itself
+    (_with_image(_png(10_000, 10_000), "png"), None, "decompression bomb"),  # over PIL's limit: its warning
+    (_with_image(_png(20_000, 20_000), "png"), None, "decompression bomb"),  # twice over: its error
 ])
 def test_bad_requests_get_400_with_the_reason(served, body, raw, culprit):
-    _, url, _ = served
-    status, reply = _post(url, body, raw)
+    """Each gets 400 naming what is wrong, while a client beside it asks again and again: each of its requests,
+    to the last, sent after the 400, gets its alone answer."""
+    model, url, _ = served
+    alone = _alone(model, "hi", False, 2)[1].text[0]
+    done, beside = threading.Event(), []
+
+    def ask_beside():
+        while True:
+            last = done.is_set()
+            beside.append(_post(url, _ask("hi", False, max_tokens=2)))
+            if last:
+                return
+
+    thread = threading.Thread(target=ask_beside)
+    thread.start()
+    try:
+        status, reply = _post(url, body, raw)
+    finally:
+        done.set()
+        thread.join()
     assert status == 400 and culprit in reply["error"]["message"], reply
-    # and the server still answers
-    status, reply = _post(url, {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
-    assert status == 200 and reply["object"] == "chat.completion"
+    assert all(s == 200 and r["choices"][0]["message"]["content"] == alone for s, r in beside), beside
 
 
 def _open_stream(url: str, max_tokens: int) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
@@ -235,10 +279,105 @@ def test_overload_timeout_and_hang_up_free_their_slots(served):
         status, reply = _post(url, _ask("Tell me everything.", max_tokens=380))
         assert status == 504 and "timeout of 0.05 s" in reply["error"]["message"], reply
         _until(lambda: engine.active == 0, "the timed-out request kept its slot")
+        # a client that stops sending mid-body: 408 once the timeout has passed, and it is no longer counted
+        with socket.create_connection(server.address[:2], timeout=30) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            reply = s.makefile("rb").read()
+        assert reply.split()[1] == b"408" and b"body did not arrive within" in reply, reply
+        _until(lambda: server.inflight == 0, "the stalled request is still counted")
     finally:
         server.max_concurrent, server.timeout_s = limit, timeout
     status, _ = _post(url, _ask("hi", False, max_tokens=2))
     assert status == 200
+
+
+def _rss() -> int:
+    """The resident memory of this process, which runs the server, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+
+def _live(kind: type) -> int:
+    """How many objects of `kind` this process holds."""
+    return sum(type(o) is kind for o in gc.get_objects())
+
+
+def _call(url: str, body: dict) -> tuple[int, dict, dict]:
+    """(status, headers, reply) of a chat request; a lost one (reset, no reply) raises."""
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def test_overload_of_64_clients_answers_or_refuses_each_and_recovers(served):
+    """64 clients at once, three times over, against --max-concurrent 16 (4 slots), every 8th with a body of
+    megabytes (as a photo's data URL is): each request gets its alone answer or a 429 with Retry-After, none
+    is lost; the counts, the engine's rows and queue go back to 0, no request outlives its reply and the
+    memory stops growing; a body over the server's limit gets 413; and the server answers as before."""
+    model, url, server = served
+    engine = server.engine
+    # four answers, of the length bucket the server compiled before it was ready (the bursts compile nothing),
+    # from prompts of two lengths (`generate` compiles one program per prompt length)
+    cases = [("hi", False), ("no", False), ("hi", True), ("no", True)]
+    alone = [_alone(model, question, image, 3)[1].text[0] for question, image in cases]
+    padding = {"padding": "x" * (4 << 20)}  # a key the server does not read: only the body's size changes
+    clients, rounds, limit = 64, 3, (server.max_concurrent, server.max_body)
+    _until(lambda: server.inflight == 0, "a request of an earlier test is still counted")
+    gc.collect()
+    live, counts, rss = _live(Request), dict(server.counts), [_rss()]
+    results = []
+    try:
+        server.max_concurrent = 16
+        for _ in range(rounds):
+            start = threading.Barrier(clients)
+
+            def client(i):
+                body = _ask(*cases[i % len(cases)], max_tokens=3, **(padding if i % 8 == 7 else {}))
+                start.wait()
+                try:
+                    results.append((i % len(cases), _call(url, body)))
+                except Exception as e:  # lost: a reset connection, no reply
+                    results.append((i % len(cases), e))
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            _until(lambda: server.inflight == 0 and engine.active == 0 and not engine.waiting,
+                   "a request of the burst is still counted, holds a row or waits")
+            rss.append(_rss())
+        server.max_body = 1 << 20
+        status, _, reply = _call(url, _ask(*cases[0], max_tokens=3, **padding))
+        assert status == 413 and "over the server's limit of 1048576 bytes" in reply["error"]["message"], reply
+    finally:
+        server.max_concurrent, server.max_body = limit
+    lost = [r for _, r in results if isinstance(r, Exception)]
+    assert len(results) == clients * rounds and not lost, lost[:3]
+    answered = refused = 0
+    for k, (status, headers, reply) in results:
+        if status == 429:
+            assert headers.get("Retry-After") == "1", headers
+            assert "limit of 16 concurrent requests" in reply["error"]["message"], reply
+            refused += 1
+        else:
+            assert status == 200 and reply["choices"][0]["message"]["content"] == alone[k], (status, reply)
+            answered += 1
+    # a round refuses only while 16 of its requests are in flight, so it answers at least 16
+    assert refused and answered >= 16 * rounds, (answered, refused)
+    assert server.counts["rejected_busy"] - counts["rejected_busy"] == refused
+    assert server.counts["requests"] - counts["requests"] == answered
+    assert server.counts["disconnects"] == counts["disconnects"]
+    gc.collect()
+    assert _live(Request) == live  # no request, with its images and events, outlives its reply
+    growth = [f"{(b - a) / 1e6:+.0f} MB" for a, b in zip(rss, rss[1:])]
+    assert rss[-1] - rss[0] < 200e6 and rss[-1] - rss[-2] < 50e6, growth
+    status, reply = _post(url, _ask(*cases[0], max_tokens=3))
+    assert status == 200 and reply["choices"][0]["message"]["content"] == alone[0]
 
 
 def test_health_metrics_warm_programs_and_draining(served):

@@ -76,6 +76,8 @@ def load_image(image: ImageLike) -> Image.Image:
                 img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else what)
                 _check_size(*img.size, what)
                 img.load()
+        except MGJaxError:  # _check_size's, which names the problem (an MGJaxError is a ValueError, caught below)
+            raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise MGJaxError(f"{what}: {e} Downscale it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you "
                              "trust it") from None

@@ -4,8 +4,10 @@ can evaluate a model; a chat page at `/`, `GET /health` and Prometheus `GET /met
 
 Every request joins the running batch as soon as a slot is free and leaves it when its answer ends, each
 answer what its prompt gives alone; `stream: true` sends one server-sent event per decoded token. A bad
-request gets HTTP 400 with the reason, one over `max_concurrent` 429, one that runs past `timeout_s` 504,
-and a client that hangs up frees its slot; nothing a client sends stops the server. `drain` (SIGTERM)
+request gets HTTP 400 with the reason, one over `max_concurrent` 429 with Retry-After, a body over `max_body`
+413, one whose body stalls past `timeout_s` 408 and one whose answer does 504, and a client that hangs up
+frees its slot; nothing a client sends stops the server, and what requests hold is bounded (`max_concurrent`
+of them, each a body of at most `max_body` bytes and images within PIL's pixel limit). `drain` (SIGTERM)
 answers what is in flight, refuses new requests (503) and returns.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import io
 import json
 import queue
@@ -148,9 +151,10 @@ class Server:
 
     def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
                  context: int | None = None, max_concurrent: int = 64, timeout_s: float = 600.0,
-                 model_id: str | None = None, allow_paths: bool = False, warm_text: int = 128):
+                 model_id: str | None = None, allow_paths: bool = False, warm_text: int = 128,
+                 max_body: int = 64 << 20):
         self.model, self.allow_paths = model, allow_paths
-        self.max_concurrent, self.timeout_s = max_concurrent, timeout_s
+        self.max_concurrent, self.timeout_s, self.max_body = max_concurrent, timeout_s, max_body
         self.model_id = model_id or Path(model.path).name
         self.engine = Engine(model, slots, context, warm_text)
         self.engine.on_token = self._on_token
@@ -282,6 +286,10 @@ class _Gone(Exception):
     """The client hung up."""
 
 
+class _Late(Exception):
+    """The request body did not arrive within the server's timeout (HTTP 408)."""
+
+
 def _hung_up(sock) -> bool:
     """Whether the client closed its side (readable, and nothing to read)."""
     try:
@@ -326,19 +334,30 @@ def _handler(server: Server):
                             "/metrics")
 
         def do_POST(self):  # noqa: N802
-            if self.path.rstrip("/") != "/v1/chat/completions":
-                self._error(404, f"no route {self.path}; POST /v1/chat/completions")
-                return
             arrived = time.monotonic()
+            deadline = arrived + server.timeout_s
             try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:  # where the body ends is unknown: nothing more is read
+                self._error(400, "the Content-Length header must be the body's size in bytes")
+                return
+            try:
+                if length > server.max_body:  # each request in flight holds its body: that bounds the memory
+                    raise _Refused(413, f"the request body of {length} bytes is over the server's limit of "
+                                   f"{server.max_body} bytes; send smaller images")
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    raise _Refused(404, f"no route {self.path}; POST /v1/chat/completions")
                 server.admit()
             except _Refused as e:
-                self._error(e.code, str(e), "rate_limit_error" if e.code == 429 else "server_error")
+                self._skip(length, deadline)
+                self._error(e.code, str(e), {429: "rate_limit_error", 503: "server_error"}.get(
+                    e.code, "invalid_request_error"))
                 return
             req = None
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"null")
+                body = json.loads(self._read(length, deadline) or b"null")
                 req = server.request(body, arrived)
                 server.engine.submit(req)
                 if isinstance(body, dict) and body.get("stream"):
@@ -350,6 +369,8 @@ def _handler(server: Server):
                 self._error(400, f"the body is not JSON ({e})")
             except (BadRequest, MGJaxError) as e:
                 self._error(400, str(e))
+            except _Late as e:
+                self._error(408, str(e), "timeout")
             except TimeoutError as e:
                 self._error(504, str(e), "timeout")
             except (_Gone, BrokenPipeError, ConnectionResetError):
@@ -360,6 +381,34 @@ def _handler(server: Server):
                 self._error(500, f"{type(e).__name__}: {e}")
             finally:
                 server.release(req)
+
+        def _read(self, length: int, deadline: float, keep: bool = True) -> bytes:
+            """The request body, `length` bytes, as it arrives by `deadline` (time.monotonic; dropped as read
+            unless `keep`); raises _Late past it (a client that stops sending would hold its slot for ever)
+            and _Gone when the client hangs up first."""
+            chunks = []
+            try:
+                while length > 0:
+                    self.connection.settimeout(max(deadline - time.monotonic(), 1e-3))
+                    chunk = self.rfile.read1(min(length, 1 << 16))
+                    if not chunk:
+                        raise _Gone()
+                    length -= len(chunk)
+                    if keep:
+                        chunks.append(chunk)
+            except TimeoutError:
+                raise _Late(f"the request body did not arrive within the server's timeout of {server.timeout_s:g} "
+                            "s (--timeout)") from None
+            finally:
+                self.connection.settimeout(None)
+            return b"".join(chunks)
+
+        def _skip(self, length: int, deadline: float) -> None:
+            """Reads and drops the body of a refused request: replying while the client still sends would lose
+            the reply (a socket closed with unread data resets the connection, so a client sending a body
+            larger than the socket buffers, a photo's data URL, fails with a broken pipe instead of its 429)."""
+            with contextlib.suppress(_Late, _Gone, OSError):
+                self._read(length, deadline, keep=False)
 
         def _events(self, req: Request):
             """The request's engine events until it ends; raises TimeoutError past the server's timeout and
