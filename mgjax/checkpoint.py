@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,14 +31,27 @@ def save_streaming(path: str | os.PathLike, groups: Iterable[dict]) -> None:
     if path.exists():
         raise MGJaxError(f"{path} already exists; remove it or choose another output folder")
     groups = iter(groups)
-    # Not a for loop: its variable would keep the last group alive while the next one is built.
-    while (group := next(groups, None)) is not None:
-        group = jax.device_put(group)
-        ocp.partial.save(path, group)
-        del group
-        gc.collect()  # jax.device_put leaves its NumPy source in a reference cycle until a collection
-        _trim_heap()
-    ocp.partial.finalize(path)
+    try:
+        # Not a for loop: its variable would keep the last group alive while the next one is built.
+        while (group := next(groups, None)) is not None:
+            group = jax.device_put(group)
+            ocp.partial.save(path, group)
+            del group
+            gc.collect()  # jax.device_put leaves its NumPy source in a reference cycle until a collection
+            _trim_heap()
+        ocp.partial.finalize(path)
+    except BaseException:
+        _join_writers()
+        raise
+
+
+def _join_writers(timeout: float = 60) -> None:
+    """Waits for the writer threads a failed Orbax save leaves running: it raises at the first failed write
+    (its futures are awaited in order) while the others go on, and one finishing later (the `_sharding`
+    file) would recreate a folder the caller has removed (`mgjax_ckpt.atomic_output`, on a full disk)."""
+    for t in threading.enumerate():
+        if type(t).__module__.startswith("orbax."):
+            threading.Thread.join(t, timeout)  # not the subclass's join, which raises the thread's error again
 
 
 def _trim_heap() -> None:
