@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from mgjax import interrupt
@@ -545,7 +546,8 @@ def cmd_check_cluster(args) -> int:
     """Joins the job (see mgjax.distributed.initialize) and checks an all-reduce over every device."""
     from mgjax import distributed
 
-    distributed.initialize()
+    if not distributed.joined():  # a TPU pod: JAX finds the other hosts by itself
+        distributed.initialize()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -561,6 +563,10 @@ def cmd_check_cluster(args) -> int:
     if total != jax.device_count():
         raise MGJaxError(f"all-reduce gave {total}, expected {jax.device_count()}: collectives are broken")
     return 0
+
+
+# The commands that compute: in a multi-process job (`distributed.in_job`) they join it before touching a device.
+JOINING = ("train", "eval", "generate", "predict", "chat", "serve", "convert", "export", "check-cluster")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -762,14 +768,31 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
     exits there and then). The signals are handled from the first line on: one that lands while the parser
     or a command imports JAX ends the same way. A full disk (`DiskFull`) exits 1, with one line too."""
     name = interrupt.command_name(sys.argv[1:] if argv is None else argv)
+    job = None  # mgjax.distributed, once this process joined a job of several
     try:
         with interrupt.handled():
             args = build_parser().parse_args(argv)
             name = args.command
-            return args.func(args)
+            if name in JOINING and not getattr(args, "dry_run", False):
+                from mgjax import distributed
+
+                if distributed.in_job():
+                    distributed.initialize()  # before anything touches a device
+                job = distributed if distributed.joined() else None
+            code = args.func(args)
     except (KeyboardInterrupt, interrupt.Terminated) as e:
-        return interrupt.stopped(e, name, exit_on_signal)
+        code = interrupt.stopped(e, name, exit_on_signal)
     except MGJaxError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"mgjax {name}: error: {message}", file=sys.stderr)
-        return e.exit_code
+        code = e.exit_code
+    except Exception:
+        if job is None:
+            raise
+        traceback.print_exc()
+        job.failed(1, unexpected=True)
+    if job is not None:
+        if code:
+            job.failed(code, unexpected=False)
+        job.finish()
+    return code

@@ -1,21 +1,39 @@
 """Multi-process (multi-host) setup, per-host input feeding, and once-only output.
 
-One process per host. `initialize()` must run before anything touches a device.
+One process per host. `initialize()` must run before anything touches a device; the `mgjax` command calls it
+for every command that computes when the process was started as one of several (`in_job`).
+
+A process that dies (SIGKILL, a lost host) stops sending heartbeats; after `MGJAX_HEARTBEAT_TIMEOUT`
+seconds (default 60) every other process ends with exit 1 and one line naming it (`_Watchdog`), instead of
+waiting in a collective for ever (NCCL) or aborting with a C++ stack trace (JAX's default reaction).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from typing import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from mgjax import interrupt
 from mgjax.errors import MGJaxError
 from mgjax.sharding import DEFAULT_RULES, Rules, batch_sharding
 
 ENV = ("MGJAX_COORDINATOR", "MGJAX_NUM_PROCESSES", "MGJAX_PROCESS_ID")
+HEARTBEAT_ENV = "MGJAX_HEARTBEAT_TIMEOUT"
+DEFAULT_HEARTBEAT_S = 60
+
+
+def in_job() -> bool:
+    """Whether this process was started as one of several: MGJAX_* set (launch/slurm_gpu.sbatch), or a SLURM
+    or Open MPI launch of more than one task (JAX detects those by itself)."""
+    return (any(k in os.environ for k in ENV) or os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1")
+            or os.environ.get("OMPI_COMM_WORLD_SIZE", "1").strip() not in ("", "1"))
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -42,17 +60,26 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if not 0 <= process_id < num_processes:
             raise MGJaxError(f"process id {process_id} (MGJAX_PROCESS_ID) must be in 0..{num_processes - 1} "
                              f"for {num_processes} processes (MGJAX_NUM_PROCESSES)")
+    heartbeat = _env_int(HEARTBEAT_ENV, 1) if HEARTBEAT_ENV in os.environ else DEFAULT_HEARTBEAT_S
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if all(given):
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    else:
-        try:
-            jax.distributed.initialize()  # TPU / SLURM / MPI auto-detection
-        except ValueError as e:
-            if "coordinator_address" not in str(e):
-                raise
-            # no cluster environment found: this is a single-process job
+    # Recoverable: the coordination service does not abort every process when one is lost (a C++ fatal error
+    # and a stack trace that names nobody); the watchdog reports it instead.
+    jax.config.update("jax_enable_recoverability", True)
+    try:
+        if all(given):
+            jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                       heartbeat_timeout_seconds=heartbeat)
+        else:
+            jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)  # TPU / SLURM / MPI auto-detection
+    except ValueError as e:
+        if all(given) or "coordinator_address" not in str(e):
+            raise
+        return  # no cluster environment found: this is a single-process job
+    if jax.process_count() > 1:
+        global _watchdog
+        _watchdog = _Watchdog(heartbeat)
+        _watchdog.start()
 
 
 def _env_int(name: str, minimum: int) -> int:
@@ -60,6 +87,83 @@ def _env_int(name: str, minimum: int) -> int:
     if not text.strip().isdigit() or int(text) < minimum:
         raise MGJaxError(f"{name}={text!r} is not an integer >= {minimum}")
     return int(text)
+
+
+def failed(code: int, unexpected: bool) -> None:
+    """Ends a process of a multi-process job that failed (exit `code`) at once: JAX's clean shutdown would
+    wait for the others at a barrier, and they notice this process is gone only once it stops beating. An
+    `unexpected` error may be a collective that failed because a peer died (Gloo raises at once): first give
+    the watchdog a heartbeat's time to name the lost process."""
+    if unexpected and _watchdog is not None:
+        time.sleep(_watchdog.heartbeat_s + 10)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def finish() -> None:
+    """Ends a job's process in step with the others (JAX has no shutdown barrier for recoverable processes):
+    all meet at a barrier, then the others disconnect before process 0, whose coordination service they use
+    until then (a process that loses it aborts)."""
+    if _watchdog is None:
+        return
+    from jax._src import distributed as jax_distributed
+
+    _watchdog.stopping = True  # from here on a process that disconnects has finished, not died
+    client, n = jax_distributed.global_state.client, jax.process_count()
+    client.wait_at_barrier("mgjax: done", _watchdog.heartbeat_s * 1000 * 10)
+    if jax.process_index() == 0:
+        deadline = time.monotonic() + _watchdog.heartbeat_s * 2
+        while len(client.get_live_nodes(list(range(n)))) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    jax.distributed.shutdown()
+
+
+def joined() -> bool:
+    """Whether this process is one of a job of several (`initialize` joined it)."""
+    return _watchdog is not None
+
+
+class _Watchdog(threading.Thread):
+    """Asks the coordination service every few seconds which processes are alive (a call every process makes:
+    the service answers once all live ones have asked); when one is missing, prints one line naming it and
+    ends this process with exit 1. The main thread may be waiting in a collective that never returns."""
+
+    def __init__(self, heartbeat_s: int):
+        super().__init__(name="mgjax-watchdog", daemon=True)
+        self.heartbeat_s = heartbeat_s
+        self.stopping = False
+
+    def run(self):
+        from jax._src import distributed as jax_distributed  # the client JAX's own live_devices asks
+
+        client, n, me = jax_distributed.global_state.client, jax.process_count(), jax.process_index()
+        while True:
+            time.sleep(min(5.0, self.heartbeat_s / 4))
+            try:
+                live = client.get_live_nodes(list(range(n)))
+            except Exception as e:  # the coordinator (process 0) itself is gone
+                if self.stopping:
+                    return
+                lost(f"lost the job's coordinator, process 0 ({type(e).__name__}: {str(e).splitlines()[0]})")
+            if self.stopping:
+                return
+            gone = sorted(set(range(n)) - set(live))
+            if gone:
+                lost(f"process {', '.join(map(str, gone))} of {n} stopped answering (no heartbeat for "
+                     f"{self.heartbeat_s} s: {HEARTBEAT_ENV}); this is process {me}")
+
+
+def lost(what: str) -> None:
+    """Ends a process of a job that lost a member: one line, exit 1, no clean-up (a clean JAX shutdown would
+    wait for the lost process at a barrier). What was committed (checkpoints, answer lines) stays."""
+    sys.stdout.flush()
+    print(f"mgjax {interrupt.command_name(sys.argv[1:])}: error: {what}; re-run the same command on every host "
+          "to resume from the last checkpoint (training) or the answers written (eval)", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+_watchdog: _Watchdog | None = None
 
 
 def is_main_process() -> bool:

@@ -184,7 +184,8 @@ def test_samples_match_conversation_to_ids(tok):
     (b,), _ = _batches(source, tok, 1, batch_size=5, image_capacity=5, buckets=(64, 128, 256))
     assert b["input_ids"].shape == (5, 128) and b["images"].shape == (5, 56, 56, 3)
     assert b["images_aux"].shape == (5, 64, 64, 3)
-    assert all(v.dtype == np.int32 for k, v in b.items() if "image" not in k)
+    assert all(v.dtype == np.int32 for k, v in b.items() if "image" not in k and k != "sample_ids")
+    assert b["sample_ids"].tolist() == [str(r["id"]) for r in source.records]  # row by row, for the logs
     for r, [(ids, labels)], mask in zip(source.records, _rows(b), b["attention_mask"]):
         want_ids, want_labels = conversation_to_ids(tok, r["conversations"], "vicuna_v1", bool(r["images"]), 2048)
         np.testing.assert_array_equal(ids, want_ids)

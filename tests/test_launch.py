@@ -61,3 +61,43 @@ def test_slurm_script_sets_the_coordinator(tmp_path):
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "slurm_gpu.sbatch"])
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(LAUNCH / script)]).returncode == 0
+
+
+def test_slurm_script_restarts_a_failed_job(tmp_path):
+    """--restarts N: a run that fails (a lost host: exit 1) is started again and logged; exit 2 is not."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _tool(bin_dir, "scontrol", 'printf "node-a\\n"\n')
+    runs = tmp_path / "runs"
+    # srun: fails with exit 1 on its first call, then runs the task
+    _tool(bin_dir, "srun", f'echo run >> {runs}\n[[ $(wc -l < {runs}) -eq 1 ]] && exit 1\nshift\nSLURM_PROCID=0 "$@"\n')
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text("")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-a",
+           "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mgjax", "SLURM_JOB_ID": "8"}
+    script = str(LAUNCH / "slurm_gpu.sbatch")
+    out = subprocess.run(["bash", script, "--restarts", "2", "echo", "done"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+    assert runs.read_text().count("run") == 2 and "exit status 1: restart 1 of 2" in out.stderr
+    assert "restart 1 of 2" in (tmp_path / "logs" / "mgjax-8" / "restarts.log").read_text()
+    runs.unlink()
+    out = subprocess.run(["bash", script, "--restarts", "2", "bash", "-c", "exit 2"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and runs.read_text().count("run") == 2  # the failed run, then exit 2: no retry
+
+
+def test_tpu_pod_script_restarts_a_failed_run(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    runs = tmp_path / "runs"
+    # the command's ssh (the second) fails once with exit 1, then succeeds
+    _tool(bin_dir, "gcloud", f'[[ "$4" == describe ]] && exit 1\n'
+                             f'if [[ "$4" == ssh && "$*" == *check-cluster* ]]; then echo run >> {runs}; '
+                             f'[[ $(wc -l < {runs}) -eq 1 ]] && exit 1; fi\nexit 0\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    out = subprocess.run([str(LAUNCH / "tpu_pod.sh"), "--name", "t", "--zone", "z", "--type", "v5p-8", "--restarts",
+                          "3", "--", "mgjax", "check-cluster"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert runs.read_text().count("run") == 2 and "exit status 1: restart 1 of 3" in out.stderr
+    assert (tmp_path / "logs" / "t" / "restarts.log").is_file()

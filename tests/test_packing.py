@@ -257,5 +257,6 @@ def test_pipeline_packed_batch_end_to_end():
     logits, plan, keep = _check_packed(config, batch, rows, length)
     module, params = _model(config)[:2]
     nll, _ = token_nll(logits, splice_labels(plan, batch["labels"]), plan.segments)
+    batch.pop("sample_ids")  # the loop logs them; the model never sees them
     step_loss = jax.jit(lambda p, b: loss_fn(module, p, b, length))(params, batch)  # reads segment_ids
     np.testing.assert_allclose(step_loss, nll.sum() / keep.sum(), rtol=RTOL)

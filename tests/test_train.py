@@ -1,5 +1,6 @@
-"""The training recipe: configs, the step (accumulation, frozen parameters), the loop (metrics, resume
-to the bit, SIGTERM, damaged checkpoints, NaN) on a very small demo model and synthetic data."""
+"""The training recipe: configs, the step (accumulation, frozen parameters, a poisoned batch), the loop
+(metrics, resume to the bit, SIGTERM, damaged checkpoints, non-finite losses stopped or skipped) on a very
+small demo model and synthetic data."""
 
 from __future__ import annotations
 
@@ -100,12 +101,13 @@ def _setup(trainable=("llm", "mm_projector", "vlm_uni_")):
     return config, module, *split_params(params, trainable)
 
 
-def test_accumulation_equals_one_big_batch():
-    """Two micro-batches of 4 rows give the update of one batch of 8 (token-weighted mean)."""
+def test_accumulation_equals_one_big_batch_and_a_poisoned_one_changes_nothing():
+    """Two micro-batches of 4 rows give the update of one batch of 8 (token-weighted mean). A batch with a
+    NaN pixel leaves the parameters and the optimizer state (momentum) as they were, and says so."""
     config, module, train_p, frozen = _setup()
     data = tiny.batch(config, rows=8)
     data["labels"][:4, 5:] = -100  # unequal supervised tokens per half: a mean of means would differ
-    tx = optax.sgd(1.0)
+    tx = optax.sgd(1.0, momentum=0.9)  # the first step of momentum SGD is plain SGD's
     length = data["input_ids"].shape[1] - 1 + config.tokens_per_image
     step = jax.jit(make_train_step(module, tx, length))
     state = TrainState(jnp.zeros((), jnp.int32), train_p, tx.init(train_p))
@@ -116,6 +118,15 @@ def test_accumulation_equals_one_big_batch():
     assert int(m_big["tokens"]) == int(m_acc["tokens"])
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(big.params), jax.tree.leaves(acc.params)))
     assert diff < 1e-5  # float32 sums in another order
+    assert int(m_acc["nonfinite"]) == 0
+
+    halves["images"][1, 0, 0, 0, 0] = np.nan
+    poisoned, m = step(acc, frozen, halves)
+    assert int(m["nonfinite"]) == 1 and not np.isfinite(float(m["loss"]))
+    assert int(poisoned.step) == int(acc.step) + 1
+    for a, b in zip(jax.tree.leaves((acc.params, acc.opt_state)), jax.tree.leaves((poisoned.params,
+                                                                                    poisoned.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_frozen_parameters_have_no_optimizer_state_and_stay():
@@ -361,7 +372,35 @@ def test_a_run_exports_to_the_released_layout_and_starts_another(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_nan_loss_stops_and_names_the_step(tmp_path):
-    args = small_run(tmp_path / "run", "steps=20", "optim.lr=1e9", "optim.warmup_ratio=0", "model.stage1=null")
-    with pytest.raises(MGJaxError, match=r"loss is (nan|inf) at step \d+"):
+def test_a_poisoned_batch_stops_the_run_or_is_skipped_when_asked(tmp_path, monkeypatch, capsys):
+    """A batch whose images hold a NaN (step 3): the run stops naming the step, the batch's sample ids and the
+    checkpoint to resume from (step 2, whole); the same command with skip_nonfinite=1 resumes from it, skips
+    that batch (counted in metrics.jsonl) and finishes."""
+    from mgjax.data.pipeline import Batcher
+
+    assemble, poison = Batcher.assemble, {"calls": 0, "ids": None}
+
+    def poisoned(self, rows):
+        out = assemble(self, rows)
+        poison["calls"] += 1
+        ids = out["sample_ids"].tolist()
+        if poison["ids"] == ids or poison["ids"] is None and poison["calls"] == 5:  # 2 micro-batches a step
+            poison["ids"] = ids
+            out["images"][0, 0, 0, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(Batcher, "assemble", poisoned)
+    args = small_run(tmp_path / "run", "steps=4", "checkpoint_every=2", "model.stage1=null")
+    with pytest.raises(MGJaxError, match="step 3: the loss or gradient is not finite") as e:
         train(load_train_config(CONFIGS / "demo" / "stage2.yaml", args))
+    assert f"last checkpoint is step 2 in {tmp_path / 'run' / 'checkpoints'}" in str(e.value)
+    assert "skip_nonfinite=1" in str(e.value) and ", ".join(poison["ids"]) in str(e.value)
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+
+    result = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", [*args, "skip_nonfinite=1"]))
+    assert result["step"] == 4 and "skipped the batch" in capsys.readouterr().err
+    rows = losses(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2].keys() == {"step", "nonfinite_skipped", "sample_ids"} and rows[2]["nonfinite_skipped"] == 1
+    assert set(poison["ids"]) < set(rows[2]["sample_ids"])  # the step's two micro-batches
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)

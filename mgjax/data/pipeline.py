@@ -272,7 +272,8 @@ class Batcher(grain.IterDataset):
     input_ids int32 [B, T] (-200 at image placeholders, the pad id at padding), labels int32 [B, T]
     (-100 = ignored), attention_mask int32 [B, T], segment_ids int32 [B, T] (0 = padding, 1..k = the k-th
     sample of the row; all 1 without packing), images float32 [N, h, w, 3] (HD: [N, V, h, w, 3]) and
-    images_aux float32 [N, S, S, 3]. Rows consume image slots in order: a row's images, or one zero slot
+    images_aux float32 [N, S, S, 3], sample_ids str [samples] (the records' ids, row by row: what a log names,
+    never fed to the model). Rows consume image slots in order: a row's images, or one zero slot
     when it has none (text-only or empty rows); unused trailing slots are zeros. T is the smallest bucket
     holding the longest row; every row's merged length (text + visual tokens) is <= config.max_length.
     """
@@ -311,7 +312,8 @@ class Batcher(grain.IterDataset):
         img_shape, aux_shape = self.image_shapes()
         out = {"input_ids": np.full((B, T), self.pad_id, np.int32), "labels": np.full((B, T), IGNORE_INDEX, np.int32),
                "attention_mask": np.zeros((B, T), np.int32), "segment_ids": np.zeros((B, T), np.int32),
-               "images": np.zeros((N, *img_shape), np.float32), "images_aux": np.zeros((N, *aux_shape), np.float32)}
+               "images": np.zeros((N, *img_shape), np.float32), "images_aux": np.zeros((N, *aux_shape), np.float32),
+               "sample_ids": np.array([s["id"] for row in rows for s in row.samples], dtype=str)}
         slot = 0
         for i, row in enumerate(rows):
             pos = 0

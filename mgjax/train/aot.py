@@ -53,6 +53,7 @@ def dry_run(cfg: TrainConfig, topology: Slice | None = None, hlo_file: str | Pat
     slice, a program the chip cannot hold is a result (`fits` False, the compiler's figures), not an error.
     `hlo_file`: where to write the compiled program's HLO text (to read it, or to re-derive the roofline)."""
     hosts = topology.hosts if topology else jax.process_count()
+    cfg = cfg.for_hosts(hosts)
     with tempfile.TemporaryDirectory() as tmp:  # a demo tokenizer is written, and thrown away
         model, module, mesh, rules, _, tx, a_state, a_frozen = run_setup(
             cfg, Path(tmp), topology.devices() if topology else None, hosts)

@@ -98,12 +98,14 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     rules: str = "fsdp_tp_ep"
+    skip_nonfinite: int = 0  # batches with a non-finite loss or gradient to skip (each logged) before stopping
 
     def __post_init__(self):
         checks = [(self.steps >= 1, f"steps {self.steps}: must be >= 1"),
                   (self.checkpoint_every >= 1, f"checkpoint_every {self.checkpoint_every}: must be >= 1"),
                   (self.keep_checkpoints >= 1, f"keep_checkpoints {self.keep_checkpoints}: must be >= 1"),
                   (self.log_every >= 1, f"log_every {self.log_every}: must be >= 1"),
+                  (self.skip_nonfinite >= 0, f"skip_nonfinite {self.skip_nonfinite}: must be >= 0"),
                   (self.micro_batch >= 1 and self.global_batch >= self.micro_batch,
                    f"global_batch {self.global_batch} / micro_batch {self.micro_batch}: need global >= micro >= 1"),
                   (self.model.remat in REMAT_POLICIES, f"model.remat {self.model.remat!r}: {'|'.join(REMAT_POLICIES)}"),
@@ -119,6 +121,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise MGJaxError(f"train config: {message}")
+
+    def for_hosts(self, process_count: int) -> "TrainConfig":
+        """This config for a job of `process_count` hosts: micro_batch is a per-host ceiling, so when the hosts
+        together would take more rows than `global_batch` (a config written for fewer hosts), each takes its
+        share, global_batch / hosts rows; the step's rows stay `global_batch`."""
+        share = max(1, self.global_batch // process_count)
+        return self if self.micro_batch <= share else dataclasses.replace(self, micro_batch=share)
 
     def grad_accum(self, process_count: int) -> int:
         """Micro-batches per optimizer step on each host."""

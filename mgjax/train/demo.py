@@ -76,7 +76,7 @@ def heldout_accuracy(module, params, tokenizer, config: MGMConfig, num_samples: 
     for batch in make_dataset(source, tokenizer, config, data):
         rows = batch["attention_mask"].any(1)
         length = batch["input_ids"].shape[1] + config.tokens_per_image
-        logits, plan = apply(params, {k: jnp.asarray(v) for k, v in batch.items()}, length)
+        logits, plan = apply(params, {k: jnp.asarray(v) for k, v in batch.items() if k != "sample_ids"}, length)
         labels = np.asarray(splice_labels(plan, jnp.asarray(batch["labels"])))
         pred = np.asarray(logits[:, :-1].argmax(-1))
         target = labels[:, 1:]

@@ -365,6 +365,7 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     pid, nproc = jax.process_index(), jax.process_count()
+    cfg = cfg.for_hosts(nproc)
     accum = cfg.grad_accum(nproc)
     model, module, mesh, rules, shardings, tx, a_state, a_frozen = run_setup(cfg, run_dir)
     config = model.config
@@ -411,6 +412,8 @@ def train(cfg: TrainConfig) -> dict:
     peak = peak * jax.device_count() if peak else None
     result = {"run_dir": str(run_dir), "stopped": False}
     step = start
+    skipped = 0 if restored is None else int(data_state.get(SKIPPED, 0))  # non-finite batches skipped so far
+    unchecked: list[tuple[int, jax.Array, list[str]]] = []  # (step, its `nonfinite` flag not read yet, sample ids)
     try:
         with _Stop() as stop, activate(mesh, rules), \
                 Progress(f"train {run_dir.name}", cfg.steps, unit="steps", done=start) as bar:
@@ -420,6 +423,7 @@ def train(cfg: TrainConfig) -> dict:
                 t, length = batch_lengths(micro, config)
                 if nproc > 1:
                     t, length = (int(x) for x in multihost_utils.process_allgather(np.array([t, length])).max(0))
+                ids = [str(i) for b in micro for i in b.pop("sample_ids")]
                 host = stack(micro, t, pad_id)
                 if not cfg.data.pack:  # one sample per row: the attention mask says it all
                     del host["segment_ids"]
@@ -432,13 +436,22 @@ def train(cfg: TrainConfig) -> dict:
                 state, metrics = steps[length](state, frozen, batch)
                 step += 1
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                stopping = stop.event.is_set()  # read once: a signal between save and break must not skip the save
+                logged = step % cfg.log_every == 0 or step == cfg.steps
+                unchecked.append((step, metrics["nonfinite"], ids))
+                # A step's flag is read before a checkpoint or a log line holds it, else one step late: reading
+                # it at once would wait for the step, leaving the device idle while the next batch is prepared.
+                if logged or stopping or step == cfg.steps or step % cfg.checkpoint_every == 0:
+                    checked, unchecked = unchecked, []
+                else:
+                    checked, unchecked = unchecked[:-1], unchecked[-1:]
+                for s, flag, sample_ids in checked:
+                    if int(flag):
+                        skipped = _nonfinite(s, sample_ids, skipped, cfg, ckpts, metrics_file)
+                        logged = logged and s != step
+                if logged:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     dt = time.perf_counter() - t0
-                    if not math.isfinite(m["loss"]):
-                        raise MGJaxError(f"the loss is {m['loss']} at step {step}; the run stops (its last checkpoint "
-                                         f"is step {ckpts.steps()[-1] if ckpts.steps() else 'none'}): lower "
-                                         "optim.lr or check the data")
                     rows = host["input_ids"].shape[0] * host["input_ids"].shape[1] * nproc
                     record = {"step": step, "loss": m["loss"], "lr": float(lr(step - 1)), "grad_norm": m["grad_norm"],
                               "tokens_per_s": m["tokens"] / dt, "step_s": dt, "supervised_tokens": int(m["tokens"]),
@@ -451,8 +464,7 @@ def train(cfg: TrainConfig) -> dict:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
                         tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
-                stopping = stop.event.is_set()  # read once: a signal between save and break must not skip the save
-                if ckpts.save(step, state, data_state, force=step == cfg.steps or stopping):
+                if ckpts.save(step, state, {**data_state, SKIPPED: skipped}, force=step == cfg.steps or stopping):
                     result["checkpoint"] = str(ckpts.directory / str(step))
                 if stopping:
                     result["stopped"] = True
@@ -468,6 +480,32 @@ def train(cfg: TrainConfig) -> dict:
         print(f"terminated: saved step {step} in {ckpts.directory / str(step)}; run the same command to resume",
               file=sys.stderr)
     return result
+
+
+SKIPPED = "nonfinite_skipped"  # in a checkpoint's data state: the run's count of skipped batches
+
+
+def _nonfinite(step: int, sample_ids: list[str], skipped: int, cfg: TrainConfig, ckpts: RunCheckpoints,
+               metrics_file) -> int:
+    """A step whose loss or gradient was not finite (the step applied no update): counted, logged and skipped
+    while `skip_nonfinite` allows, else the run stops naming the step, its samples and where to resume.
+    Returns the new count."""
+    where = "this host's share of the batch" if jax.process_count() > 1 else "the batch"
+    shown = ", ".join(sample_ids[:16]) + (f" and {len(sample_ids) - 16} more" if len(sample_ids) > 16 else "")
+    if skipped >= cfg.skip_nonfinite:
+        last = ckpts.steps()
+        raise MGJaxError(
+            f"step {step}: the loss or gradient is not finite (samples of {where}: {shown}); the update was not "
+            f"applied and the run stops. Its last checkpoint is "
+            f"{f'step {last[-1]} in {ckpts.directory}' if last else 'none (the run starts afresh)'}: re-run with "
+            f"skip_nonfinite={cfg.skip_nonfinite + 1} to skip such a batch, fix those samples, or lower optim.lr")
+    skipped += 1
+    print(f"step {step}: the loss or gradient is not finite; skipped the batch (samples of {where}: {shown}), "
+          f"{skipped} of skip_nonfinite {cfg.skip_nonfinite}", file=sys.stderr)
+    if metrics_file:
+        metrics_file.write(json.dumps({"step": step, SKIPPED: skipped, "sample_ids": sample_ids}) + "\n")
+        metrics_file.flush()
+    return skipped
 
 
 def _metrics_upto(path: Path, step: int) -> None:

@@ -74,6 +74,10 @@ def make_train_step(module: MGM, tx: optax.GradientTransformation, length: int, 
     `micro_batches` stacks k micro-batches on a leading axis ([k, B, T], [k, N, ...]); their gradients
     are summed by a scan and divided by the supervised tokens of all k, so k micro-batches give exactly
     the gradient of one batch k times larger (the original averages per micro-batch means instead).
+
+    A batch whose loss or gradient is not finite changes nothing but the step counter: the parameters and
+    optimizer state stay those of the last good step, and `metrics["nonfinite"]` is 1 (the loop decides
+    whether to stop or skip it, `TrainConfig.skip_nonfinite`).
     """
     def step(state: TrainState, frozen: dict, micro_batches: dict):
         def micro(carry, xs):
@@ -91,7 +95,12 @@ def make_train_step(module: MGM, tx: optax.GradientTransformation, length: int, 
         scale = 1.0 / jnp.maximum(count, 1)
         grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        metrics = {"loss": total * scale, "grad_norm": optax.global_norm(grads), "tokens": count}
-        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+        loss, grad_norm = total * scale, optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (optax.apply_updates(state.params, updates), opt_state),
+                                         (state.params, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "nonfinite": (~finite).astype(jnp.int32)}
+        return TrainState(state.step + 1, params, opt_state), metrics
 
     return step
