@@ -162,6 +162,10 @@ def cmd_generate(args) -> int:
         raise MGJaxError("give a --question (with --image, or none for text only) or --prompts FILE.jsonl")
     rows = (_read_prompts(args.prompts, args.image_root) if args.prompts else
             [{"question_id": 0, "text": args.question, "images": [load_image(i) for i in args.image or ()]}])
+    import jax
+
+    if jax.process_index() != 0:  # in a job, process 0 answers (a prompt file is no collective's work)
+        return 0
     model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, template=args.template, mesh=_local_mesh(args),
                                   **_tower_kwargs(args))
     # Answers go to OUT.partial, renamed to OUT when every prompt is answered.
@@ -566,7 +570,9 @@ def cmd_check_cluster(args) -> int:
 
 
 # The commands that compute: in a multi-process job (`distributed.in_job`) they join it before touching a device.
-JOINING = ("train", "eval", "generate", "predict", "chat", "serve", "convert", "export", "check-cluster")
+# `convert` and `export` (host memory only) and `chat` (a terminal) run on one process.
+JOINING = ("train", "eval", "generate", "predict", "serve", "check-cluster")
+ONE_PROCESS = ("convert", "export", "chat")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -768,17 +774,18 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
     exits there and then). The signals are handled from the first line on: one that lands while the parser
     or a command imports JAX ends the same way. A full disk (`DiskFull`) exits 1, with one line too."""
     name = interrupt.command_name(sys.argv[1:] if argv is None else argv)
-    job = None  # mgjax.distributed, once this process joined a job of several
     try:
         with interrupt.handled():
             args = build_parser().parse_args(argv)
             name = args.command
-            if name in JOINING and not getattr(args, "dry_run", False):
+            if name in JOINING + ONE_PROCESS and not getattr(args, "dry_run", False):
                 from mgjax import distributed
 
+                if distributed.in_job() and name in ONE_PROCESS:
+                    raise MGJaxError(f"{name} runs on one process, and this one was started as one of a job "
+                                     f"(MGJAX_NUM_PROCESSES, SLURM_NTASKS): run it on one host only")
                 if distributed.in_job():
                     distributed.initialize()  # before anything touches a device
-                job = distributed if distributed.joined() else None
             code = args.func(args)
     except (KeyboardInterrupt, interrupt.Terminated) as e:
         code = interrupt.stopped(e, name, exit_on_signal)
@@ -787,12 +794,19 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
         print(f"mgjax {name}: error: {message}", file=sys.stderr)
         code = e.exit_code
     except Exception:
-        if job is None:
+        if not _joined():
             raise
         traceback.print_exc()
-        job.failed(1, unexpected=True)
-    if job is not None:
+        sys.modules["mgjax.distributed"].failed(1, unexpected=True)
+    if _joined():
+        job = sys.modules["mgjax.distributed"]
         if code:
             job.failed(code, unexpected=False)
         job.finish()
     return code
+
+
+def _joined() -> bool:
+    """Whether this process joined a job of several (by `main`, or by check-cluster on a TPU pod)."""
+    job = sys.modules.get("mgjax.distributed")
+    return job is not None and job.joined()

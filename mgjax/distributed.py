@@ -109,9 +109,11 @@ def finish() -> None:
         return
     from jax._src import distributed as jax_distributed
 
-    _watchdog.stopping = True  # from here on a process that disconnects has finished, not died
     client, n = jax_distributed.global_state.client, jax.process_count()
-    client.wait_at_barrier("mgjax: done", _watchdog.heartbeat_s * 1000 * 10)
+    # Process 0 may finish long after the others (generate answers on it alone): no timeout of its own, the
+    # watchdog still names a process lost meanwhile.
+    client.wait_at_barrier("mgjax: done", 7 * 24 * 3600 * 1000)
+    _watchdog.stopping = True  # from here on a process that disconnects has finished, not died
     if jax.process_index() == 0:
         deadline = time.monotonic() + _watchdog.heartbeat_s * 2
         while len(client.get_live_nodes(list(range(n)))) > 1 and time.monotonic() < deadline:

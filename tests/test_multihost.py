@@ -116,3 +116,11 @@ def test_a_lost_coordinator_is_one_line(capfd, monkeypatch):
                                 "checkpoint (training) or the answers written (eval)"]
     assert supervise([sys.executable, "-c", "import sys; print('bad', file=sys.stderr); sys.exit(2)"], "eval") == 2
     assert capfd.readouterr().err == "bad\n"
+
+
+def test_one_process_commands_say_so_inside_a_job(monkeypatch, capsys):
+    from mgjax.cli import main
+
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert main(["convert", "src", "out"]) == 2
+    assert "convert runs on one process" in capsys.readouterr().err
