@@ -8,10 +8,9 @@ once with a stack trace that names nobody, before any Python code can run; the p
 
 import os
 import signal
-import subprocess
 import sys
 
-from mgjax import interrupt
+from mgjax import interrupt  # first: the handlers go in before anything slow is imported
 
 SUPERVISED = "MGJAX_SUPERVISED"  # set in the child: it runs the command itself
 FATAL = b"JAX distributed service detected fatal errors"  # the abort's message (xla/pjrt/distributed/client.h)
@@ -34,6 +33,8 @@ def supervise(argv: list[str], name: str) -> int:
     """Runs `argv` with SUPERVISED set and returns its exit status, passing its stderr through up to a JAX
     abort for a lost coordinator, which becomes one line and exit 1. Ctrl-C reaches the child from the
     terminal (the same process group); a SIGTERM sent to this process is passed on."""
+    import subprocess
+
     child = subprocess.Popen(argv, env={**os.environ, SUPERVISED: "1"}, stderr=subprocess.PIPE,
                              preexec_fn=_die_with_parent)
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),

@@ -68,7 +68,7 @@ def test_train_joins_the_job_names_a_lost_host_and_resumes(tmp_path):
     from mgjax.train.loop import train
     from test_train import losses, small_run
 
-    steps, run = 12, tmp_path / "job"
+    steps, run = 6, tmp_path / "job"
     procs = _train_job(run, steps)
     deadline = time.monotonic() + 400
     while not (run / "checkpoints" / "2").is_dir():
