@@ -5,7 +5,9 @@ for every command that computes when the process was started as one of several (
 
 A process that dies (SIGKILL, a lost host) stops sending heartbeats; after `MGJAX_HEARTBEAT_TIMEOUT`
 seconds (default 60) every other process ends with exit 1 and one line naming it (`_Watchdog`), instead of
-waiting in a collective for ever (NCCL) or aborting with a C++ stack trace (JAX's default reaction).
+waiting in a collective for ever (NCCL) or aborting with a C++ stack trace that names nobody (JAX's default
+reaction). The loss of process 0, which hosts the coordination service, still aborts the others from C++ at
+once: `mgjax.__main__.supervise` turns that into the one line.
 """
 
 from __future__ import annotations
@@ -127,8 +129,8 @@ def joined() -> bool:
 
 
 class _Watchdog(threading.Thread):
-    """Asks the coordination service every few seconds which processes are alive (a call every process makes:
-    the service answers once all live ones have asked); when one is missing, prints one line naming it and
+    """Asks the coordination service every few seconds which processes are alive (every process asks; one
+    that has sent no heartbeat for `heartbeat_s` is not); when one is missing, prints one line naming it and
     ends this process with exit 1. The main thread may be waiting in a collective that never returns."""
 
     def __init__(self, heartbeat_s: int):
