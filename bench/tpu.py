@@ -37,8 +37,10 @@ TRAIN = [("MGM-7B", "v5p-64", []), ("MGM-34B-HD", "v5p-64", []), ("MGM-8x7B-HD",
 # ladder splits the batch (fsdp=-1: the weights are gathered every step).
 LADDER = [("v5e-8", "fsdp=-1"), ("v6e-8", "fsdp=-1")]
 EVAL = {"MGM-2B": [("v5e-1", "tensor=-1"), ("v5e-4", "tensor=-1"), ("v5e-8", "tensor=-1"), ("v5e-8", "fsdp=-1")],
-        **{n: LADDER for n in ("MGM-7B", "MGM-7B-HD", "MGM-8B", "MGM-8B-HD", "MGM-13B", "MGM-13B-HD", "MGM-34B",
-                               "MGM-34B-HD", "MGM-8x7B", "MGM-8x7B-HD")}}
+        **{n: LADDER for n in ("MGM-7B", "MGM-7B-HD", "MGM-8B", "MGM-8B-HD", "MGM-13B", "MGM-13B-HD", "MGM-34B")},
+        # MGM-34B needs 20.4 GB per v5e-8 chip (bench/results/tpu.json); these hold more weights or a longer
+        # prompt, so their v5e-8 compile (~15 minutes here to read the compiler's out-of-memory) is skipped
+        **{n: LADDER[1:] for n in ("MGM-34B-HD", "MGM-8x7B", "MGM-8x7B-HD")}}
 
 
 def command(spec: dict) -> list[str]:
