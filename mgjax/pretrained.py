@@ -241,6 +241,11 @@ class Pretrained:
         stops = (*get_template(self.config.template).stop, *(stop or ()))
         token_stops, text_stops = _stops(tok, stops)
         bucket, budget = length_bucket(length, self.config.max_length), _budget(max_new_tokens)
+        # left-padded to the bucket (as the serving engine does), so that one program serves every prompt
+        # length of the bucket: jax.jit traces again for every new ids shape
+        extra = max(bucket - ids.shape[1], 0)
+        ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+        mask = np.pad(mask, ((0, 0), (extra, 0)))
         greedy = temperature == 0.0
         key = ("generate", bucket, budget, greedy, top_k, token_stops, output_scores, num_beams)
         if key not in self._jitted:

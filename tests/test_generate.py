@@ -29,7 +29,7 @@ FAMILIES = ["vicuna", "llama_3", "yi", "gemma", "mixtral"]
 @pytest.mark.parametrize("case", ["llama_vicuna", "gemma"])
 def test_greedy_tokens_and_scores_equal_the_original(case, tmp_path, monkeypatch):
     """The original's `generate` (greedy, 8 new tokens) on the golden case, per-layer and scanned layers;
-    the batch of two prompts (case A) too."""
+    the batch of two prompts (case A) too. Prompt lengths of one bucket share a compiled program."""
     from mgjax.convert.mgjax_ckpt import convert
 
     monkeypatch.chdir(GOLDEN / case)  # config.json names the tower folders relative to the case folder
@@ -37,9 +37,14 @@ def test_greedy_tokens_and_scores_equal_the_original(case, tmp_path, monkeypatch
     ref = np.load(GOLDEN / case / "expected.npz")
     src = GOLDEN / case / meta["checkpoint_dir"]
     inputs = (ref["input_ids"], nhwc(ref["images"]), nhwc(ref["images_aux"]))
-    out = golden_model(case).generate(*inputs, max_new_tokens=8, output_scores=True)
+    model = golden_model(case)
+    out = model.generate(*inputs, max_new_tokens=8, output_scores=True)
     np.testing.assert_array_equal(out.token_ids, ref["generate_ids"])
     np.testing.assert_allclose(out.scores[0], ref["generate_scores"], atol=2e-5, rtol=0)
+    # a prompt one token shorter (the same length bucket) runs the same compiled program, not a new trace
+    programs = {k: f._cache_size() for k, f in model._jitted.items()}
+    model.generate([ref["input_ids"][0][:-1]], *inputs[1:], max_new_tokens=8, output_scores=True)
+    assert {k: f._cache_size() for k, f in model._jitted.items()} == programs
     scanned = mgjax.load_pretrained(convert(src, tmp_path / "scanned", dtype="float32", scan_layers=True))
     np.testing.assert_array_equal(scanned.generate(*inputs, max_new_tokens=8).token_ids, ref["generate_ids"])
     if "batch_generate_ids" in ref.files:
