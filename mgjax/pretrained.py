@@ -66,6 +66,14 @@ def _left_padded(input_ids, attention_mask, pad_id: int) -> tuple[np.ndarray, np
     return np.asarray(input_ids), attention_mask
 
 
+def _padded_to(ids: np.ndarray, mask: np.ndarray, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, T] ids and mask left-padded (masked) to `width` columns, as the serving engine pads its prompts: one
+    compiled program then serves every prompt length of a bucket (jax.jit traces again for every new shape).
+    The model drops masked tokens when it merges text and images, so the padding changes nothing else."""
+    extra = max(width - ids.shape[1], 0)
+    return np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0)))
+
+
 def _budget(n: int) -> int:
     """The cache room compiled for `n` new tokens: a power of two >= 16."""
     return max(16, 1 << (n - 1).bit_length())
@@ -199,6 +207,7 @@ class Pretrained:
         # Prompts of any length run through a few compiled programs: the merged length is bucketed and
         # the padding (masked, after every real token) sliced off again.
         bucket = length_bucket(length, self.config.max_length)
+        ids, mask = _padded_to(ids, mask, bucket, 0)
         if bucket not in self._jitted:
             self._jitted[bucket] = jax.jit(
                 lambda p, i, im, aux, m: self.module.apply({"params": p}, i, im, aux, m, length=bucket)[0])
@@ -241,11 +250,7 @@ class Pretrained:
         stops = (*get_template(self.config.template).stop, *(stop or ()))
         token_stops, text_stops = _stops(tok, stops)
         bucket, budget = length_bucket(length, self.config.max_length), _budget(max_new_tokens)
-        # left-padded to the bucket (as the serving engine does), so that one program serves every prompt
-        # length of the bucket: jax.jit traces again for every new ids shape
-        extra = max(bucket - ids.shape[1], 0)
-        ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id)
-        mask = np.pad(mask, ((0, 0), (extra, 0)))
+        ids, mask = _padded_to(ids, mask, bucket, pad_id)
         greedy = temperature == 0.0
         key = ("generate", bucket, budget, greedy, top_k, token_stops, output_scores, num_beams)
         if key not in self._jitted:
