@@ -6,8 +6,8 @@
 #
 # Steps: create the slice (or reuse one with --reuse), copy this repository (git archive of HEAD) to
 # every host, install it with TPU JAX, run the command on all hosts at once (`gcloud ... ssh
-# --worker=all`; JAX finds the other hosts by itself, mgjax.distributed.initialize() needs no
-# arguments on TPU), copy each host's log to ./logs/NAME/, and delete the slice unless --keep.
+# --worker=all`; MGJAX_JOIN=1 makes every mgjax command join the job, and JAX finds the other hosts by
+# itself), copy each host's log to ./logs/NAME/, and delete the slice unless --keep.
 # --restarts N: run the command again on every host after a failed run, up to N times, each restart logged
 # (a lost host ends the others with exit 1; `mgjax train` resumes from its last checkpoint); a bad input
 # (exit 2) or an interrupt (130, 143) is not retried.
@@ -69,7 +69,8 @@ mkdir -p "$LOGS"
 for ((run = 0; ; run++)); do
   status=0
   "${TPU[@]}" ssh "$NAME" "${ALL[@]}" --worker=all --command="
-    cd ~/mgjax && . .venv/bin/activate && ($CMD) >> ~/mgjax-logs/\$(hostname).log 2>&1" || status=$?
+    cd ~/mgjax && . .venv/bin/activate && export MGJAX_JOIN=1 && ($CMD) >> ~/mgjax-logs/\$(hostname).log 2>&1" \
+    || status=$?
   if [[ $status -eq 0 || $status -eq 2 || $status -eq 130 || $status -eq 143 || $run -ge $RESTARTS ]]; then
     break
   fi

@@ -2,9 +2,10 @@
 on, before the command's modules (JAX, Flax, torch) are imported, so a signal at any moment of start-up ends
 with the command's one line (`mgjax.interrupt`).
 
-A process of a multi-process job (MGJAX_NUM_PROCESSES > 1) runs the command in a child that it watches
-(`supervise`): when the job's coordinator, process 0, is lost, JAX's C++ runtime aborts every other process at
-once with a stack trace that names nobody, before any Python code can run; the parent says it in one line."""
+A process of a multi-process job (MGJAX_NUM_PROCESSES > 1, or MGJAX_JOIN) runs the command in a child that it
+watches (`supervise`): when the job's coordinator, process 0, is lost, JAX's C++ runtime aborts every other
+process at once with a stack trace that names nobody, before any Python code can run; the parent says it in one
+line."""
 
 import os
 import signal
@@ -17,7 +18,8 @@ FATAL = b"JAX distributed service detected fatal errors"  # the abort's message 
 
 
 def command() -> None:
-    if os.environ.get("MGJAX_NUM_PROCESSES", "1").strip() not in ("", "0", "1") and SUPERVISED not in os.environ:
+    several = os.environ.get("MGJAX_NUM_PROCESSES", "1").strip() not in ("", "0", "1") or "MGJAX_JOIN" in os.environ
+    if several and SUPERVISED not in os.environ:
         sys.exit(supervise([sys.executable, "-m", "mgjax", *sys.argv[1:]], interrupt.command_name(sys.argv[1:])))
     try:
         with interrupt.handled():

@@ -27,14 +27,16 @@ from mgjax.errors import MGJaxError
 from mgjax.sharding import DEFAULT_RULES, Rules, batch_sharding
 
 ENV = ("MGJAX_COORDINATOR", "MGJAX_NUM_PROCESSES", "MGJAX_PROCESS_ID")
+JOIN_ENV = "MGJAX_JOIN"  # set by launch/tpu_pod.sh: JAX finds a TPU pod's hosts by itself, but only if asked
 HEARTBEAT_ENV = "MGJAX_HEARTBEAT_TIMEOUT"
 DEFAULT_HEARTBEAT_S = 60
 
 
 def in_job() -> bool:
-    """Whether this process was started as one of several: MGJAX_* set (launch/slurm_gpu.sbatch), or a SLURM
-    or Open MPI launch of more than one task (JAX detects those by itself)."""
-    return (any(k in os.environ for k in ENV) or os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1")
+    """Whether this process was started as one of several: MGJAX_* set (launch/slurm_gpu.sbatch), MGJAX_JOIN
+    (launch/tpu_pod.sh), or a SLURM or Open MPI launch of more than one task (JAX detects those by itself)."""
+    return (any(k in os.environ for k in (*ENV, JOIN_ENV))
+            or os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1")
             or os.environ.get("OMPI_COMM_WORLD_SIZE", "1").strip() not in ("", "1"))
 
 

@@ -32,7 +32,7 @@ def test_tpu_pod_script_runs_the_whole_lifecycle(tmp_path):
     assert verbs == ["describe", "create", "scp", "ssh", "ssh", "scp", "delete"], log
     assert "--accelerator-type=v5p-128" in log[1]
     assert all("--worker=all" in line for line in log[2:6])
-    assert "mgjax check-cluster" in log[4] and "pip install" in log[3]
+    assert "mgjax check-cluster" in log[4] and "export MGJAX_JOIN=1" in log[4] and "pip install" in log[3]
 
 
 def test_tpu_pod_script_usage():
