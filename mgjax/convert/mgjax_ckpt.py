@@ -62,18 +62,18 @@ def _atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
         raise MGJaxError(f"{out} exists and is not empty; choose a new output folder, or pass --overwrite "
                          "(overwrite=True) to replace it once the new one is complete")
     parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{out.name}.partial"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    except OSError as e:
-        if no_space(e) is not None:  # reported by atomic_output
-            raise
-        raise MGJaxError(f"{out}: cannot write the output there ({e.strerror or e}); choose a writable "
-                         "folder") from None
-    try:
+    tmp = parent / f".{out.name}.partial"
+    try:  # from before the folder exists: a signal that lands just after its mkdir must remove it too
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            if no_space(e) is not None:  # reported by atomic_output
+                raise
+            raise MGJaxError(f"{out}: cannot write the output there ({e.strerror or e}); choose a writable "
+                             "folder") from None
         yield tmp
         interrupt.check()  # a Ctrl-C / SIGTERM swallowed while the body ran still stops the rename
         if out.exists():
