@@ -2,7 +2,7 @@
 on, before the command's modules (JAX, Flax, torch) are imported, so a signal at any moment of start-up ends
 with the command's one line (`mgjax.interrupt`).
 
-A process of a multi-process job (MGJAX_NUM_PROCESSES > 1, or MGJAX_JOIN) runs the command in a child that it
+A process of a multi-process job (`jobenv.in_job`) runs the command in a child that it
 watches (`supervise`): when the job's coordinator, process 0, is lost, JAX's C++ runtime aborts every other
 process at once with a stack trace that names nobody, before any Python code can run; the parent says it in one
 line."""
@@ -12,14 +12,14 @@ import signal
 import sys
 
 from mgjax import interrupt  # first: the handlers go in before anything slow is imported
+from mgjax import jobenv
 
 SUPERVISED = "MGJAX_SUPERVISED"  # set in the child: it runs the command itself
 FATAL = b"JAX distributed service detected fatal errors"  # the abort's message (xla/pjrt/distributed/client.h)
 
 
 def command() -> None:
-    several = os.environ.get("MGJAX_NUM_PROCESSES", "1").strip() not in ("", "0", "1") or "MGJAX_JOIN" in os.environ
-    if several and SUPERVISED not in os.environ:
+    if jobenv.in_job() and SUPERVISED not in os.environ:
         sys.exit(supervise([sys.executable, "-m", "mgjax", *sys.argv[1:]], interrupt.command_name(sys.argv[1:])))
     try:
         with interrupt.handled():

@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from mgjax import interrupt
+from mgjax import interrupt, jobenv
 from mgjax.errors import MGJaxError
 
 
@@ -569,7 +569,7 @@ def cmd_check_cluster(args) -> int:
     return 0
 
 
-# The commands that compute: in a multi-process job (`distributed.in_job`) they join it before touching a device.
+# The commands that compute: in a multi-process job (`jobenv.in_job`) they join it before touching a device.
 # `convert` and `export` (host memory only) and `chat` (a terminal) run on one process.
 JOINING = ("train", "eval", "generate", "predict", "serve", "check-cluster")
 ONE_PROCESS = ("convert", "export", "chat")
@@ -778,14 +778,13 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
         with interrupt.handled():
             args = build_parser().parse_args(argv)
             name = args.command
-            if name in JOINING + ONE_PROCESS and not getattr(args, "dry_run", False):
+            if name in JOINING + ONE_PROCESS and not getattr(args, "dry_run", False) and jobenv.in_job():
+                if name in ONE_PROCESS:
+                    raise MGJaxError(f"{name} runs on one process, and this one was started as one of a job "
+                                     "(MGJAX_* variables, srun or mpirun with several tasks): run it on one host only")
                 from mgjax import distributed
 
-                if distributed.in_job() and name in ONE_PROCESS:
-                    raise MGJaxError(f"{name} runs on one process, and this one was started as one of a job "
-                                     f"(MGJAX_NUM_PROCESSES, SLURM_NTASKS): run it on one host only")
-                if distributed.in_job():
-                    distributed.initialize()  # before anything touches a device
+                distributed.initialize()  # before anything touches a device
             code = args.func(args)
     except (KeyboardInterrupt, interrupt.Terminated) as e:
         code = interrupt.stopped(e, name, exit_on_signal)
@@ -794,19 +793,21 @@ def main(argv: list[str] | None = None, *, exit_on_signal: bool = False) -> int:
         print(f"mgjax {name}: error: {message}", file=sys.stderr)
         code = e.exit_code
     except Exception:
-        if not _joined():
+        job = _job()
+        if job is None:
             raise
         traceback.print_exc()
-        sys.modules["mgjax.distributed"].failed(1, unexpected=True)
-    if _joined():
-        job = sys.modules["mgjax.distributed"]
+        job.failed(1, unexpected=True)
+    job = _job()
+    if job is not None:
         if code:
             job.failed(code, unexpected=False)
         job.finish()
     return code
 
 
-def _joined() -> bool:
-    """Whether this process joined a job of several (by `main`, or by check-cluster on a TPU pod)."""
+def _job():
+    """`mgjax.distributed` once this process has joined a job of several (by `main`, or by check-cluster on a
+    TPU pod), else None; looked up, not imported, since it imports JAX."""
     job = sys.modules.get("mgjax.distributed")
-    return job is not None and job.joined()
+    return job if job is not None and job.joined() else None

@@ -1,7 +1,7 @@
 """Multi-process (multi-host) setup, per-host input feeding, and once-only output.
 
 One process per host. `initialize()` must run before anything touches a device; the `mgjax` command calls it
-for every command that computes when the process was started as one of several (`in_job`).
+for every command that computes when the process was started as one of several (`jobenv.in_job`).
 
 A process that dies (SIGKILL, a lost host) stops sending heartbeats; after `MGJAX_HEARTBEAT_TIMEOUT`
 seconds (default 60) every other process ends with exit 1 and one line naming it (`_Watchdog`), instead of
@@ -24,20 +24,11 @@ from jax.sharding import Mesh
 
 from mgjax import interrupt
 from mgjax.errors import MGJaxError
+from mgjax.jobenv import ENV
 from mgjax.sharding import DEFAULT_RULES, Rules, batch_sharding
 
-ENV = ("MGJAX_COORDINATOR", "MGJAX_NUM_PROCESSES", "MGJAX_PROCESS_ID")
-JOIN_ENV = "MGJAX_JOIN"  # set by launch/tpu_pod.sh: JAX finds a TPU pod's hosts by itself, but only if asked
 HEARTBEAT_ENV = "MGJAX_HEARTBEAT_TIMEOUT"
 DEFAULT_HEARTBEAT_S = 60
-
-
-def in_job() -> bool:
-    """Whether this process was started as one of several: MGJAX_* set (launch/slurm_gpu.sbatch), MGJAX_JOIN
-    (launch/tpu_pod.sh), or a SLURM or Open MPI launch of more than one task (JAX detects those by itself)."""
-    return (any(k in os.environ for k in (*ENV, JOIN_ENV))
-            or os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1")
-            or os.environ.get("OMPI_COMM_WORLD_SIZE", "1").strip() not in ("", "1"))
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

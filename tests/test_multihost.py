@@ -119,8 +119,13 @@ def test_a_lost_coordinator_is_one_line(capfd, monkeypatch):
 
 
 def test_one_process_commands_say_so_inside_a_job(monkeypatch, capsys):
+    from mgjax import jobenv
     from mgjax.cli import main
 
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # an sbatch script's own shell: one process of a 4-task allocation
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert not jobenv.in_job()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # a task that srun started with three others
+    assert jobenv.in_job()
     assert main(["convert", "src", "out"]) == 2
     assert "convert runs on one process" in capsys.readouterr().err
