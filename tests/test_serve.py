@@ -451,7 +451,8 @@ class _DevTools:
         self.proc = subprocess.Popen([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu",
                                       "--remote-debugging-port=0", f"--user-data-dir={profile}",
                                       "--window-size=900,900", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)  # its helper processes share its group
         for line in self.proc.stderr:
             found = re.search(r"DevTools listening on ws://([^/]+)/", line)
             if found:
@@ -483,8 +484,10 @@ class _DevTools:
             time.sleep(0.05)
 
     def close(self):
+        """Kills Chromium with its helper processes (renderer, GPU, utility): killed alone, it left them writing
+        into the profile folder while the test removed it ("Directory not empty", seen once in CI)."""
         self.ws.close()
-        self.proc.kill()
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
 
