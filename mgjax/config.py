@@ -23,11 +23,11 @@ FAMILIES = tuple(ARCHS)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 REMAT_POLICIES = ("none", "dots", "full")
 MOE_IMPLS = ("auto", "dense", "ragged")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "causal", "cudnn", "splash")
 # What "auto" picks on each platform the programs are built for (`mgjax.sharding.target_platform`): the fast
-# path where one exists, the reference on a CPU (splash only runs interpreted there, ragged_dot lowers to a
-# masked product over every group).
-AUTO_IMPLS = {"attention": {"tpu": "splash", "gpu": "cudnn", "cpu": "xla"},
+# path where one exists; on a CPU the reference's math in causal query blocks (splash only runs interpreted
+# there) and the dense experts (ragged_dot lowers to a masked product over every group).
+AUTO_IMPLS = {"attention": {"tpu": "splash", "gpu": "cudnn", "cpu": "causal"},
               "moe": {"tpu": "ragged", "gpu": "ragged", "cpu": "dense"}}
 DEPTHWISE_IMPLS = ("shifted", "grouped")
 
@@ -161,9 +161,11 @@ class LMConfig:
     # float32 logits recomputed in the backward pass instead of kept ([B, L, V] x 4 bytes, twice, otherwise:
     # 1 GB per 2048-token row at Llama-3's 128k vocabulary). 0: one [B, L, V] head. Equal up to rounding.
     loss_chunk: int = 0
-    # Attention without a cache: "xla" (the einsum reference), "cudnn" (GPU: jax.nn.dot_product_attention's
-    # cuDNN flash kernel) or "splash" (TPU: Pallas splash attention). Calls with a cache take the reference
-    # or, see `cache_block`, its blocked form. "auto": `AUTO_IMPLS` for the platform compiled for.
+    # Attention without a cache: "xla" (the einsum reference), "causal" (CPU: the reference per block of 128
+    # queries over only the keys they can see; also generation's prefill), "cudnn" (GPU:
+    # jax.nn.dot_product_attention's cuDNN flash kernel) or "splash" (TPU: Pallas splash attention). Calls
+    # with a cache take the reference or, see `cache_block`, its blocked form. "auto": `AUTO_IMPLS` for the
+    # platform compiled for.
     attention_impl: str = "auto"
     # Attention over a KV cache (generation) in blocks of this many slots, visiting only the blocks that
     # hold tokens (a running softmax; not the room left for later tokens, nor padding every row skips):

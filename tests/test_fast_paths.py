@@ -4,9 +4,10 @@ experts are in tests/test_moe.py):
 - `LMConfig.loss_chunk`: the LM head + cross-entropy over chunks of positions under `jax.checkpoint`;
   loss and every parameter's gradient equal the one-head loss, for an LLM built like each released family
   (the head is the tied embedding for Gemma), and on packed rows with a chunk that does not divide L - 1.
-- `LMConfig.attention_impl`: "cudnn" (`jax.nn.dot_product_attention`, XLA's on this CPU) and "splash"
-  (the Pallas TPU kernel, interpreted on this CPU; per shard under a mesh) against "xla", for every
-  family, with padding and packed rows (logits at the valid positions, gradients).
+- `LMConfig.attention_impl`: "causal" (query blocks over the keys they see; also a prompt pass into a
+  cache), "cudnn" (`jax.nn.dot_product_attention`, XLA's on this CPU) and "splash" (the Pallas TPU kernel,
+  interpreted on this CPU; per shard under a mesh) against "xla", for every family, with padding and
+  packed rows (logits at the valid positions, gradients).
 - `ConvNextConfig.depthwise_impl`: "grouped" (XLA's grouped convolution) against "shifted".
 
 Tolerance: float32; relative error <= 1e-5 of the reference's largest value (the chunks sum the positions
@@ -22,6 +23,7 @@ import pytest
 
 import tiny
 from mgjax.config import MeshConfig
+from mgjax.layers import attention
 from mgjax.lm.decoder import Decoder, init_cache
 from mgjax.model import MGM, init_params
 from mgjax.sharding import DEFAULT_RULES, activate, make_mesh
@@ -142,11 +144,13 @@ def _attention_case(family):
     return params, valid, jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
 
 
-@pytest.mark.parametrize("impl", ["cudnn", "splash"])
+@pytest.mark.parametrize("impl", ["causal", "cudnn", "splash"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_attention_impl_equals_xla(family, impl):
+def test_attention_impl_equals_xla(family, impl, monkeypatch):
     """Logits at the valid positions (a right-padded row, a packed row of two samples) and the gradients
-    of a loss over them equal the "xla" reference, for an LLM built like each released family."""
+    of a loss over them equal the "xla" reference, for an LLM built like each released family ("causal"
+    in query blocks of 4, so that the rows span several)."""
+    monkeypatch.setattr(attention, "_QUERY_BLOCK", 4)
     params, valid, run = _attention_case(family)
     (l_x, logits_x), g_x = run(params, "xla")
     (l_i, logits_i), g_i = run(params, impl)
@@ -228,13 +232,16 @@ def _cached_run(config, steps=2):
 
 
 @pytest.mark.parametrize("family,scan", [(f, False) for f in FAMILIES] + [("vicuna", True)])
-def test_blocked_cache_attention_equals_every_slot(family, scan):
+def test_blocked_cache_attention_equals_every_slot(family, scan, monkeypatch):
     """`cache_block` 4 (13 slots: the last block overlaps the one before it; the rows' padding differs) gives
-    the logits of attending over every slot, for the prompt pass and two decode steps, for every family."""
-    config = tiny.lm(family, scan_layers=scan)
+    the logits of attending over every slot, for the prompt pass and two decode steps, for every family;
+    so does "causal" attention (query blocks of 4), which runs the prompt pass over the prompt's own keys."""
+    monkeypatch.setattr(attention, "_QUERY_BLOCK", 4)
+    config = tiny.lm(family, scan_layers=scan, attention_impl="xla")
     ref, prompt_valid = _cached_run(config)
-    got, _ = _cached_run(dataclasses.replace(config, cache_block=4))
     keep = np.asarray(prompt_valid)
-    assert _rel(np.asarray(got[0])[keep], np.asarray(ref[0])[keep]) <= 1e-5
-    for a, b in zip(got[1:], ref[1:], strict=True):
-        assert _rel(a, b) <= 1e-5
+    for impl in ("xla", "causal"):
+        got, _ = _cached_run(dataclasses.replace(config, cache_block=4, attention_impl=impl))
+        assert _rel(np.asarray(got[0])[keep], np.asarray(ref[0])[keep]) <= 1e-5
+        for a, b in zip(got[1:], ref[1:], strict=True):
+            assert _rel(a, b) <= 1e-5

@@ -236,7 +236,7 @@ def test_auto_fast_paths_compile_for_a_tpu_mesh(family):
     gradient over a right-padded and a packed row compiles with splash attention as a Mosaic kernel (a TPU
     custom call, not the interpreter) at the release's head_dim, and Mixtral's experts as ragged dots."""
     config = tiny.lm(family, head_dim=RELEASED_HEAD_DIM[family])
-    assert config.impls("tpu") == ("splash", "ragged") and config.impls("cpu") == ("xla", "dense")
+    assert config.impls("tpu") == ("splash", "ragged") and config.impls("cpu") == ("causal", "dense")
     devices = parse_slice("v5p-8").devices()
     shape = (1, 2, 1, 2) if family == "mixtral" else (1, 2, 2, 1)
     mesh = make_mesh(MeshConfig(*shape), devices)
@@ -265,7 +265,7 @@ def test_auto_is_the_reference_on_this_cpu():
     """The tests run the reference paths: on the CPU "auto" is xla attention and dense experts; a named path
     stays what it is named."""
     assert jax.default_backend() == "cpu" and target_platform() == "cpu"
-    assert tiny.lm("mixtral").impls(target_platform()) == ("xla", "dense")
+    assert tiny.lm("mixtral").impls(target_platform()) == ("causal", "dense")
     assert tiny.lm("vicuna", attention_impl="splash", moe_impl="ragged").impls("cpu") == ("splash", "ragged")
     assert tiny.lm("vicuna").impls("gpu") == ("cudnn", "ragged")
 

@@ -82,7 +82,7 @@ def test_overrides_and_config_errors(tmp_path):
     for bad, culprit in ((["optim.lrr=1"], "unknown key optim.lrr"), (["steps=abc"], "steps = 'abc' should be int"),
                          (["steps"], "write key=value"), (["model.remat=some"], "none|dots|full"),
                          (["model.moe_impl=sparse"], "dense|ragged"),
-                         (["model.attention_impl=flash"], "xla|cudnn|splash"),
+                         (["model.attention_impl=flash"], "xla|causal|cudnn|splash"),
                          (["model.loss_chunk=-1"], "must be >= 0"), (["model.depthwise_impl=fft"], "shifted|grouped")):
         with pytest.raises(MGJaxError, match=culprit):
             load_train_config(CONFIGS / "demo" / "stage2.yaml", bad)

@@ -10,8 +10,8 @@ from the same seed). Each decoded token is reported with the text it adds (`sett
 character).
 
 Programs: one decode step over all the slots, and a prefill per (length bucket, number of prompts: 1, 2,
-4, ..., images); `warm` compiles the step and the prefills of the buckets a one-image prompt of up to
-`warm_text` text tokens uses, before the engine reports ready.
+4, ..., images); `warm` compiles the step and the prefills of the buckets a text or one-image prompt of
+up to `warm_text` text tokens uses, before the engine reports ready.
 """
 
 from __future__ import annotations
@@ -222,15 +222,13 @@ class Engine:
             self._thread.join()
 
     def warm(self) -> int:
-        """Compiles the step and the prefills (of 1, 2, 4, ... prompts) of the buckets up to a one-image
-        prompt of `warm_text` text tokens, on rows that stay free; returns the number of programs compiled."""
+        """Compiles the step and the prefills (of 1, 2, 4, ... prompts) of the buckets of a text prompt or a
+        one-image prompt of up to `warm_text` text tokens, on rows that stay free; returns the number of
+        programs compiled."""
         c = self.model.config
         images, images_aux = self.model.zero_images()
-        top = length_bucket(c.tokens_per_image + self.warm_text, c.max_length)
-        buckets = [64]
-        while buckets[-1] < top:
-            buckets.append(length_bucket(buckets[-1] + 1, c.max_length))
-        buckets = [b for b in buckets if b < self.context]
+        merged = {*range(1, self.warm_text + 1), *range(c.tokens_per_image, c.tokens_per_image + self.warm_text)}
+        buckets = sorted(b for b in {length_bucket(n, c.max_length) for n in merged} if b < self.context)
         for bucket in buckets:  # a prompt of that merged length: text only, or one image and text
             ids = np.full(bucket if bucket <= c.tokens_per_image else bucket - c.tokens_per_image + 1, self.pad_id,
                           np.int32)

@@ -78,6 +78,33 @@ def _xla(q, k, v, mask, dtype):
     return rearrange(jnp.einsum("bkgts,bskd->btkgd", probs, v), "b t k g d -> b t (k g) d")
 
 
+_QUERY_BLOCK = 128  # `_causal`'s query block: on a 2-core AVX-512 CPU, 128 ran a 768-token row fastest (64, 256 slower)
+
+
+def _causal(q, k, v, mask, dtype):
+    """Causal attention without a cache, `_xla`'s math one block of `_QUERY_BLOCK` queries at a time over
+    only the keys up to the block's last query (the rest are masked anyway): about half the score work and
+    memory of the reference, and blocks small enough to stay in cache. q [B, T, H, hd], k/v [B, T, KV, hd],
+    mask bool [B, 1, T, T] (causal: `causal_mask`, or a prompt's first T slots of a `cached_mask`).
+    Equal to `_xla` up to rounding at every query that sees a key (a query that sees none, padding, gets the
+    mean of fewer values)."""
+    t = q.shape[1]
+    block = _QUERY_BLOCK
+    # heads first: [.., t, d] x [.., s, d] products over contiguous rows (50% faster than `_xla`'s layout here)
+    q = rearrange(q, "b t (k g) d -> b k g t d", k=k.shape[2])
+    k, v = (rearrange(a, "b s k d -> b k s d") for a in (k, v))
+    scale = q.shape[-1] ** -0.5
+    outs = []
+    for start in range(0, t, block):
+        stop = min(start + block, t)
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, start:stop], k[:, :, :stop],
+                            preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask[:, :, None, start:stop, :stop], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, v[:, :, :stop]))
+    return rearrange(jnp.concatenate(outs, axis=3), "b k g t d -> b t (k g) d")
+
+
 def _blocked(q, k, v, valid, index, dtype, block):
     """Attention over a cache, reading only the blocks of `block` slots that hold tokens: q [B, Tq, H, hd]
     for slots index .. index + Tq - 1, k/v [B, S, KV, hd], valid bool [B, S]. The blocks from the first
@@ -179,7 +206,8 @@ class Attention(nn.Module):
     each row's own) and attention runs over all its slots (`mask` then [B, 1, Tq, S], see `cached_mask`),
     or, with `cache_block` > 0 and `valid` bool [B, S] given, over only the blocks of that many slots that
     hold tokens (`_blocked`); the call returns (out, cache). `impl` (`LMConfig.attention_impl`): "xla",
-    "cudnn" or "splash" for calls without a cache, equal up to rounding.
+    "causal", "cudnn" or "splash" for calls without a cache, equal up to rounding ("causal" also serves a
+    prompt written at slot 0 of a cache, `index` the int 0: generation's prefill).
     """
 
     num_heads: int
@@ -208,10 +236,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = (_write_cache(c, x.astype(c.dtype), index) for c, x in ((cache.k, k), (cache.v, v)))
             cache = KVCache(constrain(k, CACHE_AXES), constrain(v, CACHE_AXES))
-        if cache is not None and self.cache_block and valid is not None and k.shape[1] >= self.cache_block:
+        if cache is not None and self.impl == "causal" and isinstance(index, int) and index == 0 and q.shape[1] > 1:
+            # a prompt written from slot 0 (prefill) attends to its own keys: the cache's first Tq slots
+            out = _causal(q, k[:, :q.shape[1]], v[:, :q.shape[1]], mask[..., :q.shape[1]], self.dtype)
+        elif cache is not None and self.cache_block and valid is not None and k.shape[1] >= self.cache_block:
             out = _blocked(q, k, v, valid, index, self.dtype, self.cache_block)
         elif cache is not None or self.impl == "xla":
             out = _xla(q, k, v, mask, self.dtype)
+        elif self.impl == "causal":
+            out = _causal(q, k, v, mask, self.dtype)
         elif self.impl == "cudnn":
             out = _cudnn(q, k, v, mask)
         else:

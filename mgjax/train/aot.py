@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgjax.plan import model_flops
-from mgjax.pretrained import length_bucket
+from mgjax.pretrained import TRAIN_PER_OCTAVE, length_bucket
 from mgjax.sharding import activate
 from mgjax.roofline import hlo_cost, step_time
 from mgjax.topology import CHIPS, Slice, hbm_bytes, read_oom
@@ -59,7 +59,7 @@ def dry_run(cfg: TrainConfig, topology: Slice | None = None, hlo_file: str | Pat
             cfg, Path(tmp), topology.devices() if topology else None, hosts)
     config = model.config
     text_len = max(cfg.data.buckets)
-    length = length_bucket(text_len - 1 + config.tokens_per_image, config.max_length)
+    length = length_bucket(text_len - 1 + config.tokens_per_image, config.max_length, TRAIN_PER_OCTAVE)
     batch = abstract_batch(cfg, config, mesh, rules, text_len, hosts)
     step = jax.jit(make_train_step(module, tx, length, jax.random.key(cfg.seed + 1)), donate_argnums=0)
     count = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))  # noqa: E731

@@ -42,7 +42,7 @@ from mgjax.errors import MGJaxError
 from mgjax.model import MGM, abstract_params, init_params, merged_lengths
 from mgjax.plan import model_flops, peak_flops
 from mgjax.presets import preset
-from mgjax.pretrained import length_bucket
+from mgjax.pretrained import TRAIN_PER_OCTAVE, length_bucket
 from mgjax.progress import Progress
 from mgjax.sharding import activate, batch_sharding, batch_shards, make_mesh, param_shardings, rules_for
 from mgjax.train.checkpoints import (RUN_FORMAT, RunCheckpoints, has_frozen, is_run_dir, load_frozen,
@@ -328,7 +328,7 @@ def batch_lengths(micro: list[dict], config: MGMConfig) -> tuple[int, int]:
     t = max(b["input_ids"].shape[1] for b in micro)
     merged = max(int(np.max(merged_lengths(b["input_ids"], b["attention_mask"], config.tokens_per_image)))
                  for b in micro)
-    return t, length_bucket(merged, config.max_length)
+    return t, length_bucket(merged, config.max_length, TRAIN_PER_OCTAVE)
 
 
 def stacked_sharding(mesh, rules, ndim: int) -> NamedSharding:
