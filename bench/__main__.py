@@ -1,14 +1,16 @@
 """Every benchmark with one command: `python -m bench` (or `make bench`) from the repository root.
 
-Runs bench/train.py (the training step per config and remat policy, the machine's measured matmul ceiling
+Runs bench/cpu.py on a CPU (mgjax beside HF PyTorch modules of the same shapes: encode, prompt pass,
+decode, train step and peak RSS as speed ratios measured in one run, with the CPU's model and flags; the
+per-part forward + backward table), bench/train.py (the training step per config and remat policy, the machine's measured matmul ceiling
 and each case's MFU against it, HF PyTorch's Llama step beside the LLM-only step) and bench/generate.py
 (generation per batch size next to HF's `generate`; mgjax's encode and prefill timed apart with their MFU
 against train's ceiling when that is float32), each case in its own process as those scripts do, then
 prints one summary table and writes bench/results/summary.json (the scripts' own JSON files stay beside it).
 
-  python -m bench            # tiny and 100m configs (2-core CPU: about 35 minutes)
-  python -m bench --quick    # the tiny config only (2-core CPU: about 5 minutes)
-  python -m bench --no-torch # without the PyTorch reference rows
+  python -m bench            # tiny and 100m configs (2-core CPU: about 50 minutes)
+  python -m bench --quick    # the tiny config only, bench/cpu.py's batch-1 rows (2-core CPU: about 10 minutes)
+  python -m bench --no-torch # without the PyTorch reference rows (and without bench/cpu.py)
 """
 
 from __future__ import annotations
@@ -27,10 +29,21 @@ RESULTS = ROOT / "bench" / "results"
 def _suites(quick: bool, torch: bool) -> list[tuple[str, list[str]]]:
     configs = ["--configs", "tiny"] if quick else []
     torch_flag = [] if torch else ["--no-torch"]
+    side_by_side = []
+    if torch and _on_cpu():
+        rows = ["--rows", "encode 1,prompt 1,decode 1"] if quick else ["--parts"]
+        side_by_side = [("cpu", [*rows, "--out", str(RESULTS / "cpu.json")])]
     # generate reuses train's matmul ceiling when it is float32 (a CPU), else measures its own float32 one
-    return [("train", [*configs, *torch_flag, "--out", str(RESULTS / "train.json")]),
+    return side_by_side + [("train", [*configs, *torch_flag, "--out", str(RESULTS / "train.json")]),
             ("generate", [*configs, *torch_flag, "--ceiling", str(RESULTS / "train.json"),
                           "--out", str(RESULTS / "generate.json")])]
+
+
+def _on_cpu() -> bool:
+    """Whether JAX's default backend here is the CPU (asked in a child, so that this process holds no device)."""
+    probe = "import jax; print(jax.default_backend())"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1:] == ["cpu"]
 
 
 def _gb(row: dict) -> str:
@@ -88,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for name, flags in _suites(args.quick, args.torch):
+    suites = _suites(args.quick, args.torch)
+    for name, flags in suites:
         print(f"== bench/{name}.py {' '.join(flags)}", flush=True)
         code = subprocess.call([sys.executable, str(ROOT / "bench" / f"{name}.py"), *flags], cwd=ROOT)
         if code:
@@ -96,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             return code
     results = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in ("train", "generate")}
     lines, data = summary(results["train"], results["generate"])
+    cpu = RESULTS / "cpu.json"
+    if "cpu" in dict(suites):
+        data["cpu"] = json.loads(cpu.read_text())
+        lines = [*data["cpu"]["table"], "", *lines]
     data.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv, quick=args.quick,
                 wall_s=time.time() - t0, device=results["train"].get("device"), host=results["train"].get("host"))
     (RESULTS / "summary.json").write_text(json.dumps(data, indent=1))
