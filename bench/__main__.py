@@ -2,11 +2,12 @@
 
 Runs bench/cpu.py on a CPU (mgjax beside HF PyTorch modules of the same shapes: encode, prompt pass,
 decode, train step and peak RSS as speed ratios measured in one run, with the CPU's model and flags; the
-per-part forward + backward table), bench/train.py (the training step per config and remat policy, the machine's measured matmul ceiling
-and each case's MFU against it, HF PyTorch's Llama step beside the LLM-only step) and bench/generate.py
-(generation per batch size next to HF's `generate`; mgjax's encode and prefill timed apart with their MFU
-against train's ceiling when that is float32), each case in its own process as those scripts do, then
-prints one summary table and writes bench/results/summary.json (the scripts' own JSON files stay beside it).
+per-part forward + backward table), bench/train.py (the training step per config and remat policy, the
+machine's measured matmul ceiling and each case's MFU against it, HF PyTorch's Llama step beside the
+LLM-only step) and bench/generate.py (generation per batch size next to HF's `generate`; mgjax's encode and
+prefill timed apart with their MFU against train's ceiling when that is float32), each case in its own
+process as those scripts do, then prints one summary table and writes bench/results/summary.json (the
+scripts' own JSON files stay beside it).
 
   python -m bench            # tiny and 100m configs (2-core CPU: about 50 minutes)
   python -m bench --quick    # the tiny config only, bench/cpu.py's batch-1 rows (2-core CPU: about 10 minutes)

@@ -29,7 +29,6 @@ with the cross-entropy, rotary embedding.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
