@@ -8,8 +8,9 @@ case --repeats times; the tables report medians. PyTorch uses as many threads as
 
 Rows (each side's time for the same work; ratio = PyTorch's time / mgjax's, > 1 = mgjax faster):
 
-  encode B      the towers on B images: mgjax `MGM.encode_images` (CLIP, ConvNeXt, patch info mining and the
-                projector) vs HF `CLIPVisionModel` + `ConvNextModel` (the towers alone: PyTorch does less)
+  encode B      B images to visual tokens: mgjax `MGM.encode_images` (CLIP, ConvNeXt, patch info mining, the
+                projector) vs HF `CLIPVisionModel` + `ConvNextModel` and the original's mining and projector
+                in PyTorch (`_torch_mining`: the multi-stage map, the windows, one-head attention)
   prompt B      the LLM over B prompts of --prompt merged tokens into a fresh KV cache, the last position's
                 logits (generation's prefill): mgjax at its length bucket, left-padded, vs HF
                 `LlamaForCausalLM(inputs_embeds=..., logits_to_keep=1)`
@@ -189,6 +190,35 @@ def _hf_llama(lm):
     return hf
 
 
+def _torch_mining(config):
+    """The original's patch info mining and projector (its `unified_resampler` and `mm_projector`, the
+    computation of docs/mgm_spec.md section 5) in PyTorch, for the encode row's PyTorch side."""
+    import torch
+    from torch import nn
+
+    class Mining(nn.Module):
+        def __init__(self):
+            super().__init__()
+            c, ca, h = config.mm_hidden_size, config.mm_hidden_size_aux, config.lm.hidden_size
+            self.query = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c))
+            self.key, self.value = (nn.Sequential(nn.LayerNorm(ca), nn.Linear(ca, c)) for _ in range(2))
+            self.projector = nn.Sequential(nn.Linear(c, h), nn.GELU(), nn.Linear(h, h))
+
+        def forward(self, low, stages):  # low [B, N, C]; stages: the ConvNeXt's 4 maps [B, Ci, Hi, Wi]
+            size = stages[0].shape[-2:]
+            high = torch.cat([stages[0], *(nn.functional.interpolate(s, size=size, mode="bilinear",
+                                                                     align_corners=False) for s in stages[1:])], 1)
+            b, n, c = low.shape
+            p = int(n ** 0.5)
+            m = high.shape[-1] // p
+            windows = high.reshape(b, -1, p, m, p, m).permute(0, 2, 4, 3, 5, 1).reshape(b, n, m * m, -1)
+            q, k, v = self.query(low), self.key(windows), self.value(windows)
+            att = (q[:, :, None] @ (k.transpose(-1, -2) / k.shape[-1] ** 0.5)).nan_to_num()
+            return self.projector(low + (att.softmax(-1) @ v)[:, :, 0])
+
+    return Mining()
+
+
 def _torch_row(spec: dict) -> dict:
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, LlamaForCausalLM
@@ -203,13 +233,15 @@ def _torch_row(spec: dict) -> dict:
             num_attention_heads=v.num_heads, image_size=config.image_size, patch_size=v.patch_size,
             hidden_act="quick_gelu")).eval()
         convnext = ConvNextModel(ConvNextConfig(hidden_sizes=list(a.dims), depths=list(a.depths))).eval()
+        mine = _torch_mining(config).eval()
         images = torch.rand(b, 3, config.image_size, config.image_size) * 2 - 1
         aux = torch.rand(b, 3, config.image_size_aux, config.image_size_aux) * 2 - 1
 
         @torch.no_grad()
         def encode():
-            clip(pixel_values=images, output_hidden_states=True)
-            convnext(pixel_values=aux, output_hidden_states=True)
+            low = clip(pixel_values=images, output_hidden_states=True).hidden_states[-2][:, 1:]
+            stages = convnext(pixel_values=aux, output_hidden_states=True).hidden_states[1:]
+            return mine(low, stages)
 
         return {"times_s": _timed(encode, spec["reps"])}
     lm = config.lm

@@ -325,7 +325,7 @@ def test_overload_of_64_clients_answers_or_refuses_each_and_recovers(served):
     cases = [("hi", False), ("no", False), ("hi", True), ("no", True)]
     alone = [_alone(model, question, image, 3)[1].text[0] for question, image in cases]
     padding = {"padding": "x" * (4 << 20)}  # a key the server does not read: only the body's size changes
-    clients, rounds, limit = 64, 3, (server.max_concurrent, server.max_body)
+    clients, rounds, limit = 64, 4, (server.max_concurrent, server.max_body)
     _until(lambda: server.inflight == 0, "a request of an earlier test is still counted")
     gc.collect()
     live, counts, rss = _live(Request), dict(server.counts), [_rss()]
@@ -375,7 +375,9 @@ def test_overload_of_64_clients_answers_or_refuses_each_and_recovers(served):
     gc.collect()
     assert _live(Request) == live  # no request, with its images and events, outlives its reply
     growth = [f"{(b - a) / 1e6:+.0f} MB" for a, b in zip(rss, rss[1:])]
-    assert rss[-1] - rss[0] < 200e6 and rss[-1] - rss[-2] < 50e6, growth
+    # a leak grows every round; the allocator's high-water mark grows in a round that happened to hold more
+    # bodies at once (seen: +81, +6, +96 MB in a loaded full-suite run), so one of the last two may
+    assert rss[-1] - rss[0] < 250e6 and min(b - a for a, b in zip(rss[-3:], rss[-2:])) < 50e6, growth
     status, reply = _post(url, _ask(*cases[0], max_tokens=3))
     assert status == 200 and reply["choices"][0]["message"]["content"] == alone[0]
 
