@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mgjax.sharding import target_platform
+
 Dtype = Any
 
 
@@ -32,8 +34,14 @@ class Dense(nn.Module):
         init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
                             (*x.shape[-n_in:], *self.features), self.param_dtype)
+        lead = x.shape[:x.ndim - n_in]
+        if target_platform() == "cpu":
+            # one row axis: XLA:CPU's kernel gradient contracting [B, T] as two axes ran 30% slower (SwiGLU
+            # forward + backward at 2 x 768 x 640 -> 1728: 208 vs 160 ms, as PyTorch's 162 ms)
+            x = x.reshape(-1, *x.shape[x.ndim - n_in:])
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = y.reshape(*lead, *self.features)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[n_in:]),
                               self.features, self.param_dtype)
