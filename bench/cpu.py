@@ -147,7 +147,7 @@ def _jax_parts(reps: int) -> dict:
     import numpy as np
 
     from mgjax.layers.attention import _causal, causal_mask
-    from mgjax.layers.common import RMSNorm
+    from mgjax.layers.common import RMSNorm, dense
     from mgjax.layers.mlp import GatedMLP
     from mgjax.layers.rope import apply_rope, rope_tables
     from mgjax.train.loss import next_token_nll
@@ -159,15 +159,17 @@ def _jax_parts(reps: int) -> dict:
                for h in (lm.num_heads, lm.num_kv_heads, lm.num_kv_heads))
     mask = causal_mask(jnp.ones((b, t), bool))
     ids = jnp.asarray(rng.integers(0, lm.vocab_size, (b, t)), jnp.int32)
-    head = jnp.asarray(rng.standard_normal((lm.hidden_size, lm.vocab_size)) * 0.02, jnp.float32)
+    head = dense(lm.vocab_size, ("embed", "vocab"), use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 name="lm_head")
     cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(t), (b, t)), lm.head_dim, lm.rope_theta)
     mlp, norm = GatedMLP(lm.intermediate_size, lm.activation), RMSNorm(lm.norm_eps)
     mlp_p, norm_p = mlp.init(jax.random.key(0), x)["params"], norm.init(jax.random.key(0), x)["params"]
+    head_p = head.init(jax.random.key(0), x)["params"]
     parts = {
         "attention": (lambda q, k, v: jnp.sum(_causal(q, k, v, mask, jnp.float32) ** 2), (q, k, v)),
         "mlp": (lambda p, x: jnp.sum(mlp.apply({"params": p}, x) ** 2), (mlp_p, x)),
         "rmsnorm": (lambda p, x: jnp.sum(norm.apply({"params": p}, x) ** 2), (norm_p, x)),
-        "head + loss": (lambda w, x: next_token_nll(x @ w, ids)[0], (head, x)),
+        "head + loss": (lambda p, x: next_token_nll(head.apply({"params": p}, x), ids)[0], (head_p, x)),
         "rope": (lambda q, k: jnp.sum(apply_rope(q, cos, sin) * apply_rope(k, cos, sin)), (q, k)),
     }
     out = {}
