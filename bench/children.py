@@ -24,6 +24,16 @@ def device_info() -> dict:
             "jax": jax.__version__}
 
 
+def timed(fn: Callable[[], object], calls: int) -> list[float]:
+    """Wall seconds of `calls` calls of `fn` (which must finish its work before returning)."""
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def child(kinds: dict[str, Callable[[dict], dict]], kind: str, spec_file: str, out_file: str) -> None:
     """In the child: the row of `kinds[kind](spec)` plus the process's peak RSS, written to `out_file`."""
     row = kinds[kind](json.loads(Path(spec_file).read_text()))

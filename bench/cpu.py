@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from children import ROOT, child, run_child, write_results  # noqa: E402
+from children import ROOT, child, run_child, timed, write_results  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 ERROR_KEYS = ("row", "framework")
@@ -69,12 +69,7 @@ def _config():
 
 def _timed(fn, reps: int) -> list[float]:
     fn()  # compile / warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    return timed(fn, reps)
 
 
 # --- mgjax -------------------------------------------------------------------------------------------

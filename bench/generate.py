@@ -92,7 +92,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from children import ROOT, child, device_info, run_child, write_results  # bench/, the script's folder, is on sys.path
+# bench/, the script's folder, is on sys.path
+from children import ROOT, child, device_info, run_child, timed, write_results
 from train import _flops, child_matmul, matmul_spec
 
 RESULTS = ROOT / "bench" / "results" / "generate.json"
@@ -146,15 +147,6 @@ def _prompts(config, rows: int, prompt_tokens: int, seed: int = 0):
     return ids, images, images_aux
 
 
-def _timed(fn, calls: int) -> list[float]:
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
 def _generated(token_ids, stop_ids, n: int) -> list[int]:
     """Tokens each row generated: up to and including its first stop id, else all n."""
     import numpy as np
@@ -196,7 +188,7 @@ def _phase(fn, args: tuple, calls: int):
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     out = jax.block_until_ready(compiled(*args))
-    times = _timed(lambda: jax.block_until_ready(compiled(*args)), calls)
+    times = timed(lambda: jax.block_until_ready(compiled(*args)), calls)
     return out, {"s": statistics.median(times), "times_s": times, "compile_s": compile_s,
                  "flops": _flops(compiled.cost_analysis())}
 
@@ -278,8 +270,8 @@ def child_jax(spec: dict) -> dict:
         (jitted,) = model._jitted.values()  # one program: (bucket, budget, greedy, ...) of this workload
         full, short, outs = [], [], []
         for _ in range(spec["repeats"]):  # interleaved, so that load changes hit both alike; S needs no warm-up
-            full += _timed(lambda: outs.append(gen(n)), 1)
-            short += _timed(lambda: gen(s), 1)
+            full += timed(lambda: outs.append(gen(n)), 1)
+            short += timed(lambda: gen(s), 1)
         last = outs[-1]
         programs = jitted._cache_size()
         # the batch as generate runs it: grown to its power-of-two bucket (B = 1, 8, 32 stay as they are)
@@ -317,7 +309,7 @@ def _copy_bandwidth(n: int, calls: int) -> dict:
         state[0] = bump(state[0]).block_until_ready()
 
     nbytes = 2 * state[0].nbytes
-    best = min(_timed(step, calls))
+    best = min(timed(step, calls))
     return {"bytes": nbytes, "best_s": best, "bytes_per_s": nbytes / best, "what": "in-place x + 1 (donated)"}
 
 
@@ -369,8 +361,8 @@ def child_torch(spec: dict) -> dict:
     first_s = time.perf_counter() - t0
     full, short = [], []
     for _ in range(spec["repeats"]):
-        full += _timed(lambda: gen(n), 1)
-        short += _timed(lambda: gen(s), 1)
+        full += timed(lambda: gen(n), 1)
+        short += timed(lambda: gen(s), 1)
     new = first[:, length:]
     if new.shape != (b, n):
         raise SystemExit(f"HF generated {tuple(new.shape)} new tokens, wanted ({b}, {n})")
