@@ -128,14 +128,16 @@ def _text(tokenizer, ids: np.ndarray, stops: Sequence[str]) -> str:
 
 
 def length_bucket(n: int, limit: int, per_octave: int = 32) -> int:
-    """The compiled sequence length serving `n` tokens, capped at `limit`: at least 64, else `n` rounded up
-    to a multiple of 16 or of 1/`per_octave` of the power of two below it, whichever is larger. Inference
-    takes 32 per octave (multiples of 16 up to 1024, of 32 up to 2048, ...: under max(16, n / 32) tokens of
-    padding, <= 5% of the work from 320 tokens on, <= 3.1% from 512); training's steps, each bucket a compile
-    of the whole step, take `TRAIN_PER_OCTAVE`."""
+    """The compiled sequence length serving `n` tokens, capped at `limit`: 64, 96, 128, 192, 256 up to 256
+    tokens (short prompts are cheap; their programs are few), beyond that `n` rounded up to a multiple of 16
+    or of 1/`per_octave` of the power of two below it, whichever is larger. Inference takes 32 per octave
+    (multiples of 16 up to 1024, of 32 up to 2048, ...: under max(16, n / 32) tokens of padding, <= 5% of the
+    work from 320 tokens on, <= 3.1% from 512); training's steps, each bucket a compile of the whole step,
+    take `TRAIN_PER_OCTAVE`."""
     if n <= 64:
         return min(64, limit)
-    step = max(16, (1 << ((n - 1).bit_length() - 1)) // per_octave)
+    octave = 1 << ((n - 1).bit_length() - 1)  # the power of two below n
+    step = octave // 2 if n <= 256 else max(16, octave // per_octave)
     return min(-(-n // step) * step, limit)
 
 

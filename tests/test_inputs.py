@@ -76,16 +76,17 @@ def test_unknown_dtype():
 
 
 def test_length_buckets_waste_little_and_stay_few():
-    """Inference buckets: at least the length, padding < max(16, n / 32) tokens (<= 5% from 320 tokens), 32
-    per doubling of length (multiples of 16 up to 1024); training's: 64, 96, 128, 192, ... (two per
-    doubling)."""
+    """Inference buckets: at least the length; 64, 96, 128, 192, 256 up to 256 tokens, then padding
+    < max(16, n / 32) tokens (<= 5% from 320 tokens), 32 per doubling of length (multiples of 16 up to 1024);
+    training's: 64, 96, 128, 192, ... (two per doubling)."""
     from mgjax.pretrained import TRAIN_PER_OCTAVE, length_bucket
 
     limit = 1 << 14
     got = [length_bucket(n, limit) for n in range(1, limit + 1)]
-    assert all(b >= n and b % 16 == 0 and (b == 64 or b - n < max(16, n / 32)) for n, b in enumerate(got, 1))
+    assert all(b >= n and b % 16 == 0 and (n <= 256 or b - n < max(16, n / 32)) for n, b in enumerate(got, 1))
     assert max((b - n) / n for n, b in enumerate(got, 1) if n >= 320) <= 0.05
-    assert len(set(got)) == 29 + 32 * 5  # 64 .. 512 by 16, then 32 per doubling up to 16384
+    assert sorted(set(got))[:6] == [64, 96, 128, 192, 256, 272]
+    assert len(set(got)) == 5 + 16 + 32 * 5  # 64 .. 256, 272 .. 512 by 16, then 32 per doubling up to 16384
     assert (length_bucket(343, limit), length_bucket(615, limit), length_bucket(3000, 2048)) == (352, 624, 2048)
     train = sorted({length_bucket(n, 2048, TRAIN_PER_OCTAVE) for n in range(1, 2049)})
     assert train == [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
