@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             return code
     results = {name: json.loads((RESULTS / f"{name}.json").read_text()) for name in ("train", "generate")}
     lines, data = summary(results["train"], results["generate"])
-    cpu = RESULTS / "cpu.json"
     if "cpu" in dict(suites):
-        data["cpu"] = json.loads(cpu.read_text())
+        data["cpu"] = json.loads((RESULTS / "cpu.json").read_text())
         lines = [*data["cpu"]["table"], "", *lines]
     data.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv, quick=args.quick,
                 wall_s=time.time() - t0, device=results["train"].get("device"), host=results["train"].get("host"))

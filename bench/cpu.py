@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from children import ROOT, child, run_child, timed, write_results  # noqa: E402
+from train import child_llm, hf_llama_config, model_config  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 ERROR_KEYS = ("row", "framework")
@@ -62,8 +63,6 @@ def cpu_info() -> dict:
 
 
 def _config():
-    from train import model_config
-
     return model_config("100m")
 
 
@@ -189,17 +188,6 @@ def _jax_parts(reps: int) -> dict:
 
 # --- PyTorch -----------------------------------------------------------------------------------------
 
-def _hf_llama(lm):
-    from transformers import LlamaConfig
-
-    hf = LlamaConfig(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
-                     num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads,
-                     num_key_value_heads=lm.num_kv_heads, head_dim=lm.head_dim, max_position_embeddings=4096,
-                     rms_norm_eps=lm.norm_eps, rope_theta=lm.rope_theta, tie_word_embeddings=False, hidden_act="silu")
-    hf._attn_implementation = "sdpa"
-    return hf
-
-
 def _torch_mining(config):
     """The original's patch info mining and projector (its `unified_resampler` and `mm_projector`, the
     computation of docs/mgm_spec.md section 5) in PyTorch, for the encode row's PyTorch side."""
@@ -255,7 +243,7 @@ def _torch_row(spec: dict) -> dict:
 
         return {"times_s": _timed(encode, spec["reps"])}
     lm = config.lm
-    model = LlamaForCausalLM(_hf_llama(lm)).eval()
+    model = LlamaForCausalLM(hf_llama_config(lm, spec["prompt"] + spec["decode_steps"])).eval()
     embeds = torch.randn(b, spec["prompt"], lm.hidden_size) * 0.02
 
     @torch.no_grad()
@@ -284,7 +272,7 @@ def _torch_parts(reps: int) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     lm, b, t = _config().lm, TRAIN_ROWS, TRAIN_LEN
-    hf = _hf_llama(lm)
+    hf = hf_llama_config(lm, TRAIN_LEN)
     x = torch.randn(b, t, lm.hidden_size, requires_grad=True)
     q, k, v = (torch.randn(b, h, t, lm.head_dim, requires_grad=True)
                for h in (lm.num_heads, lm.num_kv_heads, lm.num_kv_heads))
@@ -322,8 +310,6 @@ def _torch_parts(reps: int) -> dict:
 
 def child_case(spec: dict) -> dict:
     if spec["row"] == "train":
-        from train import child_llm
-
         r = child_llm({"config": "100m", "remat": "none", "scan": True, "loss_chunk": 0, "batch": TRAIN_ROWS,
                        "accum": 1, "seq": TRAIN_LEN, "framework": "jax" if spec["framework"] == "mgjax" else "torch",
                        "dtype": "float32", "warmup": 1, "steps": spec["reps"]})

@@ -94,7 +94,7 @@ from pathlib import Path
 
 # bench/, the script's folder, is on sys.path
 from children import ROOT, child, device_info, run_child, timed, write_results
-from train import _flops, child_matmul, matmul_spec
+from train import _flops, child_matmul, hf_llama_config, matmul_spec
 
 RESULTS = ROOT / "bench" / "results" / "generate.json"
 SPECIAL = ("<s>", "<unk>")  # ids 0, 1; words w2 .. w<V-1>; eos "</s>" = V (outside the model's vocabulary)
@@ -329,7 +329,7 @@ def child_machine(spec: dict) -> dict:
 def child_torch(spec: dict) -> dict:
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     config = model_config(spec["config"])
     lm, b, n, s = config.lm, spec["batch"], spec["new_tokens"], spec["short"]
@@ -339,13 +339,7 @@ def child_torch(spec: dict) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     eos = lm.vocab_size - 1
-    hf = LlamaConfig(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
-                     num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads,
-                     num_key_value_heads=lm.num_kv_heads, head_dim=lm.head_dim,
-                     max_position_embeddings=max(lm.max_position_embeddings, length + n), rms_norm_eps=lm.norm_eps,
-                     rope_theta=lm.rope_theta, tie_word_embeddings=lm.tie_word_embeddings, hidden_act="silu",
-                     bos_token_id=0, eos_token_id=eos, pad_token_id=0)
-    hf._attn_implementation = "sdpa"
+    hf = hf_llama_config(lm, length + n, bos_token_id=0, eos_token_id=eos, pad_token_id=0)
     model = LlamaForCausalLM(hf).eval()
     ids = torch.randint(len(SPECIAL), lm.vocab_size - 1, (b, length))
     ids[:, 0] = 0

@@ -335,22 +335,30 @@ def child_llm(spec: dict) -> dict:
             "memory_analysis": _memory_analysis(compiled), "peak_bytes_in_use": _peak_device_bytes()}
 
 
+def hf_llama_config(lm, length: int, **extra):
+    """HF's `LlamaConfig` of the LLM `lm` (SDPA attention) for sequences of up to `length` positions; `extra`:
+    more LlamaConfig fields (token ids)."""
+    from transformers import LlamaConfig
+
+    hf = LlamaConfig(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
+                     num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads,
+                     num_key_value_heads=lm.num_kv_heads, head_dim=lm.head_dim,
+                     max_position_embeddings=max(lm.max_position_embeddings, length), rms_norm_eps=lm.norm_eps,
+                     rope_theta=lm.rope_theta, tie_word_embeddings=lm.tie_word_embeddings, hidden_act="silu", **extra)
+    hf._attn_implementation = "sdpa"
+    return hf
+
+
 def _torch_llm(lm, rows: int, length: int, spec: dict) -> dict:
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if lm.family != "llama":
         raise SystemExit(f"--torch: the reference is LlamaForCausalLM, {spec['config']} has a {lm.family} LLM")
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    hf = LlamaConfig(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
-                     num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads,
-                     num_key_value_heads=lm.num_kv_heads, head_dim=lm.head_dim,
-                     max_position_embeddings=max(lm.max_position_embeddings, length), rms_norm_eps=lm.norm_eps,
-                     rope_theta=lm.rope_theta, tie_word_embeddings=lm.tie_word_embeddings, hidden_act="silu")
-    hf._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(hf).train()
+    model = LlamaForCausalLM(hf_llama_config(lm, length)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
     ids = torch.randint(3, lm.vocab_size, (rows, length))
     autocast = spec["dtype"] == "bfloat16"

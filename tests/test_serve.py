@@ -376,7 +376,7 @@ def test_overload_of_64_clients_answers_or_refuses_each_and_recovers(served):
     assert _live(Request) == live  # no request, with its images and events, outlives its reply
     growth = [f"{(b - a) / 1e6:+.0f} MB" for a, b in zip(rss, rss[1:])]
     # a leak grows every round; the allocator's high-water mark grows in a round that happened to hold more
-    # bodies at once (seen: +81, +6, +96 MB in a loaded full-suite run), so one of the last two may
+    # bodies at once (seen: +81, +6, +96 MB in a loaded full-suite run), so only one of the last two may
     assert rss[-1] - rss[0] < 250e6 and min(b - a for a, b in zip(rss[-3:], rss[-2:])) < 50e6, growth
     status, reply = _post(url, _ask(*cases[0], max_tokens=3))
     assert status == 200 and reply["choices"][0]["message"]["content"] == alone[0]

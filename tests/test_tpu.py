@@ -261,9 +261,9 @@ def test_auto_fast_paths_compile_for_a_tpu_mesh(family):
         assert re.search(r"ragged|grouped", text, re.IGNORECASE)
 
 
-def test_auto_is_the_reference_on_this_cpu():
-    """The tests run the reference paths: on the CPU "auto" is xla attention and dense experts; a named path
-    stays what it is named."""
+def test_auto_on_this_cpu():
+    """On the CPU "auto" is causal attention (the reference's math in query blocks) and the dense experts
+    (the reference); a named path stays what it is named."""
     assert jax.default_backend() == "cpu" and target_platform() == "cpu"
     assert tiny.lm("mixtral").impls(target_platform()) == ("causal", "dense")
     assert tiny.lm("vicuna", attention_impl="splash", moe_impl="ragged").impls("cpu") == ("splash", "ragged")
