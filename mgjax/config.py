@@ -8,6 +8,7 @@ A released MGM `config.json` is the base LLM's HF config plus the `mm_*` / `imag
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -30,6 +31,40 @@ ATTENTION_IMPLS = ("auto", "xla", "causal", "cudnn", "splash")
 AUTO_IMPLS = {"attention": {"tpu": "splash", "gpu": "cudnn", "cpu": "causal"},
               "moe": {"tpu": "ragged", "gpu": "ragged", "cpu": "dense"}}
 DEPTHWISE_IMPLS = ("shifted", "grouped")
+# Weight-only quantisation of the LLM's matrices (`mgjax.quant`): int8 per output channel, int4 in groups.
+QUANT_MODES = ("none", "int8", "int4")
+# What the original's `find_all_linear_names` gives PEFT: every linear layer of the LLM but its head (attention,
+# MLP, Mixtral's router and experts), as patterns over mgjax's linear-layer paths (`LoraConfig.targets`).
+LORA_TARGETS = ("llm/*self_attn/*", "llm/*mlp/*", "llm/*block_sparse_moe/*")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters as PEFT adds them (the original's `--lora_enable`): a linear layer y = x W becomes
+    y = x W + (alpha / rank) * dropout(x) A B, A [in, rank] (PEFT's kaiming-uniform init), B [rank, out] (zeros).
+
+    `targets`: fnmatch patterns (`*` crosses `/`) over the paths of the LLM's linear layers: a Dense module's
+    path (`llm/layers/self_attn/q_proj`, `llm/layers_3/mlp/down_proj`, `llm/lm_head`) or an expert weight
+    (`llm/layers/block_sparse_moe/experts/w1`). Defaults: the original's choice (`LORA_TARGETS`); r, alpha and
+    dropout: its TrainingArguments' defaults."""
+
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.rank < 1 or not 0.0 <= self.dropout < 1.0 or not self.targets:
+            raise MGJaxError(f"LoRA: rank {self.rank} must be >= 1, dropout {self.dropout} in [0, 1), and targets "
+                             "must name at least one pattern")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def adapts(self, path: str) -> bool:
+        """Whether the linear layer at `path` ("llm/layers/self_attn/q_proj") gets adapters."""
+        return any(fnmatch.fnmatchcase(path, t) for t in self.targets)
 
 
 @dataclass(frozen=True)
@@ -172,6 +207,11 @@ class LMConfig:
     # a batch-8 decode step with 1792 slots of which 800 are used takes half the time on a CPU. Caches
     # shorter than a block, and 0, attend over every slot at every step. Equal up to rounding.
     cache_block: int = 256
+    # LoRA adapters on the linear layers `lora.targets` names (None: none); their parameters sit beside each
+    # adapted weight: `{layer}/lora_a`, `{layer}/lora_b` (experts: `experts/w1_lora_a`, ...).
+    lora: LoraConfig | None = None
+    # The matrices (linear layers, experts, embedding) stored int8 / int4 with float scales (`mgjax.quant`).
+    quant: str = "none"
 
     def impls(self, platform: str) -> tuple[str, str]:
         """(attention_impl, moe_impl) as they run on `platform` ("auto" resolved by `AUTO_IMPLS`)."""
@@ -200,6 +240,8 @@ class LMConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise MGJaxError(f"LMConfig.attention_impl {self.attention_impl!r} is not one of "
                              f"{', '.join(ATTENTION_IMPLS)}")
+        if self.quant not in QUANT_MODES:
+            raise MGJaxError(f"LMConfig.quant {self.quant!r} is not one of {', '.join(QUANT_MODES)}")
         if self.cache_block < 0:
             raise MGJaxError(f"LMConfig.cache_block {self.cache_block}: must be >= 0 (0: no blocks)")
         if self.loss_chunk < 0:
@@ -312,6 +354,10 @@ class MGMConfig:
         if stage0 % (self.image_grid * v.grid):
             raise MGJaxError(f"MGMConfig: the ConvNeXt stage-0 map ({stage0} for image_size_aux {self.image_size_aux}) "
                              f"does not split into {self.image_grid * v.grid} windows per side")
+
+    def plain(self) -> "MGMConfig":
+        """The model without LoRA adapters and quantisation: what releases and converted checkpoints hold."""
+        return dataclasses.replace(self, lm=dataclasses.replace(self.lm, lora=None, quant="none"))
 
     @property
     def clip_layers_used(self) -> int:
@@ -443,7 +489,10 @@ def config_from_dict(d: Mapping[str, Any]) -> MGMConfig:
     try:
         fields = dict(d)
         # mgjax <= 0.1 stored the family-derived `scale_embeddings` as a field
-        fields["lm"] = LMConfig(**{k: v for k, v in fields["lm"].items() if k != "scale_embeddings"})
+        lm = {k: v for k, v in fields["lm"].items() if k != "scale_embeddings"}
+        if lm.get("lora") is not None:
+            lm["lora"] = LoraConfig(**{**lm["lora"], "targets": tuple(lm["lora"]["targets"])})
+        fields["lm"] = LMConfig(**lm)
         fields["vision"] = CLIPConfig(**fields["vision"])
         aux = dict(fields["vision_aux"])
         fields["vision_aux"] = ConvNextConfig(**{**aux, "depths": tuple(aux["depths"]), "dims": tuple(aux["dims"])})

@@ -286,11 +286,15 @@ def _sigterm_after_step(monkeypatch, at: int):
         yield
 
 
-def test_resume_after_sigterm_is_bitwise(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("adapt", ["full", "qlora"])
+def test_resume_after_sigterm_is_bitwise(tmp_path, capsys, monkeypatch, adapt):
     """Interrupted by SIGTERM (saved where it stopped) and re-run: the same losses, bit for bit, as a run
     never interrupted; the data order included (the iterator state is in the checkpoint), the frozen
-    parameters too when their folder was lost (rebuilt from the run's config)."""
+    parameters too when their folder was lost (rebuilt from the run's config). QLoRA: LoRA adapters (under
+    dropout) on an int8 LLM, the adapters alone in the checkpoint, the int8 weights in frozen/."""
     args = ["steps=8", "checkpoint_every=100", "model.stage1=null"]
+    if adapt == "qlora":
+        args += ["model.lora={rank: 4, alpha: 8, dropout: 0.1}", "model.quantize=int8", "trainable=[]"]
     whole = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "a", *args)))
     assert whole["step"] == 8
     with _sigterm_after_step(monkeypatch, 3):
@@ -300,6 +304,16 @@ def test_resume_after_sigterm_is_bitwise(tmp_path, capsys, monkeypatch):
     # The frozen towers are written once beside the steps, not in them; a lost copy is rebuilt on resume.
     assert (tmp_path / "b" / "frozen").is_dir()
     assert not list((tmp_path / "b" / "checkpoints").glob("*/frozen"))
+    if adapt == "qlora":
+        from flax import traverse_util
+
+        from mgjax.checkpoint import saved_shapes
+
+        frozen = traverse_util.flatten_dict(saved_shapes(tmp_path / "b" / "frozen"))
+        kernels = {p: a.dtype for p, a in frozen.items() if p[0] == "llm" and p[-1] == "kernel"}
+        assert kernels and set(kernels.values()) == {np.dtype(np.int8)}
+        saved = (next((tmp_path / "b" / "checkpoints").iterdir()) / "state" / "_METADATA").read_text()
+        assert "lora_a" in saved and "kernel" not in saved  # the step holds the adapters, not the LLM
     shutil.rmtree(tmp_path / "b" / "frozen")
     resumed = train(load_train_config(CONFIGS / "demo" / "stage2.yaml", small_run(tmp_path / "b", *args)))
     assert resumed["step"] == 8

@@ -9,7 +9,7 @@ import shutil
 import struct
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import ml_dtypes
@@ -21,8 +21,11 @@ from mgjax.config import MGMConfig
 from mgjax.convert.mgjax_ckpt import GROUP_BYTES, PARAMS, SIDE_FILES, atomic_output, read_meta, restore_leaves
 from mgjax.convert.names import ParamSpec, is_buffer, param_specs
 from mgjax.convert.readers import Reader
-from mgjax.convert.source import TOWERS
+from mgjax.convert.source import NON_LORA_FILE, TOWERS
 from mgjax.errors import MGJaxError
+from mgjax.lora import PEFT_PREFIX, adapter_paths, is_adapter, merge, peft_config, peft_target_modules
+from mgjax.model import MGM, abstract_params
+from mgjax.quant import SCALE_SUFFIX, dequantize, matrix_layout
 from mgjax.progress import Progress
 
 _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -81,15 +84,56 @@ def _checkpoint_weights(ckpt: Path) -> _Weights:
                     meta.get("towers", {}))
 
 
-def _run_weights(run: Path, read: Callable[[dict], dict]) -> _Weights:
+def _plain_reader(config: MGMConfig, read: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """`read` of a run with LoRA adapters (and a quantised base) turned into a reader of the plain model's
+    parameters: each adapted weight dequantised and merged with its adapters (`lora.merge`), in float32."""
+    run_shapes = traverse_util.flatten_dict(abstract_params(MGM(config)))
+    lm = config.lm
+
+    def stored(path):  # what the run holds: quantised integers as they are, floats as float32
+        a = run_shapes[path]
+        return jax.ShapeDtypeStruct(a.shape, np.float32 if np.issubdtype(a.dtype, np.floating) else a.dtype)
+
+    def read_plain(abstract: dict) -> dict:
+        wanted = traverse_util.flatten_dict(abstract)
+        need = {}
+        for p in wanted:
+            parts = [p]
+            if lm.quant != "none" and matrix_layout(p) is not None:
+                parts.append((*p[:-1], p[-1] + SCALE_SUFFIX))
+            parts += [q for q in adapter_paths(p) if q in run_shapes]
+            need.update({q: stored(q) for q in parts})
+        got = traverse_util.flatten_dict(read(traverse_util.unflatten_dict(need)))
+        out = {}
+        for p, a in wanted.items():
+            value = got[p]
+            if lm.quant != "none" and matrix_layout(p) is not None:
+                start, n_in = matrix_layout(p)
+                value = dequantize(value, got[(*p[:-1], p[-1] + SCALE_SUFFIX)], start, a.shape[start:start + n_in],
+                                   lm.quant, np.float32)
+            a_path, b_path = adapter_paths(p)
+            if a_path in got:
+                value = merge(value, got[a_path], got[b_path], lm.lora.scale)
+            out[p] = np.asarray(value, a.dtype)
+        return traverse_util.unflatten_dict(out)
+
+    return read_plain
+
+
+def _run_weights(run: Path, read: Callable[[dict], dict], merge_lora: bool = False) -> _Weights:
     """A run of `mgjax train`: config.json is the one of the checkpoint the run started from (if any),
     updated with the run's model config. The tower tensors mgjax never reads (CLIP's last layer, ...) come
-    from the tower folders the run read its towers from, when they are still there."""
+    from the tower folders the run read its towers from, when they are still there. A LoRA run's
+    adapters are merged into the weights they adapt (`merge_lora`: the run must say so)."""
     from mgjax.config import config_to_hf
-    from mgjax.model import MGM, abstract_params
     from mgjax.train.step import is_trainable
 
     config, meta = read_meta(run)
+    if config.lm.lora is not None:
+        if not merge_lora:
+            raise MGJaxError(f"{run} trained LoRA adapters: pass --merge-lora for the merged model in the released "
+                             "layout, or --lora-only for the adapters in PEFT's layout")
+        read, config = _plain_reader(config, read), config.plain()
     params = abstract_params(MGM(config))
     used = {k for s in param_specs(params, config) for k in s.torch_keys}
     unused: dict[str, Reader] = {}
@@ -114,16 +158,94 @@ def _run_weights(run: Path, read: Callable[[dict], dict]) -> _Weights:
 
 
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
-           max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> Path:
+           max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False, merge_lora: bool = False,
+           lora_only: bool = False) -> Path:
     """mgjax checkpoint folder, or a run_dir of `mgjax train` (its newest complete step) -> released layout:
-    config.json, indexed safetensors, tokenizer files."""
+    config.json, indexed safetensors, tokenizer files. A LoRA run: `merge_lora` writes the merged model so,
+    `lora_only` the adapters in PEFT's layout (`export_adapters`)."""
     from mgjax.train.checkpoints import is_run_dir, run_param_reader
 
     ckpt = Path(ckpt)
+    if merge_lora and lora_only:
+        raise MGJaxError("export: --merge-lora and --lora-only exclude each other")
+    lora = is_run_dir(ckpt) and read_meta(ckpt)[0].lm.lora is not None
+    if (merge_lora or lora_only) and not lora:
+        raise MGJaxError(f"export: {ckpt} holds no LoRA adapters (only a run of mgjax train with model.lora does); "
+                         "drop --merge-lora / --lora-only")
     if not is_run_dir(ckpt):
         return _export(ckpt, _checkpoint_weights(ckpt), out, dtype, max_shard_bytes, overwrite)
     with run_param_reader(ckpt) as (_, read):
-        return _export(ckpt, _run_weights(ckpt, read), out, dtype, max_shard_bytes, overwrite)
+        if lora_only:
+            return export_adapters(ckpt, read, out, dtype, overwrite)
+        return _export(ckpt, _run_weights(ckpt, read, merge_lora), out, dtype, max_shard_bytes, overwrite)
+
+
+def export_adapters(run: Path, read: Callable[[dict], dict], out: str | os.PathLike, dtype: str | None,
+                    overwrite: bool) -> Path:
+    """A LoRA run's adapters as the original's LoRA training saves them (`write_adapters`)."""
+    config, meta = read_meta(run)
+    return write_adapters(out, config, read, meta.get("trainable", ()), meta.get("hf_config", {}), yaml_model(run),
+                          dtype, overwrite)
+
+
+def write_adapters(out: str | os.PathLike, config: MGMConfig, read: Callable[[dict], dict], trainable: Sequence[str],
+                   hf_config: dict, base: str, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """The adapters of a model with `config.lm.lora` in PEFT's layout, as the original's LoRA training saves them:
+    adapter_config.json and adapter_model.safetensors (`base_model.model.{name}.lora_A.weight` [r, in],
+    `...lora_B.weight` [out, r]) that HF PEFT loads onto the base model, the model's config.json (`hf_config`
+    updated), and non_lora_trainables.bin with the other parameters under a `trainable` prefix (projector,
+    mining; written with torch), which the original's loader and `load_pretrained` (with `base_llm`) read with
+    the base model. `read(abstract)` gives the parameters of an abstract subtree; `base` names the base model."""
+    from mgjax.config import config_to_hf
+    from mgjax.train.step import has_prefix
+
+    dt = np.dtype(dtype or "float32")
+    if dt not in _ST_NAMES:
+        raise MGJaxError(f"export dtype {dt.name} is not one of float32, float16, bfloat16")
+    shapes = traverse_util.flatten_dict(abstract_params(MGM(config)))
+    adapters = traverse_util.unflatten_dict({p: a for p, a in shapes.items() if is_adapter(p)})
+    others = traverse_util.unflatten_dict({p: a for p, a in shapes.items()
+                                           if not is_adapter(p) and has_prefix(p, trainable)})
+
+    def tensors(tree):  # released name -> value (torch layout) of the leaves of `tree`, one read
+        values = traverse_util.flatten_dict(read(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32),
+                                                              tree)))
+        return {PEFT_PREFIX + k: t for s in param_specs(tree, config)
+                for k, t in zip(s.torch_keys, s.to_torch(np.asarray(values[s.path])))}
+
+    nbytes = sum(int(np.prod(a.shape)) for a in jax.tree.leaves((adapters, others))) * dt.itemsize
+    with atomic_output(Path(out), overwrite, needs=lambda: nbytes) as tmp:
+        lora = tensors(adapters)
+        _write_safetensors(tmp / "adapter_model.safetensors", [(k, t.shape) for k, t in lora.items()], dt,
+                           iter(lora.values()))
+        (tmp / "adapter_config.json").write_text(json.dumps(
+            peft_config(config.lm.lora, peft_target_modules(adapters, config), base), indent=2))
+        hf = {**hf_config, **config_to_hf(config.plain()), "torch_dtype": dt.name}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        if jax.tree.leaves(others):
+            _save_torch(tmp / NON_LORA_FILE, tensors(others), dt)
+    return Path(out)
+
+
+def yaml_model(run: Path) -> str:
+    """What a run's adapters apply to: its train config's model.init or model.base_llm ("" when neither)."""
+    import yaml
+
+    try:
+        model = yaml.safe_load((run / "train_config.yaml").read_text()).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return str(model.get("init") or model.get("base_llm") or "")
+
+
+def _save_torch(path: Path, tensors: dict[str, np.ndarray], dt: np.dtype) -> None:
+    try:
+        import torch
+    except ImportError:
+        raise MGJaxError(f"writing {path.name} (the run's trained projector and mining, as the original saves them) "
+                         "needs PyTorch: pip install 'mgjax[torch]'") from None
+    to = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dt.name]
+    torch.save({k: torch.from_numpy(np.array(t, np.float32)).to(to) for k, t in tensors.items()}, path)
 
 
 def _export(ckpt: Path, weights: _Weights, out: str | os.PathLike, dtype: str | None, max_shard_bytes: int,

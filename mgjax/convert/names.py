@@ -37,7 +37,8 @@ CONVNEXT_STEM, CONVNEXT_STAGES = CONVNEXT_PREFIX + "vision_stem.", CONVNEXT_PREF
 CLIP_FOLDER_PREFIXES = {CLIP_PREFIX: "vision_model."}
 CONVNEXT_FOLDER_PREFIXES = {CONVNEXT_STEM: "visual.trunk.stem.", CONVNEXT_STAGES: "visual.trunk.stages."}
 
-_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "lora_a": "lora_A.weight",
+         "lora_b": "lora_B.weight"}
 
 
 @dataclass(frozen=True)
@@ -62,16 +63,21 @@ class ParamSpec:
     def _is_conv(self) -> bool:
         return self.path[-1] == "kernel" and len(self._inner) == 4
 
+    def _is_linear(self) -> bool:
+        """A Linear weight [out, in] in PyTorch: a kernel, an expert's weight, or a LoRA adapter (PEFT's lora_A
+        [r, in] and lora_B [out, r])."""
+        return self.path[-1] in ("kernel", "lora_a", "lora_b") or self.path[-2] == "experts"
+
     def _n_in(self) -> int:
-        """Input dims of a dense kernel: 2 for the attention output ([heads, head_dim, D])."""
-        return 2 if self.path[-2] in ("o_proj", "out_proj") else 1
+        """Input dims of a dense kernel: 2 for the attention output ([heads, head_dim, D]) and its lora_a."""
+        return 2 if self.path[-2] in ("o_proj", "out_proj") and self.path[-1] != "lora_b" else 1
 
     def torch_shape(self) -> tuple[int, ...]:
         """The shape each PyTorch tensor must have."""
         inner = self._inner
         if self._is_conv():  # Conv2d [O, I, kh, kw]
             return (inner[3], inner[2], inner[0], inner[1])
-        if self.path[-1] == "kernel" or self.path[-2] == "experts":  # Linear [out, in]
+        if self._is_linear():  # Linear [out, in]
             n_in = self._n_in()
             return (math.prod(inner[n_in:]), math.prod(inner[:n_in]))
         if self.path[-1] == "bias":
@@ -83,7 +89,7 @@ class ParamSpec:
         checked by the caller (`torch_shape`)."""
         if self._is_conv():
             return t.transpose(2, 3, 1, 0)
-        if self.path[-1] == "kernel" or self.path[-2] == "experts":
+        if self._is_linear():
             return t.T.reshape(self._inner)
         return t.reshape(self._inner)
 
@@ -94,7 +100,7 @@ class ParamSpec:
         for v in value.reshape((-1, *self._inner)):
             if self._is_conv():
                 t = v.transpose(3, 2, 0, 1)
-            elif self.path[-1] == "kernel" or self.path[-2] == "experts":
+            elif self._is_linear():
                 t = v.reshape(want[::-1]).T
             else:
                 t = v.reshape(want)
@@ -123,9 +129,11 @@ def param_specs(shapes: dict, config: MGMConfig) -> list[ParamSpec]:
     n_layers, n_experts = config.lm.num_layers, config.lm.num_experts
 
     def keys(p):
-        if "experts" in p:  # llm/layers_i/block_sparse_moe/experts/w{1,2,3}
+        if "experts" in p:  # llm/layers_i/block_sparse_moe/experts/w{1,2,3}[_lora_{a,b}]
             base = torch_key(p[:-2])
-            return [f"{base}.experts.{e}.{p[-1]}.weight" for e in range(n_experts)]
+            weight, _, lora = p[-1].partition("_lora_")
+            leaf = f"lora_{lora.upper()}.weight" if lora else "weight"
+            return [f"{base}.experts.{e}.{weight}.{leaf}" for e in range(n_experts)]
         return [torch_key(p)]
 
     for p, leaf in traverse_util.flatten_dict(shapes).items():

@@ -25,8 +25,14 @@ from mgjax.convert.names import (CLIP_FOLDER_PREFIXES, CLIP_PREFIX, CONVNEXT_FOL
                                  CONVNEXT_STAGES, CONVNEXT_STEM, ParamSpec, ignored, is_buffer, param_specs)
 from mgjax.convert.readers import Checkpoint, Reader, View
 from mgjax.errors import MGJaxError
+from mgjax.lora import PEFT_PREFIX, read_peft_config
 
 STAGE1_FILE = "mm_projector.bin"
+# The original's LoRA training output (LLaVA's layout): PEFT's adapters, the model's config.json, and the other
+# trained weights (projector, mining) in a torch pickle; its loader takes the LLM from `--model-base`.
+LORA_CONFIG = "adapter_config.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+NON_LORA_FILE = "non_lora_trainables.bin"
 # The original's `MGMMetaModel.initialize_uni_modules` (mgm/model/mgm_arch.py) reads tower weights only
 # from the shards (found through the index) that hold a key containing one of these, its
 # `trainable_module`; from a stage-1 file (`pretrain_mm_mlp_adapter`) when there is one.
@@ -140,9 +146,45 @@ def read_hf_config(ckpt_dir: Path) -> dict:
         raise MGJaxError(f"{cfg_file}: invalid JSON ({e})") from None
 
 
+def _peft_names(reader: Reader) -> View:
+    """A PEFT save's tensors under the model's own names, as the original's loader renames them: without
+    `base_model.model.` (then `model.model.` -> `model.`) and without an adapter name (`lora_A.default.`)."""
+    def name(k: str) -> str:
+        k = k.removeprefix(PEFT_PREFIX)
+        k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        return k[len("model."):] if k.startswith("model.model.") else k
+    return View({name(k): (reader, k) for k in reader.keys()}, reader.where)
+
+
+def open_adapters(ckpt_dir: Path) -> tuple[Reader, float] | None:
+    """(adapter tensors under the model's names, their scale alpha / r) of an original LoRA folder, or None."""
+    if not (ckpt_dir / LORA_CONFIG).is_file():
+        return None
+    try:
+        peft = json.loads((ckpt_dir / LORA_CONFIG).read_text())
+    except ValueError as e:
+        raise MGJaxError(f"{ckpt_dir / LORA_CONFIG}: invalid JSON ({e})") from None
+    scale = read_peft_config(peft, str(ckpt_dir / LORA_CONFIG))[1]
+    file = next((ckpt_dir / f for f in ADAPTER_FILES if (ckpt_dir / f).is_file()), None)
+    if file is None:
+        raise MGJaxError(f"{ckpt_dir} has {LORA_CONFIG} but no {' or '.join(ADAPTER_FILES)}: the adapters are "
+                         "missing (copy the whole LoRA output folder)")
+    return _peft_names(Checkpoint.from_file(file)), scale
+
+
 def open_weights(ckpt_dir: Path, base_llm: str | os.PathLike | None) -> Reader:
     """The checkpoint's tensors. A stage-1 release (`mm_projector.bin`: projector, mining and tower
-    weights) is combined with the LLM of `base_llm`, a plain HF LLM checkpoint folder."""
+    weights) is combined with the LLM of `base_llm`, a plain HF LLM checkpoint folder. So is an original LoRA
+    folder's `non_lora_trainables.bin` (its adapters: `open_adapters`), whose tensors replace the base's, as the
+    original's loader does with `load_state_dict(non_lora_trainables, strict=False)`."""
+    if (ckpt_dir / LORA_CONFIG).is_file():
+        if base_llm is None:
+            raise MGJaxError(f"{ckpt_dir} is a LoRA checkpoint ({LORA_CONFIG}: adapters only): pass base_llm=PATH "
+                             "(CLI: --base-llm PATH) with the model it was trained on, as the original's --model-base")
+        layers = [Checkpoint.from_folder(Path(base_llm))]
+        if (ckpt_dir / NON_LORA_FILE).is_file():
+            layers.append(_peft_names(Checkpoint.from_file(ckpt_dir / NON_LORA_FILE)))
+        return View({k: (r, k) for r in layers for k in r.keys()}, ckpt_dir)
     stage1 = ckpt_dir / STAGE1_FILE
     has_full = any((ckpt_dir / n).is_file() for n in Checkpoint.INDEXES + Checkpoint.SINGLES)
     if not stage1.is_file() or has_full:
@@ -172,6 +214,8 @@ class Source:
     hf_config: dict = field(default_factory=dict)
     tokenizer_dir: Path | None = None
     tower_sources: dict = field(default_factory=dict)
+    # LoRA adapters merged into the weights they adapt as they are read (`open_adapters`): (reader, scale)
+    adapters: tuple[Reader, float] | None = None
 
     def reader(self, key: str) -> Reader:
         for prefix, r in self.towers.items():
@@ -210,7 +254,34 @@ class Source:
                     raise MGJaxError(f"{self.reader(k).source(k)}: tensor {k!r} has shape {got}, expected {want} "
                                      f"for mgjax parameter {'/'.join(s.path)} {s.shape}; is config.json (or the "
                                      "tower folder's config) from the same model?")
+        if self.adapters is not None:
+            self._check_adapters(used)
         return specs
+
+    def _check_adapters(self, used: set[str]) -> None:
+        """Every adapter pairs lora_A [r, in] with lora_B [out, r] on a weight [out, in] the model reads."""
+        adapters = self.adapters[0]
+        for k in adapters.keys():
+            stem, _, leaf = k.rpartition(".lora_")
+            weight, pair = stem + ".weight", (stem + ".lora_A.weight", stem + ".lora_B.weight")
+            if leaf not in ("A.weight", "B.weight") or weight not in used or any(p not in adapters for p in pair):
+                why = "is not one" if weight not in used else "is, but its lora_A / lora_B pair is incomplete"
+                raise MGJaxError(f"{adapters.source(k)}: adapter tensor {k!r} does not adapt a weight of this model "
+                                 f"({weight!r} {why}); is the adapter from a model with this config.json and base?")
+            out, inp = self.reader(weight).shape(weight)
+            (r, a_in), (b_out, b_r) = adapters.shape(pair[0]), adapters.shape(pair[1])
+            if (a_in, b_out, b_r) != (inp, out, r):
+                raise MGJaxError(f"{adapters.source(k)}: adapters of {weight!r} [{out}, {inp}] have shapes lora_A "
+                                 f"[{r}, {a_in}] and lora_B [{b_out}, {b_r}]; they belong to another model")
+
+    def _tensor(self, key: str) -> np.ndarray:
+        """A released tensor, with its LoRA adapters merged in float32 (W + scale B A) when it has some."""
+        t = self.reader(key).get(key)
+        if self.adapters is None or (a_key := key.removesuffix(".weight") + ".lora_A.weight") not in self.adapters[0]:
+            return t
+        adapters, scale = self.adapters
+        b = adapters.get(key.removesuffix(".weight") + ".lora_B.weight").astype(np.float32)
+        return t.astype(np.float32) + scale * (b @ adapters.get(a_key).astype(np.float32))
 
     def unused(self, specs: list[ParamSpec]) -> list[str]:
         """Tensors of the model's parts that mgjax never reads (CLIP's last layer, ...), kept by `convert`
@@ -225,12 +296,11 @@ class Source:
     def array(self, spec: ParamSpec, dtype) -> np.ndarray:
         """The parameter in mgjax layout and `dtype`; stacked ones are filled one tensor at a time."""
         if not spec.stack:
-            k = spec.torch_keys[0]
-            return np.asarray(spec.one_to_flax(self.reader(k).get(k)), dtype=dtype)
+            return np.asarray(spec.one_to_flax(self._tensor(spec.torch_keys[0])), dtype=dtype)
         out = np.empty(spec.shape, dtype)
         slices = out.reshape(-1, *spec.shape[len(spec.stack):])
         for i, k in enumerate(spec.torch_keys):
-            slices[i] = spec.one_to_flax(self.reader(k).get(k))
+            slices[i] = spec.one_to_flax(self._tensor(k))
         return out
 
     def load(self, shapes: dict, dtype, shardings: dict | None = None) -> dict:
@@ -270,6 +340,7 @@ def open_source(ckpt_dir: str | os.PathLike, vision_tower=None, vision_tower_aux
                          "the mm_* keys)")
     family_of(hf)  # an unknown model type fails before any weights or towers are looked for
     ckpt = open_weights(ckpt_dir, base_llm)
+    adapters = open_adapters(ckpt_dir)
     keys = ckpt.keys()
     overrides = {"vision_tower": vision_tower, "vision_tower_aux": vision_tower_aux}
     configs, towers, sources = {}, {}, {}
@@ -297,7 +368,7 @@ def open_source(ckpt_dir: str | os.PathLike, vision_tower=None, vision_tower_aux
             towers.update({p: reader for p in from_folder})
         sources[tower.arg] = _sources_record(tower, folder, held, rule, from_ckpt)
     return Source(MGMConfig.from_hf(hf, configs["vision_tower"], configs["vision_tower_aux"]), ckpt, towers, hf,
-                  ckpt_dir if base_llm is None else Path(base_llm), sources)
+                  ckpt_dir if base_llm is None else Path(base_llm), sources, adapters)
 
 
 def _sources_record(tower: Tower, folder: Path | None, held: set, rule: dict, from_ckpt: set) -> dict:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from mgjax.config import LoraConfig
 from mgjax.errors import MGJaxError
 from mgjax.layers.common import dense
 from mgjax.layers.rope import apply_rope
@@ -222,11 +223,14 @@ class Attention(nn.Module):
     cache_block: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quant: str = "none"  # the projections' storage (`Dense.quant`)
+    lora: LoraConfig | None = None  # adapters on the projections it targets (`Dense.lora`)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, rope: tuple[jax.Array, jax.Array] | None = None,
                  cache: KVCache | None = None, index: jax.Array | None = None, valid: jax.Array | None = None):
-        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, quant=self.quant,
+                  lora=self.lora)
         e, h, kv = self.embed_axis, self.heads_axis, self.kv_heads_axis
         q = dense((self.num_heads, self.head_dim), (e, h, "head_dim"), name="q_proj", **kw)(x)
         k = dense((self.num_kv_heads, self.head_dim), (e, kv, "head_dim"), name="k_proj", **kw)(x)

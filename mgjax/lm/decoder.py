@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from mgjax.config import LMConfig
 from mgjax.layers.attention import Attention, KVCache, cached_mask, causal_mask, splash_segments
-from mgjax.layers.common import RMSNorm, dense
+from mgjax.layers.common import Embed, RMSNorm, dense
 from mgjax.layers.mlp import GatedMLP, MoE
 from mgjax.layers.rope import rope_tables
 from mgjax.sharding import constrain, target_platform
@@ -50,17 +50,18 @@ class DecoderLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.norm_eps, c.gemma_norm, name="input_layernorm", **kw)(x)
         attention_impl, moe_impl = c.impls(target_platform())
+        adapt = dict(quant=c.quant, lora=c.lora)
         attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim, use_bias=False, impl=attention_impl,
-                         cache_block=c.cache_block, name="self_attn", **kw)(h, mask, rope, cache, index, valid)
+                         cache_block=c.cache_block, name="self_attn", **adapt, **kw)(h, mask, rope, cache, index, valid)
         if cache is not None:
             attn, cache = attn
         x = x + attn
         h = RMSNorm(c.norm_eps, c.gemma_norm, name="post_attention_layernorm", **kw)(x)
         if c.num_experts:
             x = x + MoE(c.num_experts, c.num_experts_per_tok, c.intermediate_size, c.activation, moe_impl,
-                        name="block_sparse_moe", **kw)(h)
+                        name="block_sparse_moe", **adapt, **kw)(h)
         else:
-            x = x + GatedMLP(c.intermediate_size, c.activation, name="mlp", **kw)(h)
+            x = x + GatedMLP(c.intermediate_size, c.activation, name="mlp", **adapt, **kw)(h)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         if self.scanned:
             return x, cache
@@ -80,14 +81,12 @@ class Decoder(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, quant=c.quant, **kw)
         layer = DecoderLayer
         if c.remat != "none":
             layer = nn.remat(DecoderLayer, policy=_REMAT[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
-            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                                   in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                                   length=c.num_layers,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(c, scanned=True, name="layers", **kw)
@@ -95,7 +94,8 @@ class Decoder(nn.Module):
             self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
         self.norm = RMSNorm(c.norm_eps, c.gemma_norm, **kw)
         if not c.tie_word_embeddings:
-            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
+            self.lm_head = dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", quant=c.quant,
+                                 lora=c.lora, **kw)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """int [B, T] -> [B, T, D] (unscaled: Gemma's scaling happens in `__call__`), split by rows.
@@ -103,7 +103,7 @@ class Decoder(nn.Module):
         The table's embed axis is gathered first (its vocab axis stays split): looked up in the table's
         own layout, the rows come out split along D over fsdp, which XLA cannot turn into the row split of
         the activations on a mesh with data, fsdp and tensor axes without replicating them whole."""
-        table = constrain(self.embed_tokens.embedding.astype(self.dtype), ("vocab", None))
+        table = constrain(self.embed_tokens(), ("vocab", None))
         return constrain(jnp.take(table, ids, axis=0), ("act_batch", "act_len", "act_embed"))
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, valid: jax.Array,
@@ -151,7 +151,7 @@ class Decoder(nn.Module):
     def head(self, x: jax.Array) -> jax.Array:
         """Final-normed hidden states [B, L, D] -> float32 logits [B, L, V] (Gemma: the tied embedding)."""
         if self.config.tie_word_embeddings:
-            logits = jnp.einsum("bld,vd->blv", x, self.embed_tokens.embedding.astype(self.dtype),
+            logits = jnp.einsum("bld,vd->blv", x, self.embed_tokens(),
                                 preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)

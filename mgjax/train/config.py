@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from mgjax.config import ATTENTION_IMPLS, DEPTHWISE_IMPLS, MOE_IMPLS, REMAT_POLICIES, MeshConfig
+from mgjax.config import (ATTENTION_IMPLS, DEPTHWISE_IMPLS, MOE_IMPLS, QUANT_MODES, REMAT_POLICIES, LoraConfig,
+                          MeshConfig)
 from mgjax.errors import MGJaxError
 
 
@@ -46,6 +47,11 @@ class ModelConfig:
     attention_impl: str = "auto"
     loss_chunk: int = 0  # LM head + loss over chunks of this many positions (0: one [B, L, V] head)
     depthwise_impl: str = "shifted"  # ConvNeXt's 7x7 depthwise: shifted (reference, CPU) | grouped (GPU / TPU)
+    # LoRA ({rank, alpha, dropout, targets}: mgjax.config.LoraConfig): adapters on the LLM's linear layers train,
+    # the weights they adapt stay frozen; `trainable` names what else trains fully (the projector, mining).
+    lora: LoraConfig | None = None
+    # QLoRA: the frozen LLM's matrices stored int8 / int4 (mgjax.quant) under float adapters; needs `lora`.
+    quantize: str = "none"
 
 
 @dataclass(frozen=True)
@@ -113,11 +119,17 @@ class TrainConfig:
                   (self.model.attention_impl in ATTENTION_IMPLS,
                    f"model.attention_impl {self.model.attention_impl!r}: {'|'.join(ATTENTION_IMPLS)}"),
                   (self.model.loss_chunk >= 0, f"model.loss_chunk {self.model.loss_chunk}: must be >= 0"),
+                  (self.model.quantize in QUANT_MODES,
+                   f"model.quantize {self.model.quantize!r}: {'|'.join(QUANT_MODES)}"),
+                  (self.model.quantize == "none" or self.model.lora is not None,
+                   f"model.quantize {self.model.quantize}: a quantised LLM trains through LoRA adapters only; set "
+                   "model.lora (e.g. model.lora={rank: 16})"),
                   (self.model.depthwise_impl in DEPTHWISE_IMPLS,
                    f"model.depthwise_impl {self.model.depthwise_impl!r}: {'|'.join(DEPTHWISE_IMPLS)}"),
                   (self.data.source in ("json", "packed", "synthetic"),
                    f"data.source {self.data.source!r}: json|packed|synthetic"),
-                  (len(self.trainable) > 0, "trainable: name at least one parameter-path prefix")]
+                  (len(self.trainable) > 0 or self.model.lora is not None,
+                   "trainable: name at least one parameter-path prefix (or set model.lora)")]
         for ok, message in checks:
             if not ok:
                 raise MGJaxError(f"train config: {message}")
@@ -201,6 +213,9 @@ def _coerce(hint, v, where: str):
     if v is None and type(None) in options:
         return None
     for t in options:
+        if dataclasses.is_dataclass(t):
+            return _build(t, v, where)
+        t = typing.get_origin(t) or t  # tuple[str, ...] -> tuple
         if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
         if t is float and isinstance(v, str):  # YAML 1.1 reads 1e-4 (no dot) as a string

@@ -39,17 +39,19 @@ from mgjax.convert.source import STAGE1_FILE, TOWERS, Source, open_source
 from mgjax.data.pipeline import DataConfig, make_dataset, pad_to
 from mgjax.data.tokenize import checkpoint_template, load_tokenizer
 from mgjax.errors import MGJaxError
+from mgjax.lora import adapted, check_targets, init_adapters, is_adapter
 from mgjax.model import MGM, abstract_params, init_params, merged_lengths
 from mgjax.plan import model_flops, peak_flops
 from mgjax.presets import preset
 from mgjax.pretrained import TRAIN_PER_OCTAVE, length_bucket
 from mgjax.progress import Progress
+from mgjax.quant import matrix_layout, quantize_params
 from mgjax.sharding import activate, batch_sharding, batch_shards, make_mesh, param_shardings, rules_for
 from mgjax.train.checkpoints import (RUN_FORMAT, RunCheckpoints, has_frozen, is_run_dir, load_frozen,
                                      restore_run_params, save_frozen)
 from mgjax.train.config import TrainConfig, train_config_to_dict
 from mgjax.train.demo import DEMO_CONFIG, save_demo_tokenizer
-from mgjax.train.step import TrainState, is_trainable, make_train_step, split_params
+from mgjax.train.step import TrainState, has_prefix, make_train_step, merge_params, split_params
 
 STAGE1_PREFIXES = ("mm_projector", "vlm_uni_")  # what stage 1 trains and stage 2 takes from it
 
@@ -94,6 +96,9 @@ def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
                 raise MGJaxError(f"train config: model.init {path} holds its towers already; model.vision_tower, "
                                  "vision_tower_aux and towers_from_checkpoint apply to released checkpoints")
             config, meta = read_meta(path)
+            if config.lm.lora is not None or config.lm.quant != "none":
+                raise MGJaxError(f"train config: model.init {path} is a LoRA run; start from its merged model: "
+                                 f"mgjax export {path} MERGED --merge-lora, then model.init=MERGED")
             init, hf, tokenizer_dir = path, meta.get("hf_config", {}), Path(meta.get("tokenizer", path))
             towers = meta.get("towers", {})
         else:  # released: the tower folders, if given, are where the original reads the towers from
@@ -117,7 +122,8 @@ def build_model(cfg: TrainConfig, run_dir: Path) -> Model:
                          f"model.scan_layers={m.scan_layers}; set it to match or re-convert with the other layout")
     config = dataclasses.replace(
         config, lm=dataclasses.replace(config.lm, scan_layers=m.scan_layers, remat=m.remat, moe_impl=m.moe_impl,
-                                       attention_impl=m.attention_impl, loss_chunk=m.loss_chunk),
+                                       attention_impl=m.attention_impl, loss_chunk=m.loss_chunk, lora=m.lora,
+                                       quant=m.quantize),
         vision_aux=dataclasses.replace(config.vision_aux, depthwise_impl=m.depthwise_impl))
     if m.tokenizer == "demo":
         tokenizer_dir = save_demo_tokenizer(run_dir / "tokenizer")
@@ -140,8 +146,11 @@ def _folder(path: str | None) -> Path | None:
 
 
 def _placed(shapes: dict, shardings: dict) -> dict:
-    """float32 ShapeDtypeStructs of `shapes` with `shardings` (what a run keeps its parameters as)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s), shapes, shardings)
+    """ShapeDtypeStructs of `shapes` with `shardings`, floats as float32 (what a run keeps its parameters as;
+    a quantised LLM's integers stay integers)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
+        a.shape, jnp.float32 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=s), shapes, shardings)
+
 
 
 def _stage1_file(path: Path, must_exist: bool = True) -> Path | None:
@@ -189,7 +198,24 @@ def _parts(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def initial_params(cfg: TrainConfig, model: Model, module: MGM, mesh, rules, shardings: dict) -> dict:
-    """Random (seeded), or read from `model.init`; stage 2 takes the projector and mining from `model.stage1`."""
+    """Random (seeded), or read from `model.init`; stage 2 takes the projector and mining from `model.stage1`.
+    With `model.lora`, the adapters start as PEFT's (B = 0: the base model's outputs), and with
+    `model.quantize` the LLM's matrices are quantised after loading."""
+    lm = model.config.lm
+    if lm.lora is None and lm.quant == "none":
+        return _initial_base_params(cfg, model, module, mesh, rules, shardings)
+    base = MGM(model.config.plain(), dtype=module.dtype, param_dtype=module.param_dtype)
+    base_shardings = param_shardings(abstract_params(base, boxed=True), mesh, rules)
+    params = _initial_base_params(cfg, dataclasses.replace(model, config=base.config), base, mesh, rules,
+                                  base_shardings)
+    if lm.lora is not None:
+        adapters, _ = split_params(_placed(abstract_params(module), shardings), ())
+        params = merge_params(params, init_adapters(adapters, jax.random.key(cfg.seed + 2),
+                                                    jax.tree.map(lambda a: a.sharding, adapters)))
+    return params if lm.quant == "none" else quantize_params(params, lm.quant, shardings)
+
+
+def _initial_base_params(cfg: TrainConfig, model: Model, module: MGM, mesh, rules, shardings: dict) -> dict:
     shapes = abstract_params(module)
     if model.init is None:
         params = init_params(module, jax.random.key(cfg.seed), mesh, rules)
@@ -228,7 +254,7 @@ def optimizer(cfg: TrainConfig, trainable: dict) -> optax.GradientTransformation
 
     groups = {"base": adamw(1.0)} | {p: adamw(float(mult)) for p, mult in o.lr_multipliers.items()}
     labels = traverse_util.path_aware_map(
-        lambda path, _: next((p for p in o.lr_multipliers if is_trainable(path, (p,))), "base"), trainable)
+        lambda path, _: next((p for p in o.lr_multipliers if has_prefix(path, (p,))), "base"), trainable)
     tx = optax.multi_transform(groups, labels)
     return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx) if o.clip_grad_norm else tx
 
@@ -290,9 +316,29 @@ def run_setup(cfg: TrainConfig, run_dir: Path, devices=None, hosts: int | None =
     mesh, rules = make_mesh(cfg.mesh, devices), rules_for(cfg.rules)
     check_batch_split(cfg, mesh, hosts or jax.process_count())
     shardings = param_shardings(abstract_params(module, boxed=True), mesh, rules)
+    _check_adapted(cfg, model.config, abstract_params(module))
     tx = optimizer(cfg, split_params(shardings, cfg.trainable)[0])
     a_state, a_frozen = abstract_state(cfg, module, tx, mesh, shardings)
     return Setup(model, module, mesh, rules, shardings, tx, a_state, a_frozen)
+
+
+def _check_adapted(cfg: TrainConfig, config: MGMConfig, shapes: dict) -> None:
+    """With LoRA, the weights the adapters adapt (and, with QLoRA, the quantised ones) stay frozen: a
+    `trainable` prefix that covers one is a config mistake (PEFT would freeze it silently)."""
+    lm = config.lm
+    if lm.lora is None:
+        return
+    check_targets(shapes, lm.lora)
+    frozen = set(adapted(shapes))
+    if lm.quant != "none":
+        frozen |= {p for p in traverse_util.flatten_dict(shapes) if matrix_layout(p) is not None}
+    covered = sorted(p for p in frozen if has_prefix(p, cfg.trainable) and not is_adapter(p))
+    if covered:
+        prefix = next(t for t in cfg.trainable if has_prefix(covered[0], (t,)))
+        what = "adapts" if covered[0] in adapted(shapes) else "keeps quantised"
+        raise MGJaxError(f"train config: trainable {prefix!r} covers {'/'.join(covered[0])}, a weight that model.lora "
+                         f"{what} (it stays frozen; its adapters train anyway): name only what trains fully besides "
+                         "them, e.g. trainable=[mm_projector, vlm_uni_]")
 
 
 # --- batches ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from mgjax.lora import is_adapter
 from mgjax.model import MGM, splice_labels
 from mgjax.train.loss import chunked_next_token_nll, next_token_nll
 
@@ -19,13 +20,18 @@ class TrainState(NamedTuple):
     opt_state: Any  # for `params` only: frozen parameters carry no optimizer state
 
 
-def is_trainable(path: Sequence[str], prefixes: Sequence[str]) -> bool:
+def has_prefix(path: Sequence[str], prefixes: Sequence[str]) -> bool:
     return "/".join(path).startswith(tuple(prefixes))
 
 
+def is_trainable(path: Sequence[str], prefixes: Sequence[str]) -> bool:
+    """LoRA adapters always train; anything else when its path starts with one of `prefixes`."""
+    return is_adapter(path) or has_prefix(path, prefixes)
+
+
 def split_params(params: dict, prefixes: Sequence[str]) -> tuple[dict, dict]:
-    """(trainable, frozen): the parameters whose path ("llm/layers/...") starts with one of `prefixes`,
-    and the rest."""
+    """(trainable, frozen): LoRA adapters and the parameters whose path ("llm/layers/...") starts with one of
+    `prefixes`, and the rest."""
     flat = traverse_util.flatten_dict(params)
     pick = {p: is_trainable(p, prefixes) for p in flat}
     return (traverse_util.unflatten_dict({p: v for p, v in flat.items() if pick[p]}),
