@@ -107,14 +107,8 @@ def tensor_list(config) -> list[tuple[str, tuple[int, ...]]]:
     shapes = abstract_params(MGM(config))
     llm, rest, head = [], [], []
 
-    def leaf(path):
-        t = shapes
-        for p in path:
-            t = t[p]
-        return tuple(t.shape)
-
     for s in param_specs(shapes, config):
-        entries = [(k, tuple(s.torch_shape(leaf(s.path)))) for k in s.torch_keys]
+        entries = [(k, tuple(s.torch_shape())) for k in s.torch_keys]
         (head if s.path[:2] == ("llm", "lm_head") else llm if s.path[0] == "llm" else rest).extend(entries)
 
     # The released checkpoints carry CLIP's whole encoder and its post-LayerNorm.

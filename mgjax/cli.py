@@ -46,6 +46,25 @@ def _add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
 
 
+def _add_quantize_arg(p: argparse.ArgumentParser):
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="store the LLM's matrices int8 (per output channel) or int4 (groups of 128) and compute in "
+                   "--dtype on them: about 0.5x / 0.28x of the LLM's bfloat16 weight memory; the towers, norms and "
+                   "Mixtral's router stay float (README, Quantised inference)")
+
+
+def _load(args, ckpt: str, **kwargs):
+    """`load_pretrained(ckpt, **kwargs)` with the command's --quantize; a quantised model's LLM weight bytes
+    (against bfloat16's) go to stderr, apart from the answers on stdout."""
+    import mgjax
+    from mgjax.quant import weight_report
+
+    model = mgjax.load_pretrained(ckpt, quantize=args.quantize, **kwargs)
+    if args.quantize:
+        print(weight_report(model.config, model.params), file=sys.stderr, flush=True)
+    return model
+
+
 def _add_template_arg(p: argparse.ArgumentParser):
     from mgjax.data.templates import TEMPLATES
 
@@ -107,7 +126,7 @@ def cmd_export(args) -> int:
 
     t = time.time()
     out = export(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, merge_lora=args.merge_lora, lora_only=args.lora_only)
     print(f"exported {args.ckpt} -> {out} in {time.time() - t:.1f} s")
     return 0
 
@@ -151,7 +170,6 @@ def cmd_generate(args) -> int:
     """Answers for one image and question, or for a JSONL file of prompts (in batches), greedy by default."""
     import numpy as np
 
-    import mgjax
     from mgjax.data.image import load_image
 
     if args.dry_run:
@@ -166,8 +184,8 @@ def cmd_generate(args) -> int:
 
     if jax.process_index() != 0:  # in a job, process 0 answers (a prompt file is no collective's work)
         return 0
-    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, template=args.template, mesh=_local_mesh(args),
-                                  **_tower_kwargs(args))
+    model = _load(args, args.checkpoint, dtype=args.dtype, template=args.template, mesh=_local_mesh(args),
+                  **_tower_kwargs(args))
     # Answers go to OUT.partial, renamed to OUT when every prompt is answered.
     partial = Path(f"{args.out}.partial") if args.out else None
     out = open(partial, "w") if partial else None
@@ -194,7 +212,6 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     """A multi-turn conversation on stdin: one message per line; `/image PATH` attaches an image to the next
     message, `/reset` starts over, `/quit` (or end of input) ends. `--gen` asks for images (MGM_SPEC 8)."""
-    import mgjax
     from mgjax.data.image import load_image
     from mgjax.infer.chat import Chat, generation_prompt
 
@@ -202,7 +219,7 @@ def cmd_chat(args) -> int:
         raise MGJaxError(f"{args.checkpoint}: checkpoint folder not found")
     pipeline = _sdxl(args.sdxl) if args.sdxl else None
     pending = [load_image(p) for p in args.image or ()]
-    model = mgjax.load_pretrained(args.checkpoint, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
+    model = _load(args, args.checkpoint, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
     chat = Chat(model, _generation_kwargs(args))
     out_dir = Path(args.gen_dir)
     tty = sys.stdin.isatty()
@@ -238,12 +255,11 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     """An OpenAI-compatible /v1/chat/completions endpoint over the continuous-batching engine."""
-    import mgjax
     from mgjax.infer.server import Server
 
     if not Path(args.ckpt).is_dir():
         raise MGJaxError(f"{args.ckpt}: checkpoint folder not found")
-    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
+    model = _load(args, args.ckpt, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
     try:
         server = Server(model, args.host, args.port, args.slots, args.context, args.max_concurrent, args.timeout,
                         allow_paths=args.allow_paths, warm_text=args.warm_text)
@@ -358,6 +374,8 @@ def _inference_dry_run(args, ckpt: str, max_new_tokens: int, what: str, beams: i
     """Generation's prompt pass and decode step compiled for a TPU slice's chips (exit 1 when they do not fit)."""
     from mgjax.topology import compiler_platform_only, parse_slice
 
+    if args.quantize:
+        raise MGJaxError(f"{what} --dry-run compiles the float model: leave out --quantize")
     if not args.topology:
         raise MGJaxError(f"{what} --dry-run compiles for a TPU slice: give --topology SLICE (e.g. v5e-8)")
     topology = parse_slice(args.topology)
@@ -378,7 +396,6 @@ def _run_files(run: Path) -> str:
 def cmd_eval(args) -> int:
     """A benchmark's question file answered in jitted batches (LLaVA answer JSONL), then scored locally where
     a deterministic scorer exists; or the demo's held-out shapes."""
-    import mgjax
     from mgjax.eval.benchmarks import BENCHES
     from mgjax.train.checkpoints import is_run_dir
 
@@ -391,7 +408,7 @@ def cmd_eval(args) -> int:
     if args.bench == "shapes":
         from mgjax.train.demo import heldout_accuracy
 
-        model = mgjax.load_pretrained(args.ckpt, **_tower_kwargs(args))
+        model = _load(args, args.ckpt, **_tower_kwargs(args))
         accuracy, chance = heldout_accuracy(model.module, model.params, model.tokenizer, model.config,
                                             num_samples=args.num_samples)
         if is_run_dir(model.path):
@@ -416,7 +433,7 @@ def cmd_eval(args) -> int:
                          "with --images")
     if args.limit:
         questions = questions[:args.limit]
-    model = mgjax.load_pretrained(args.ckpt, dtype=args.dtype, mesh=_local_mesh(args), **_tower_kwargs(args))
+    model = _load(args, args.ckpt, dtype=args.dtype, mesh=_local_mesh(args), **_tower_kwargs(args))
     pid, nproc = jax.process_index(), jax.process_count()
     bench = BENCHES[args.bench]
     if args.max_new_tokens:
@@ -637,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write JSONL answers {question_id, prompt, text} here instead of stdout")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per jitted batch (default 8)")
     _add_generation_args(p, max_new_tokens=128)
+    _add_quantize_arg(p)
     _add_template_arg(p)
     _add_tower_args(p)
     _add_inference_aot_args(p)
@@ -650,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-dir", default=".", help="where --gen writes gen_N.txt (and gen_N.png)")
     p.add_argument("--sdxl", help="a local SDXL pipeline folder to render --gen prompts (needs diffusers)")
     _add_generation_args(p, max_new_tokens=512)
+    _add_quantize_arg(p)
     _add_template_arg(p)
     _add_tower_args(p)
     p.set_defaults(func=cmd_chat)
@@ -673,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 128; longer prompts compile when first seen)")
     p.add_argument("--allow-paths", action="store_true", help="accept local file paths as image URLs")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
+    _add_quantize_arg(p)
     _add_template_arg(p)
     _add_tower_args(p)
     p.set_defaults(func=cmd_serve)
@@ -695,6 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=_positive_float, default=5.0,
                    help="largest safetensors shard to write, in GiB (default 5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the new one is complete)")
+    lora = p.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="a LoRA run: the adapters merged into the weights, in the released layout")
+    lora.add_argument("--lora-only", action="store_true",
+                      help="a LoRA run: the adapters in PEFT's layout (adapter_config.json, adapter_model.safetensors) "
+                           "and non_lora_trainables.bin, as the original's LoRA training saves them")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="per-device memory of a training job on a mesh (nothing is allocated)")
     p.add_argument("config", help="preset name (e.g. MGM-34B-HD) or checkpoint folder; with --search, a training "
@@ -747,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, help="answer length limit (default: the paper's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
     p.add_argument("--num-samples", type=_positive_int, default=256, help="shapes: held-out questions to ask")
+    _add_quantize_arg(p)
     _add_tower_args(p)
     _add_inference_aot_args(p)
     p.set_defaults(func=cmd_eval)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,10 +27,15 @@ from mgjax.errors import MGJaxError
 from mgjax.infer.beam import make_beam_search
 from mgjax.infer.generate import make_generate
 from mgjax.model import MGM, abstract_params, merged_lengths
+from mgjax.quant import SCALE_SUFFIX, matrix_layout, quantize_params
 from mgjax.sharding import DEFAULT_RULES, Rules, activate, batch_sharding, batch_shards, param_shardings
-from mgjax.train.checkpoints import is_run_dir, restore_run_params
+from mgjax.train.checkpoints import is_run_dir, restore_run_params, run_param_reader
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("int8", "int4")  # load_pretrained(quantize=...): `LMConfig.quant` modes beyond "none"
+# Float bytes of the LLM matrices read per step when loading quantised: the float copy held beside the
+# quantised model stays this small, and an mgjax checkpoint is opened a few times, not once per matrix.
+QUANTIZE_CHUNK_BYTES = 1 << 30
 # Preprocessed pixels lie in [-1.8, 2.2] (CLIP normalisation of [0, 1]); far beyond is raw pixels.
 PIXEL_LIMIT = 10.0
 
@@ -376,7 +382,7 @@ class Pretrained:
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_tower: str | os.PathLike | None = None,
                     vision_tower_aux: str | os.PathLike | None = None, base_llm: str | os.PathLike | None = None,
                     towers_from_checkpoint: bool = False, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-                    template: str | None = None) -> Pretrained:
+                    template: str | None = None, quantize: str | None = None) -> Pretrained:
     """Loads an MGM checkpoint folder: the released layout (config.json plus safetensors or .bin
     shards), a stage-1 release (`mm_projector.bin`, with `base_llm` = the base LLM checkpoint folder),
     or a folder written by `mgjax convert`, or a `run_dir` of `mgjax train` (its newest readable checkpoint).
@@ -394,12 +400,19 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
     `families.detect_template`; an mgjax checkpoint records the one chosen when it was converted).
     With a `mesh`, every parameter goes straight into its shards (laid out by `rules`), and
     `logits` runs sharded over that mesh.
+
+    `quantize` "int8" / "int4": the LLM's matrices (linear layers, experts, embedding) are read as `dtype` a
+    few at a time and stored quantised (`mgjax.quant`: int8 per output channel, int4 in groups of 128, scales
+    in `dtype`), the model computing in `dtype` on the dequantised weights; norms, Mixtral's router and the
+    towers stay `dtype`. `config.lm.quant` then says which.
     """
     path = Path(path).expanduser().resolve()  # a later chdir must not change what the model reads
     if not path.is_dir():
         raise MGJaxError(f"{path}: checkpoint folder not found")
     if dtype not in DTYPES:
         raise MGJaxError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise MGJaxError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE)} (or None: no quantisation)")
     if template is not None:
         get_template(template)
     dt = jnp.dtype(dtype)
@@ -421,9 +434,16 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
             config = dataclasses.replace(config, template=detected)
     if template is not None:
         config, evidence = dataclasses.replace(config, template=template), "template= argument"
+    if quantize is not None and config.lm.quant != "none":
+        raise MGJaxError(f"{path} already stores its LLM as {config.lm.quant}: load it without quantize=")
+    float_module = MGM(config, dtype=dt, param_dtype=dt)
+    if quantize is not None:
+        config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, quant=quantize))
     module = MGM(config, dtype=dt, param_dtype=dt)
     shardings = None if mesh is None else param_shardings(abstract_params(module, boxed=True), mesh, rules)
-    if source is None:
+    if quantize is not None:
+        params = _load_quantized(path, source, float_module, quantize, mesh, rules, shardings)
+    elif source is None:
         abstract = abstract_params(module) if shardings is None else jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(module), shardings)
         params = restore_run_params(path, abstract)[1]
@@ -431,3 +451,57 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_t
         params = load_params(source, abstract_params(module), dt, shardings)
     return Pretrained(config, params, module, path, tokenizer_path=tokenizer_path, mesh=mesh, rules=rules,
                       template_evidence=evidence, tower_sources=towers, _tokenizer=tokenizer)
+
+
+def _load_quantized(path: Path, source, float_module: MGM, mode: str, mesh: Mesh | None, rules: Rules,
+                    shardings: dict | None) -> dict:
+    """The parameters of `float_module`'s model with its LLM matrices quantised to `mode`, from a released
+    `source`, an mgjax checkpoint folder or (source None) a run dir: the float parameters that stay float in
+    one read, then the matrices in chunks of `QUANTIZE_CHUNK_BYTES`, each quantised (into `shardings`, the
+    quantised tree's) before the next is read, so the whole float LLM is never held."""
+    from flax import traverse_util
+
+    dt = jnp.dtype(float_module.param_dtype)
+    flat = traverse_util.flatten_dict(abstract_params(float_module))
+    float_shardings = None if mesh is None else traverse_util.flatten_dict(
+        param_shardings(abstract_params(float_module, boxed=True), mesh, rules))
+    q_shardings = None if shardings is None else traverse_util.flatten_dict(shardings)
+    chunks, rest = [], [p for p in flat if matrix_layout(p) is None]
+    for p in (p for p in flat if matrix_layout(p) is not None):
+        size = math.prod(flat[p].shape) * dt.itemsize
+        if not chunks or chunks[-1][0] + size > QUANTIZE_CHUNK_BYTES:
+            chunks.append([0, []])
+        chunks[-1][0] += size
+        chunks[-1][1].append(p)
+
+    def subtree(paths, tree):
+        return None if tree is None else traverse_util.unflatten_dict({p: tree[p] for p in paths})
+
+    def load(read) -> dict:
+        out = traverse_util.flatten_dict(read(subtree(rest, flat), subtree(rest, float_shardings)))
+        for _, paths in chunks:
+            floats = read(subtree(paths, flat), subtree(paths, float_shardings))
+            q_paths = [x for p in paths for x in (p, (*p[:-1], p[-1] + SCALE_SUFFIX))]
+            out.update(traverse_util.flatten_dict(quantize_params(floats, mode, subtree(q_paths, q_shardings))))
+            del floats
+        return traverse_util.unflatten_dict(out)
+
+    if source is None:
+        with run_param_reader(path) as (_, read_run):
+            return load(lambda shapes, sh: read_run(shapes if sh is None else jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sh)))
+    if isinstance(source, Path):
+        return load(lambda shapes, sh: load_params(source, shapes, dt, sh))
+    # A released layout: checked whole once (every tensor present, none left over), then read by parameter.
+    specs = {s.path: s for s in source.plan(abstract_params(float_module))}
+
+    def read_source(shapes, sh):
+        placed = {}
+        flat_sh = None if sh is None else traverse_util.flatten_dict(sh)
+        for p in traverse_util.flatten_dict(shapes):
+            host = source.array(specs[p], dt)
+            placed[p] = (jax.device_put(host) if flat_sh is None else
+                         jax.make_array_from_callback(host.shape, flat_sh[p], lambda i, h=host: h[i]))
+        return traverse_util.unflatten_dict(placed)
+
+    return load(read_source)
