@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -374,8 +375,6 @@ def _inference_dry_run(args, ckpt: str, max_new_tokens: int, what: str, beams: i
     """Generation's prompt pass and decode step compiled for a TPU slice's chips (exit 1 when they do not fit)."""
     from mgjax.topology import compiler_platform_only, parse_slice
 
-    if args.quantize:
-        raise MGJaxError(f"{what} --dry-run compiles the float model: leave out --quantize")
     if not args.topology:
         raise MGJaxError(f"{what} --dry-run compiles for a TPU slice: give --topology SLICE (e.g. v5e-8)")
     topology = parse_slice(args.topology)
@@ -383,7 +382,10 @@ def _inference_dry_run(args, ckpt: str, max_new_tokens: int, what: str, beams: i
     from mgjax.infer.aot import INFERENCE_MESH, Workload, dry_run, report
 
     work = Workload(args.batch_size * beams, max_new_tokens, args.prompt_tokens, args.dtype)
-    r = dry_run(_model_config(ckpt, args), topology, work, args.mesh or INFERENCE_MESH)
+    config = _model_config(ckpt, args)
+    if args.quantize:
+        config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, quant=args.quantize))
+    r = dry_run(config, topology, work, args.mesh or INFERENCE_MESH)
     print(report(r, what))
     return 0 if r["fits"] else 1
 

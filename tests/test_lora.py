@@ -60,23 +60,19 @@ def _hf_llm(folder, config, peft_folder):
     return PeftModel.from_pretrained(llm, peft_folder).eval()
 
 
-@pytest.mark.parametrize("kind", [*tiny.LMS, "mixtral-ragged"])
-def test_adapters_merge_export_and_load_for_every_family(tmp_path, kind):
+@pytest.mark.parametrize("family", list(tiny.LMS))
+def test_adapters_merge_export_and_load_for_every_family(tmp_path, family):
     """Random adapters on every linear layer the original's find_all_linear_names picks: the adapted model's
     logits equal the merged model's; written in PEFT's layout (+ non_lora_trainables.bin) and read back with
     the base release (`base_llm`, the original's --model-base) they give the same logits; HF PEFT puts them on
     transformers' LLM and gets the same text logits (Llama family, Gemma: transformers 5 fuses Mixtral's
     experts, which the original's per-expert adapters name one by one)."""
-    family = kind.removesuffix("-ragged")
     release, _, _ = write_release(tmp_path, family)
     tiny.save_tokenizer(family, release)
     if family == "gemma":  # transformers 5's Gemma runs tanh GELU whatever config.json says: the reference's
         hf = json.loads((release / "config.json").read_text())
         (release / "config.json").write_text(json.dumps({**hf, "hidden_activation": "gelu_pytorch_tanh"}))
     base = mgjax.load_pretrained(release)
-    if kind.endswith("ragged"):
-        lm = dataclasses.replace(base.config.lm, moe_impl="ragged")
-        base = dataclasses.replace(base, config=dataclasses.replace(base.config, lm=lm), _jitted={})
     config = dataclasses.replace(base.config, lm=dataclasses.replace(base.config.lm, lora=LORA))
     a_adapters = split_params(abstract_params(MGM(config)), ())[0]
     layers = {"/".join(p) for p in adapted(a_adapters)}
@@ -134,7 +130,7 @@ def test_lora_run_trains_only_the_adapters_and_exports_both_ways(tmp_path, capsy
     setup = run_setup(cfg, tmp_path / "run")
     trained = traverse_util.flatten_dict(setup.a_state.params)
     assert all(is_adapter(p) or p[0] == "mm_projector" for p in trained)
-    assert sum(is_adapter(p) for p in trained) == 2 * 7 * 2  # A and B of 7 linear layers x 2 layers
+    assert sum(is_adapter(p) for p in trained) == 2 * (7 * 2 + 1)  # A and B of 7 linear layers x 2 layers + head
     moments = {p[-len(q):] for p in traverse_util.flatten_dict(setup.a_state.opt_state, is_leaf=lambda x: x is None)
                for q in trained if p[-len(q):] == q}
     assert moments == set(trained)
@@ -161,7 +157,7 @@ def test_lora_run_trains_only_the_adapters_and_exports_both_ways(tmp_path, capsy
     assert_close(_prompt_logits(mgjax.load_pretrained(tmp_path / "lora", base_llm=case / "MGM-7B-tiny")), logits,
                  1e-5, "--lora-only with its base")
     peft = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert (peft["r"], peft["lora_alpha"], peft["base_model_name_or_path"]) == (4, 8.0, str(case / "MGM-7B-tiny"))
+    assert (peft["r"], peft["lora_alpha"], peft["base_model_name_or_path"]) == (4, 16.0, str(case / "MGM-7B-tiny"))
     with torch.no_grad():
         ids = run.tokenize("what is this ?")[None].astype(np.int64)
         theirs = _hf_llm(case / "MGM-7B-tiny", run.config, tmp_path / "lora")(torch.from_numpy(ids)).logits.numpy()
@@ -175,7 +171,9 @@ def test_lora_config_and_its_errors(tmp_path):
     cfg = load_train_config(CONFIGS / "demo" / "stage2_lora.yaml",
                             small_run(tmp_path / "run", "model.lora={rank: 2, targets: [llm/*self_attn/q_proj]}"))
     assert (cfg.model.lora.rank, cfg.model.lora.targets, cfg.trainable) == (2, ("llm/*self_attn/q_proj",), ())
-    assert load_train_config(CONFIGS / "demo" / "stage2_lora.yaml").model.lora.targets == LORA_TARGETS
+    assert LoraConfig().targets == LORA_TARGETS
+    assert load_train_config(CONFIGS / "demo" / "stage2_lora.yaml").model.lora.targets == (*LORA_TARGETS[:2],
+                                                                                            "llm/lm_head")
     setup = run_setup(cfg, tmp_path / "run")
     assert {p[-2:] for p in traverse_util.flatten_dict(setup.a_state.params)} == \
         {("q_proj", "lora_a"), ("q_proj", "lora_b")}
@@ -190,21 +188,24 @@ def test_lora_config_and_its_errors(tmp_path):
                                         small_run(tmp_path / "run", *bad)), tmp_path / "run")
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged"])
-def test_expert_adapter_dropout_is_drawn_in_training_only(impl):
-    """Mixtral's expert adapters under dropout: off without a dropout rng (inference), on with one, the same
-    output for the same key under both expert implementations' own draws (not compared: they draw differently)."""
+def test_expert_adapters_in_both_expert_implementations():
+    """Mixtral's per-expert adapters: the ragged dispatch equals the dense reference (relative 1e-5); under
+    dropout (a "dropout" rng: training) each draws its masks from the key, the same key the same output,
+    without one no dropout at all."""
     from mgjax.layers.mlp import MoE
 
-    moe = MoE(4, 2, 16, "silu", impl, lora=LoraConfig(rank=2, dropout=0.5, targets=("*",)))
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
-    params = moe.init(jax.random.key(0), x)["params"]
-    params = jax.tree.map(lambda a: a + 0.1, params)  # B != 0
-    plain = moe.apply({"params": params}, x)
-    drawn = [moe.apply({"params": params}, x, rngs={"dropout": jax.random.key(k)}) for k in (1, 1, 2)]
-    np.testing.assert_array_equal(drawn[0], drawn[1])
-    assert not np.allclose(drawn[0], plain) and not np.allclose(drawn[0], drawn[2])
-    assert np.isfinite(np.asarray(drawn[0])).all()
+    out = {}
+    for impl in ("dense", "ragged"):
+        moe = MoE(4, 2, 16, "silu", impl, lora=LoraConfig(rank=2, dropout=0.5, targets=("*",)))
+        params = jax.tree.map(lambda a: a + 0.1, moe.init(jax.random.key(0), x)["params"])  # B != 0
+        out[impl] = moe.apply({"params": params}, x)
+        drawn = [moe.apply({"params": params}, x, rngs={"dropout": jax.random.key(k)}) for k in (1, 1, 2)]
+        np.testing.assert_array_equal(drawn[0], drawn[1])
+        assert not np.allclose(drawn[0], out[impl]) and not np.allclose(drawn[0], drawn[2])
+        assert np.isfinite(np.asarray(drawn[0])).all()
+    assert {p[-1] for p in traverse_util.flatten_dict(params)} >= {"w1_lora_a", "w2_lora_b", "lora_a"}
+    assert_close(out["ragged"], out["dense"], 1e-5, "ragged vs dense experts with adapters")
 
 
 def test_lora_folder_errors(tmp_path):
@@ -213,12 +214,14 @@ def test_lora_folder_errors(tmp_path):
     from safetensors.numpy import save_file
 
     base, zoo = GOLDEN / "llama_vicuna" / "MGM-7B-tiny", GOLDEN / "llama_vicuna" / "model_zoo" / "OpenAI"
+    clip, convnext = "clip-vit-large-patch14-336-tiny", "openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup-tiny"
     hidden = json.loads((base / "config.json").read_text())["hidden_size"]
     q = "base_model.model.model.layers.0.self_attn.q_proj"
     good = {f"{q}.lora_A.weight": np.zeros((2, hidden), np.float32),
             f"{q}.lora_B.weight": np.zeros((hidden, 2), np.float32)}
     cases = {"no adapters": (None, {}, "no adapter_model"),
-             "unknown layer": ({k.replace("q_proj", "x_proj"): v for k, v in good.items()}, {}, "x_proj.weight' is not"),
+             "unknown layer": ({k.replace("q_proj", "x_proj"): v for k, v in good.items()}, {},
+                               "x_proj.weight' is not"),
              "half a pair": ({f"{q}.lora_A.weight": good[f"{q}.lora_A.weight"]}, {}, "pair is incomplete"),
              "wrong shape": ({**good, f"{q}.lora_A.weight": np.zeros((2, hidden + 1), np.float32)}, {},
                              "belong to another model"),
@@ -231,5 +234,4 @@ def test_lora_folder_errors(tmp_path):
         if tensors is not None:
             save_file(tensors, folder / "adapter_model.safetensors")
         with pytest.raises(MGJaxError, match=culprit):
-            mgjax.load_pretrained(folder, base_llm=base, vision_tower=zoo / "clip-vit-large-patch14-336-tiny",
-                                  vision_tower_aux=zoo / "openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup-tiny")
+            mgjax.load_pretrained(folder, base_llm=base, vision_tower=zoo / clip, vision_tower_aux=zoo / convnext)

@@ -15,6 +15,7 @@ import tiny
 from helpers import CASES, GOLDEN, golden_model, nhwc
 from mgjax.errors import MGJaxError
 from mgjax.lm.decoder import Decoder
+from mgjax.model import MGM, abstract_params
 from mgjax.quant import (dequantize, dequantize_params, int4_group, llm_bytes, matrix_layout, quantize,
                          quantize_params, quantized_shapes, weight_bytes)
 from mgjax.sharding import DEFAULT_RULES, param_shardings
@@ -235,5 +236,23 @@ def _cli_generate_quantize(int8_model, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert seen["quantize"] == "int8" and captured.out.strip()
     assert "LLM weights:" in captured.err and "as int8" in captured.err and "x of" in captured.err
-    assert main(["generate", "MGM-7B", "--dry-run", "--topology", "v5e-8", "--quantize", "int8"]) == 2
-    assert "leave out --quantize" in capsys.readouterr().err
+
+
+def test_quantised_generation_compiles_for_a_tpu_slice():
+    """`generate|eval --dry-run --topology SLICE --quantize int8`: the TPU compiler takes the int8 LLM (the
+    dequantisation inside the programs); its weights per chip are about half the bfloat16 model's."""
+    from mgjax.infer.aot import Workload, dry_run
+    from mgjax.sharding import bytes_per_device, make_mesh, param_shardings
+    from mgjax.config import MeshConfig
+    from mgjax.topology import parse_slice
+
+    config = mgjax.load_pretrained(GOLDEN / "llama_vicuna" / CASES["llama_vicuna"]).config
+    int8 = dataclasses.replace(config, lm=dataclasses.replace(config.lm, quant="int8"))
+    slice_ = parse_slice("v5e-4")
+    r = dry_run(int8, slice_, Workload(4, 8, 16))
+    assert r["fits"]
+    mesh = make_mesh(MeshConfig.parse("fsdp=-1"), slice_.devices()[:slice_.chips_per_host])
+    bf16 = MGM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    shardings = param_shardings(abstract_params(bf16, boxed=True), mesh)
+    float_bytes = bytes_per_device(abstract_params(bf16), shardings)
+    assert r["weights_bytes"] < 0.75 * float_bytes  # the towers (a third of this tiny model) stay bf16

@@ -45,7 +45,9 @@ def dry_run(config: MGMConfig, topology: Slice, work: Workload, mesh: str = INFE
     dt = jnp.dtype(work.dtype)
     module = MGM(config, dtype=dt, param_dtype=dt)
     shardings = param_shardings(abstract_params(module, boxed=True), mesh)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dt, sharding=s), abstract_params(module),
+    # floats in the workload's dtype; a quantised LLM's integers as they are stored
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dt if jnp.issubdtype(a.dtype, jnp.floating)
+                                                            else a.dtype, sharding=s), abstract_params(module),
                           shardings)
     length = length_bucket(work.prompt_tokens + config.tokens_per_image, config.max_length)
     room = _budget(work.max_new_tokens)
