@@ -16,7 +16,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from mgjax.config import LORA_TARGETS, LoraConfig, MGMConfig
@@ -119,15 +118,14 @@ def _path_seed(path: Sequence[str]) -> int:
     return int.from_bytes("/".join(path).encode()[-8:].rjust(8, b"\0"), "little") % (1 << 31)
 
 
-def peft_target_modules(params: dict, config: MGMConfig) -> list[str]:
-    """The adapted modules as PEFT names them in the base model (`model.layers.0.self_attn.q_proj`, ...):
-    the `target_modules` of adapter_config.json (full names, so that PEFT adapts exactly these)."""
+def peft_target_modules(adapters: dict, config: MGMConfig) -> list[str]:
+    """The modules the adapter tree `adapters` adapts, as PEFT names them in the base model
+    (`model.layers.0.self_attn.q_proj`, ...): adapter_config.json's `target_modules` (full names, so that PEFT
+    adapts exactly these)."""
     from mgjax.convert.names import param_specs
 
-    adapters = {p: np.zeros(()) for p in traverse_util.flatten_dict(params) if p[-1].endswith("lora_a")}
-    specs = param_specs(traverse_util.unflatten_dict(
-        {p: jax.ShapeDtypeStruct(traverse_util.flatten_dict(params)[p].shape, jnp.float32) for p in adapters}), config)
-    return sorted({k.removesuffix(".lora_A.weight") for s in specs for k in s.torch_keys})
+    return sorted({k.removesuffix(".lora_A.weight") for s in param_specs(adapters, config)
+                   if s.path[-1].endswith("lora_a") for k in s.torch_keys})
 
 
 def peft_config(lora: LoraConfig, target_modules: list[str], base: str) -> dict:

@@ -184,7 +184,7 @@ def export_adapters(run: Path, read: Callable[[dict], dict], out: str | os.PathL
                     overwrite: bool) -> Path:
     """A LoRA run's adapters as the original's LoRA training saves them (`write_adapters`)."""
     config, meta = read_meta(run)
-    return write_adapters(out, config, read, meta.get("trainable", ()), meta.get("hf_config", {}), yaml_model(run),
+    return write_adapters(out, config, read, meta.get("trainable", ()), meta.get("hf_config", {}), _base_model(run),
                           dtype, overwrite)
 
 
@@ -227,7 +227,7 @@ def write_adapters(out: str | os.PathLike, config: MGMConfig, read: Callable[[di
     return Path(out)
 
 
-def yaml_model(run: Path) -> str:
+def _base_model(run: Path) -> str:
     """What a run's adapters apply to: its train config's model.init or model.base_llm ("" when neither)."""
     import yaml
 
