@@ -91,7 +91,19 @@ def restore(path: str | os.PathLike, abstract: dict, partial: bool = False) -> d
     device) from `path`."""
     try:
         with loading_context(partial):
-            return ocp.load_pytree(Path(path), placed(abstract))
+            out = ocp.load_pytree(Path(path), placed(abstract))
     except Exception as e:
         raise MGJaxError(f"{path}: cannot restore the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "it may be incomplete or from another model") from None
+    return check_restored(path, out)
+
+
+def check_restored(path: str | os.PathLike, tree: Any) -> Any:
+    """`tree` as restored, after checking that every leaf was read: a partial restore leaves what the checkpoint
+    lacks as the ShapeDtypeStruct it was asked for, silently."""
+    missing = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MGJaxError(f"{path}: the checkpoint has no {missing[0]}{more}; it is from another model or incomplete")
+    return tree

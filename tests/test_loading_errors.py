@@ -329,3 +329,21 @@ def test_bad_input_ids_and_mask():
         model.logits(ids[0], images, aux)
     with pytest.raises(MGJaxError, match=r"attention_mask shape \(1, 87\) != input_ids shape \(1, 88\)"):
         model.logits(ids, images, aux, attention_mask=np.ones((1, 87), np.int32))
+
+
+def test_a_parameter_the_checkpoint_lacks_is_an_error_not_a_placeholder(tmp_path):
+    """Orbax's partial restore leaves a leaf the checkpoint does not hold as the ShapeDtypeStruct asked for,
+    silently; mgjax names the first such parameter instead of handing back a placeholder."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    from mgjax.checkpoint import restore
+
+    ocp.save_pytree(tmp_path / "ckpt", {"params": {"a": jnp.ones(3)}})
+    want = jax.ShapeDtypeStruct((3,), jnp.float32)
+    assert restore(tmp_path / "ckpt", {"params": {"a": want}}, partial=True)["params"]["a"].sum() == 3
+    with pytest.raises(MGJaxError, match=r"has no \['params'\]\['b'\]; it is from another model"):
+        restore(tmp_path / "ckpt", {"params": {"a": want, "b": want}}, partial=True)
+    with pytest.raises(MGJaxError, match=r"has no \['other'\]\['a'\] \(and 1 more\)"):
+        restore(tmp_path / "ckpt", {"other": {"a": want, "b": want}}, partial=True)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import jax
 import orbax.checkpoint.experimental.v1 as ocp
 
-from mgjax.checkpoint import loading_context, placed, restore
+from mgjax.checkpoint import check_restored, loading_context, placed, restore
 from mgjax.errors import MGJaxError, causes, stop_when_full
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class RunCheckpoints:
         """The leaves of `abstract` ({"state": ..., "frozen": ..., "data": None}, any part) at `step`."""
         _check_committed(self.directory / str(step))
         with loading_context(partial):
-            return self._ckpt.load_checkpointables(step, placed(abstract))
+            return check_restored(self.directory / str(step),
+                                  self._ckpt.load_checkpointables(step, placed(abstract)))
 
     def wait(self) -> None:
         saving, self._saving = self._saving, None
