@@ -152,7 +152,6 @@ def _placed(shapes: dict, shardings: dict) -> dict:
         a.shape, jnp.float32 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=s), shapes, shardings)
 
 
-
 def _stage1_file(path: Path, must_exist: bool = True) -> Path | None:
     """The stage-1 release file `model.stage1` names; None for a stage-1 run dir or mgjax checkpoint (or,
     unless `must_exist`, for nothing there yet)."""
