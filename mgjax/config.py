@@ -31,6 +31,9 @@ ATTENTION_IMPLS = ("auto", "xla", "causal", "cudnn", "splash")
 AUTO_IMPLS = {"attention": {"tpu": "splash", "gpu": "cudnn", "cpu": "causal"},
               "moe": {"tpu": "ragged", "gpu": "ragged", "cpu": "dense"}}
 DEPTHWISE_IMPLS = ("shifted", "grouped")
+# The attention output projections (LLM, CLIP): the linear layers whose kernel contracts two input axes,
+# [heads, head_dim, D]; every other kernel has one.
+TWO_INPUT_LINEARS = ("o_proj", "out_proj")
 # Weight-only quantisation of the LLM's matrices (`mgjax.quant`): int8 per output channel, int4 in groups.
 QUANT_MODES = ("none", "int8", "int4")
 # What the original's `find_all_linear_names` gives PEFT: every linear layer of the LLM but its head (attention,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from mgjax.config import LORA_TARGETS, LoraConfig, MGMConfig
+from mgjax.config import LORA_TARGETS, TWO_INPUT_LINEARS, LoraConfig, MGMConfig
 from mgjax.errors import MGJaxError
 
 # PEFT's "base_model.model." before the model's own names, in adapter_model.* and non_lora_trainables.bin
@@ -110,7 +110,7 @@ def init_adapters(abstract: dict, key: jax.Array, shardings: dict | None = None)
 
 def _fan_in(path: Sequence[str], shape: Sequence[int]) -> int:
     """The adapted layer's input size: A is [(L,) (E,) *in, r]; attention's output projection has 2 input axes."""
-    n_in = 2 if path[-2] in ("o_proj", "out_proj") else 1
+    n_in = 2 if path[-2] in TWO_INPUT_LINEARS else 1
     return math.prod(shape[-1 - n_in:-1])
 
 

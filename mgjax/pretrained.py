@@ -495,13 +495,4 @@ def _load_quantized(path: Path, source, float_module: MGM, mode: str, mesh: Mesh
     # A released layout: checked whole once (every tensor present, none left over), then read by parameter.
     specs = {s.path: s for s in source.plan(abstract_params(float_module))}
 
-    def read_source(shapes, sh):
-        placed = {}
-        flat_sh = None if sh is None else traverse_util.flatten_dict(sh)
-        for p in traverse_util.flatten_dict(shapes):
-            host = source.array(specs[p], dt)
-            placed[p] = (jax.device_put(host) if flat_sh is None else
-                         jax.make_array_from_callback(host.shape, flat_sh[p], lambda i, h=host: h[i]))
-        return traverse_util.unflatten_dict(placed)
-
-    return load(read_source)
+    return load(lambda shapes, sh: source.place([specs[p] for p in traverse_util.flatten_dict(shapes)], dt, sh))

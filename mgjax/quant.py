@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mgjax.config import TWO_INPUT_LINEARS
 from mgjax.errors import MGJaxError
 
 INT4_GROUP = 128
@@ -120,7 +121,7 @@ def matrix_layout(path: Sequence[str]) -> tuple[int, int] | None:
     if len(path) > 2 and path[-2] == "experts" and leaf in ("w1", "w2", "w3"):
         return lead + 1, 1  # [(L,) E, in, out]
     if leaf == "kernel" and path[-2] != "gate":  # Mixtral's router stays float
-        return lead, 2 if path[-2] == "o_proj" else 1
+        return lead, 2 if path[-2] in TWO_INPUT_LINEARS else 1
     return None
 
 

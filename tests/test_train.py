@@ -324,6 +324,26 @@ def test_resume_after_sigterm_is_bitwise(tmp_path, capsys, monkeypatch, adapt):
     assert [r["step"] for r in b] == list(range(1, steps + 1))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    if adapt == "qlora":  # --merge-lora: the int8 weights dequantised, the adapters merged: the run's logits
+        import dataclasses
+
+        import mgjax
+        from helpers import assert_close
+        from mgjax.convert.export import export
+        from mgjax.convert.readers import Checkpoint
+        from mgjax.convert.source import Source
+
+        export(tmp_path / "a", tmp_path / "merged", merge_lora=True)
+        run = mgjax.load_pretrained(tmp_path / "a")
+        assert run.config.lm.quant == "int8"
+        plain = MGM(run.config.plain())  # the demo's towers have no folders to load the export's config from
+        params = Source(plain.config, Checkpoint.from_folder(tmp_path / "merged")).load(abstract_params(plain),
+                                                                                        jnp.float32)
+        merged = dataclasses.replace(run, config=plain.config, module=plain, params=params, _jitted={})
+        batch = tiny.batch(run.config, rows=2)
+        logits = [np.asarray(m.logits(batch["input_ids"], batch["images"], batch["images_aux"],
+                                      batch["attention_mask"])) for m in (run, merged)]
+        assert_close(logits[1], logits[0], 1e-5, "QLoRA run merged")
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):

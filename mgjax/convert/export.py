@@ -23,9 +23,9 @@ from mgjax.convert.names import ParamSpec, is_buffer, param_specs
 from mgjax.convert.readers import Reader
 from mgjax.convert.source import NON_LORA_FILE, TOWERS
 from mgjax.errors import MGJaxError
-from mgjax.lora import PEFT_PREFIX, adapter_paths, is_adapter, merge, peft_config, peft_target_modules
+from mgjax.lora import PEFT_PREFIX, adapter_paths, is_adapter, merged_params, peft_config, peft_target_modules
 from mgjax.model import MGM, abstract_params
-from mgjax.quant import SCALE_SUFFIX, dequantize, matrix_layout
+from mgjax.quant import SCALE_SUFFIX, dequantize_params, matrix_layout
 from mgjax.progress import Progress
 
 _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -86,7 +86,8 @@ def _checkpoint_weights(ckpt: Path) -> _Weights:
 
 def _plain_reader(config: MGMConfig, read: Callable[[dict], dict]) -> Callable[[dict], dict]:
     """`read` of a run with LoRA adapters (and a quantised base) turned into a reader of the plain model's
-    parameters: each adapted weight dequantised and merged with its adapters (`lora.merge`), in float32."""
+    parameters: each adapted weight dequantised (`quant.dequantize_params`) and merged with its adapters
+    (`lora.merged_params`), in float32."""
     run_shapes = traverse_util.flatten_dict(abstract_params(MGM(config)))
     lm = config.lm
 
@@ -96,26 +97,16 @@ def _plain_reader(config: MGMConfig, read: Callable[[dict], dict]) -> Callable[[
 
     def read_plain(abstract: dict) -> dict:
         wanted = traverse_util.flatten_dict(abstract)
-        need = {}
-        for p in wanted:
-            parts = [p]
-            if lm.quant != "none" and matrix_layout(p) is not None:
-                parts.append((*p[:-1], p[-1] + SCALE_SUFFIX))
-            parts += [q for q in adapter_paths(p) if q in run_shapes]
-            need.update({q: stored(q) for q in parts})
-        got = traverse_util.flatten_dict(read(traverse_util.unflatten_dict(need)))
-        out = {}
+        need, floats = {}, {}  # what the run holds of them; the same as float32 (dequantised)
         for p, a in wanted.items():
-            value = got[p]
-            if lm.quant != "none" and matrix_layout(p) is not None:
-                start, n_in = matrix_layout(p)
-                value = dequantize(value, got[(*p[:-1], p[-1] + SCALE_SUFFIX)], start, a.shape[start:start + n_in],
-                                   lm.quant, np.float32)
-            a_path, b_path = adapter_paths(p)
-            if a_path in got:
-                value = merge(value, got[a_path], got[b_path], lm.lora.scale)
-            out[p] = np.asarray(value, a.dtype)
-        return traverse_util.unflatten_dict(out)
+            adapters = [q for q in adapter_paths(p) if q in run_shapes]
+            scales = [(*p[:-1], p[-1] + SCALE_SUFFIX)] if lm.quant != "none" and matrix_layout(p) else []
+            need.update({q: stored(q) for q in (p, *adapters, *scales)})
+            floats.update({p: jax.ShapeDtypeStruct(a.shape, np.float32), **{q: stored(q) for q in adapters}})
+        got = read(traverse_util.unflatten_dict(need))
+        if lm.quant != "none":
+            got = dequantize_params(got, lm.quant, traverse_util.unflatten_dict(floats))
+        return jax.tree.map(lambda a, v: np.asarray(v, a.dtype), abstract, merged_params(got, lm.lora.scale))
 
     return read_plain
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from flax import traverse_util
 
-from mgjax.config import MGMConfig
+from mgjax.config import TWO_INPUT_LINEARS, MGMConfig
 
 # mgjax top-level module -> PyTorch prefix (longest match first).
 PREFIXES = (
@@ -70,7 +70,7 @@ class ParamSpec:
 
     def _n_in(self) -> int:
         """Input dims of a dense kernel: 2 for the attention output ([heads, head_dim, D]) and its lora_a."""
-        return 2 if self.path[-2] in ("o_proj", "out_proj") and self.path[-1] != "lora_b" else 1
+        return 2 if self.path[-2] in TWO_INPUT_LINEARS and self.path[-1] != "lora_b" else 1
 
     def torch_shape(self) -> tuple[int, ...]:
         """The shape each PyTorch tensor must have."""

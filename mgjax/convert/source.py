@@ -307,9 +307,14 @@ class Source:
         """Every parameter of `shapes` (a tree of ShapeDtypeStructs), checked (see `plan`), cast to
         `dtype` and placed: on the default device, or by `shardings` (a matching tree of NamedShardings;
         each process reads only what its devices hold)."""
+        return self.place(self.plan(shapes), dtype, shardings)
+
+    def place(self, specs: list[ParamSpec], dtype, shardings: dict | None = None) -> dict:
+        """The parameters of `specs` (from `plan`) read, cast to `dtype` and placed as `load` places them;
+        `shardings` covers at least them."""
         flat_shardings = None if shardings is None else traverse_util.flatten_dict(shardings)
         flat = {}
-        for s in self.plan(shapes):
+        for s in specs:
             host = self.array(s, dtype)
             if flat_shardings is None:
                 flat[s.path] = jax.device_put(host)  # one copy (jnp.asarray makes two)
