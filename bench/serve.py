@@ -1,7 +1,8 @@
 """Benchmark: `mgjax serve` under load, driven by the `openai` client as users drive it. Starts the server
-(a subprocess, so that the clients do not share its interpreter), then for each concurrency sends the same
-requests (one image and a question each, streamed, temperature 0) from that many client threads: throughput,
-time to first token and latency percentiles, and whether every answer equals the answer it got alone (1 client).
+(a subprocess, so that the clients do not share its interpreter; a fresh compilation cache), then for each
+concurrency sends the same requests (one image and a question each, streamed, temperature 0) from that many
+client threads: throughput, time to first token and latency percentiles, and whether every answer equals the
+answer it got alone (1 client); then how soon a restarted server, its programs in the cache, is ready.
 
   python bench/serve.py                                   # the tiny golden checkpoint, 1, 8 and 32 clients
   python bench/serve.py --ckpt CKPT --clients 1,8 --requests 48 --max-tokens 64
@@ -13,8 +14,10 @@ import argparse
 import base64
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,10 +29,12 @@ from bench.children import ROOT, write_results  # noqa: E402
 GOLDEN = ROOT / "tests" / "fixtures" / "mgm_reference" / "llama_vicuna"
 
 
-def start_server(ckpt: str, slots: int, extra: list[str]) -> tuple[subprocess.Popen, str, float]:
-    """`mgjax serve` on a free port: (process, base URL, seconds until it said it was ready)."""
+def start_server(ckpt: str, slots: int, extra: list[str], cache: str) -> tuple[subprocess.Popen, str, float]:
+    """`mgjax serve` on a free port with its compilation cache in `cache`: (process, base URL, seconds until it
+    said it was ready)."""
     cmd = [sys.executable, "-m", "mgjax", "serve", "--ckpt", ckpt, "--port", "0", "--slots", str(slots), *extra]
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
+           "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "MGJAX_COMPILE_CACHE": cache}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -118,17 +123,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     levels = sorted({1, *(int(c) for c in args.clients.split(","))})
     image = "data:image/jpeg;base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
-    proc, url, ready_s = start_server(args.ckpt, args.slots, args.server_args.split())
+    cache = tempfile.mkdtemp(prefix="mgjax-bench-serve-")  # a first start compiles everything
     try:
-        rows = [run_load(url, max(args.requests, c), c, args.max_tokens, image) for c in levels]
-    finally:
+        proc, url, ready_s = start_server(args.ckpt, args.slots, args.server_args.split(), cache)
+        try:
+            rows = [run_load(url, max(args.requests, c), c, args.max_tokens, image) for c in levels]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+        proc, _, restart_s = start_server(args.ckpt, args.slots, args.server_args.split(), cache)  # a restart
         proc.terminate()
         proc.wait(timeout=120)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     alone = rows[0]["answers"]
     for r in rows:
         r["equal_to_alone"] = all(a == alone[i % len(alone)] for i, a in enumerate(r.pop("answers"))
                                   if i < len(alone))
-    print(f"mgjax serve {args.ckpt} ({args.slots} slots), ready in {ready_s:.1f} s (load and compile); the first "
+    print(f"mgjax serve {args.ckpt} ({args.slots} slots), ready in {ready_s:.1f} s (load and compile; "
+          f"{restart_s:.1f} s restarted, the programs from its compilation cache); the first "
           f"request on the fresh server took {rows[0]['first_latency_s'] * 1e3:.0f} ms; {args.max_tokens} tokens per "
           "answer, one image, streamed")
     print(f"{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p90':>8}"
@@ -146,7 +159,7 @@ def main(argv=None) -> int:
         print(f"{r['clients']} clients: {r['speedup_vs_one_by_one']:.1f}x the requests/s of one by one, "
               f"TTFT p50 {r['ttft_p50_vs_alone']:.1f}x its alone value")
     path = write_results({"ckpt": args.ckpt, "slots": args.slots, "max_tokens": args.max_tokens,
-                          "ready_s": ready_s, "rows": rows,
+                          "ready_s": ready_s, "ready_restarted_s": restart_s, "rows": rows,
                           "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])},
                          args.out, ("jax", "openai"))
     print(f"wrote {path}")

@@ -154,3 +154,34 @@ def test_a_signal_dropped_in_a_finalizer_is_quiet_and_raised_at_the_commit_point
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout == "raised at check\n", out
     assert out.stderr == "", out.stderr
+
+
+def test_commands_keep_compiled_programs_in_a_persistent_cache(tmp_path, monkeypatch, capsys):
+    """Every command turns on JAX's persistent compilation cache ($XDG_CACHE_HOME/mgjax/xla by default) so that
+    a second run loads its programs; MGJAX_COMPILE_CACHE moves it or turns it off, JAX's own variable wins, and
+    an unusable folder is one line and no cache (JAX would warn at every compile)."""
+    import os
+    import subprocess
+    import sys
+
+    from mgjax.cli import compile_cache
+
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "MGJAX_COMPILE_CACHE")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    out = subprocess.run([sys.executable, "-m", "mgjax", "predict", str(CASE / "MGM-7B-tiny"), "--image",
+                          str(CASE / "input.jpg")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert any(p.name.startswith("jit_") for p in (tmp_path / "xdg" / "mgjax" / "xla").iterdir())
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))  # JAX's own (the tests set it)
+    monkeypatch.setenv("MGJAX_COMPILE_CACHE", str(tmp_path / "ours"))
+    assert compile_cache() == str(tmp_path / "jax")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("MGJAX_COMPILE_CACHE", "off")
+    assert compile_cache() is None
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MGJAX_COMPILE_CACHE", str(tmp_path / "file" / "xla"))
+    assert compile_cache() is None
+    err = capsys.readouterr().err
+    assert err.startswith(f"mgjax: compilation cache off: cannot create {tmp_path / 'file' / 'xla'}") and \
+        err.count("\n") == 1 and "MGJAX_COMPILE_CACHE" in err

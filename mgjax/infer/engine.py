@@ -17,6 +17,8 @@ up to `warm_text` text tokens uses, before the engine reports ready.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import os
 import queue
 import re
 import threading
@@ -153,26 +155,31 @@ class Engine:
 
         return jax.jit(run, donate_argnums=(1, 2))
 
-    def _prefill(self, reqs: list[Request], rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Prefills requests of one length bucket into `rows` together, the batch padded to a power of two
-        (so that a few programs serve every count) by repeating the last request into the last row:
-        (first tokens, next positions) [len(reqs)]."""
+    def _prefill_inputs(self, reqs: list[Request], rows: list[int]) -> tuple[tuple, tuple]:
+        """The program key and arguments that prefill requests of one length bucket into `rows` together, the
+        batch padded to a power of two (so that a few programs serve every count) by repeating the last
+        request into the last row."""
         bucket = reqs[0].bucket
         k = 1 << (len(reqs) - 1).bit_length()
         reqs, rows = reqs + [reqs[-1]] * (k - len(reqs)), rows + [rows[-1]] * (k - len(rows))
         images = np.concatenate([r.images for r in reqs])
-        key = (bucket, k, images.shape[0])
-        if key not in self._prefills:
-            self._prefills[key] = self._prefill_program(bucket)
         # left-padded to the bucket, so that one program serves every prompt of the bucket
         ids, mask = np.full((k, bucket), self.pad_id, np.int32), np.zeros((k, bucket), np.int32)
         for i, r in enumerate(reqs):
             ids[i, bucket - len(r.ids):], mask[i, bucket - len(r.ids):] = r.ids, 1
         settings = [np.asarray([getattr(r, name) for r in reqs], dtype) for name, dtype in
                     (("seed", np.uint32), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32))]
-        token, position, self.cache, self.valid = self._prefills[key](
-            self.model.params, self.cache, self.valid, ids, images, np.concatenate([r.images_aux for r in reqs]),
-            mask, np.asarray(rows, np.int32), *settings)
+        return (bucket, k, images.shape[0]), (self.model.params, self.cache, self.valid, ids, images,
+                                              np.concatenate([r.images_aux for r in reqs]), mask,
+                                              np.asarray(rows, np.int32), *settings)
+
+    def _prefill(self, reqs: list[Request], rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Prefills requests of one length bucket into `rows` together: (first tokens, next positions)
+        [len(reqs)]. A new (bucket, batch, images) shape compiles its program here."""
+        key, args = self._prefill_inputs(reqs, rows)
+        if key not in self._prefills:
+            self._prefills[key] = self._prefill_program(key[0]).lower(*args).compile()
+        token, position, self.cache, self.valid = self._prefills[key](*args)
         return np.asarray(token), np.asarray(position)
 
     # --- requests --------------------------------------------------------------------------------------
@@ -223,12 +230,13 @@ class Engine:
 
     def warm(self) -> int:
         """Compiles the step and the prefills (of 1, 2, 4, ... prompts) of the buckets of a text prompt or a
-        one-image prompt of up to `warm_text` text tokens, on rows that stay free; returns the number of
-        programs compiled."""
+        one-image prompt of up to `warm_text` text tokens; returns the number of programs compiled. Tracing
+        is Python's, one program at a time; XLA compiles them side by side, a thread per core (up to 8)."""
         c = self.model.config
         images, images_aux = self.model.zero_images()
         merged = {*range(1, self.warm_text + 1), *range(c.tokens_per_image, c.tokens_per_image + self.warm_text)}
         buckets = sorted(b for b in {length_bucket(n, c.max_length) for n in merged} if b < self.context)
+        lowered = {"step": self._step.lower(*self._step_inputs())}
         for bucket in buckets:  # a prompt of that merged length: text only, or one image and text
             ids = np.full(bucket if bucket <= c.tokens_per_image else bucket - c.tokens_per_image + 1, self.pad_id,
                           np.int32)
@@ -237,10 +245,13 @@ class Engine:
             warm = Request(ids, images, images_aux, 1, length=bucket, bucket=bucket)
             k = 1
             while k < 2 * self.slots:  # every batch of new requests the loop may prefill together
-                self._prefill([warm] * k, [min(i, self.slots - 1) for i in range(k)])
+                key, args = self._prefill_inputs([warm] * k, [min(i, self.slots - 1) for i in range(k)])
+                lowered[key] = self._prefill_program(bucket).lower(*args)
                 k *= 2
-        self._decode()
-        self.valid = jnp.zeros_like(self.valid)
+        with concurrent.futures.ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
+            compiled = dict(zip(lowered, pool.map(lambda program: program.compile(), lowered.values())))
+        self._step = compiled.pop("step")
+        self._prefills.update(compiled)
         return len(self._prefills) + 1
 
     def _loop(self, warm: bool) -> None:
@@ -289,9 +300,12 @@ class Engine:
                 self.temperature[row], self.top_k[row], self.top_p[row] = req.temperature, req.top_k, req.top_p
                 self._emit(row, int(token))
 
+    def _step_inputs(self) -> tuple:
+        return (self.model.params, self.cache, self.valid, self.token, self.position, self.index, self.seed,
+                self.step, self.temperature, self.top_k, self.top_p)
+
     def _decode(self) -> np.ndarray:
-        out, self.cache = self._step(self.model.params, self.cache, self.valid, self.token, self.position,
-                                     self.index, self.seed, self.step, self.temperature, self.top_k, self.top_p)
+        out, self.cache = self._step(*self._step_inputs())
         self.stats["steps"] += 1
         return np.asarray(out)
 
