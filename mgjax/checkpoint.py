@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +19,9 @@ import jax
 import orbax.checkpoint.experimental.v1 as ocp
 
 from mgjax.errors import MGJaxError
+
+# orbax.checkpoint._src.serialization.serialization._read_array_index_and_device_put's message
+ABANDONED_READ = "Encountered error while reading array index"
 
 
 def save_streaming(path: str | os.PathLike, groups: Iterable[dict]) -> None:
@@ -93,9 +97,27 @@ def restore(path: str | os.PathLike, abstract: dict, partial: bool = False) -> d
         with loading_context(partial):
             out = ocp.load_pytree(Path(path), placed(abstract))
     except Exception as e:
+        quiet_abandoned_reads()
         raise MGJaxError(f"{path}: cannot restore the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "it may be incomplete or from another model") from None
     return check_restored(path, out)
+
+
+def quiet_abandoned_reads() -> None:
+    """Orbax reads a checkpoint's arrays concurrently; when one read fails, the others are abandoned, and each
+    raises again when its coroutine is finalised, later, which Python prints with the array's whole TensorStore
+    spec (600 tracebacks, 27,000 lines on stderr for the demo's state). From the first failed load on, those
+    reports are dropped (the warning said what failed); every other unraisable exception is reported as before."""
+    report = sys.unraisablehook
+    if getattr(report, "mgjax_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not str(unraisable.exc_value).startswith(ABANDONED_READ):
+            report(unraisable)
+
+    hook.mgjax_quiet = True
+    sys.unraisablehook = hook
 
 
 def check_restored(path: str | os.PathLike, tree: Any) -> Any:

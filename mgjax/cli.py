@@ -588,8 +588,6 @@ def cmd_check_cluster(args) -> int:
     return 0
 
 
-# The commands that compute: in a multi-process job (`jobenv.in_job`) they join it before touching a device.
-# `convert` and `export` (host memory only) and `chat` (a terminal) run on one process.
 COMPILE_CACHE = "MGJAX_COMPILE_CACHE"
 
 
@@ -620,6 +618,8 @@ def compile_cache() -> str | None:
     return where
 
 
+# The commands that compute: in a multi-process job (`jobenv.in_job`) they join it before touching a device.
+# `convert` and `export` (host memory only) and `chat` (a terminal) run on one process.
 JOINING = ("train", "eval", "generate", "predict", "serve", "check-cluster")
 ONE_PROCESS = ("convert", "export", "chat")
 

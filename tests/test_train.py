@@ -358,6 +358,24 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     assert [r["step"] for r in losses(tmp_path / "run")] == [1, 2, 3, 4, 5]  # 3 and 4 once
 
 
+def test_abandoned_reads_of_a_damaged_checkpoint_are_not_reported(monkeypatch):
+    """The reads Orbax abandons when one array of a step is unreadable are finalised later, each printed with its
+    TensorStore spec (600 tracebacks for the demo's state in the test above): dropped once a load has failed,
+    any other unraisable exception still reported."""
+    import sys
+    import types
+
+    from mgjax.checkpoint import ABANDONED_READ, quiet_abandoned_reads
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    quiet_abandoned_reads()
+    quiet_abandoned_reads()  # a second failed load adds no second filter
+    for message in (f"{ABANDONED_READ}: (slice(0, 64, 1),). See full TensorStore details: ...", "something else"):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=Exception(message)))
+    assert [str(u.exc_value) for u in seen] == ["something else"]
+
+
 def test_stage2_starts_from_the_stage1_run(tmp_path, capsys):
     """Stage 2 takes the projector and mining of a stage-1 run (all of which that run trained, so none
     of them sits in its frozen part); at lr 0 they come out of stage 2 unchanged. Stage 2 has another

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import jax
 import orbax.checkpoint.experimental.v1 as ocp
 
-from mgjax.checkpoint import check_restored, loading_context, placed, restore
+from mgjax.checkpoint import check_restored, loading_context, placed, quiet_abandoned_reads, restore
 from mgjax.errors import MGJaxError, causes, stop_when_full
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class RunCheckpoints:
             try:
                 return step, self.load(step, abstract, partial)
             except Exception as e:  # Orbax raises many types for damaged checkpoints
+                quiet_abandoned_reads()
                 log.warning("checkpoint %s is unreadable (%s); trying the one before it", self.directory / str(step),
                             _reason(e))
         raise MGJaxError(f"{self.directory}: no checkpoint could be read (steps {self.steps()}); move the folder "
