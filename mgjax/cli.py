@@ -612,9 +612,9 @@ def compile_cache() -> str | None:
             return None
     import jax
 
-    for name, value in (("jax_compilation_cache_dir", where), ("jax_compilation_cache_max_size", 16 << 30)):
-        if name.upper() not in os.environ:
-            jax.config.update(name, value)
+    jax.config.update("jax_compilation_cache_dir", where)
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", 16 << 30)
     return where
 
 

@@ -88,7 +88,6 @@ class RunCheckpoints:
             try:
                 return step, self.load(step, abstract, partial)
             except Exception as e:  # Orbax raises many types for damaged checkpoints
-                quiet_abandoned_reads()
                 log.warning("checkpoint %s is unreadable (%s); trying the one before it", self.directory / str(step),
                             _reason(e))
         raise MGJaxError(f"{self.directory}: no checkpoint could be read (steps {self.steps()}); move the folder "
@@ -97,9 +96,13 @@ class RunCheckpoints:
     def load(self, step: int, abstract: dict, partial: bool = True) -> dict:
         """The leaves of `abstract` ({"state": ..., "frozen": ..., "data": None}, any part) at `step`."""
         _check_committed(self.directory / str(step))
-        with loading_context(partial):
-            return check_restored(self.directory / str(step),
-                                  self._ckpt.load_checkpointables(step, placed(abstract)))
+        try:
+            with loading_context(partial):
+                out = self._ckpt.load_checkpointables(step, placed(abstract))
+        except Exception:
+            quiet_abandoned_reads()
+            raise
+        return check_restored(self.directory / str(step), out)
 
     def wait(self) -> None:
         saving, self._saving = self._saving, None
