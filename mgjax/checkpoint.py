@@ -39,11 +39,13 @@ def save_streaming(path: str | os.PathLike, groups: Iterable[dict]) -> None:
         # Not a for loop: its variable would keep the last group alive while the next one is built.
         while (group := next(groups, None)) is not None:
             group = jax.device_put(group)
-            ocp.partial.save(path, group)
+            with saving_context():
+                ocp.partial.save(path, group)
             del group
             gc.collect()  # jax.device_put leaves its NumPy source in a reference cycle until a collection
             _trim_heap()
-        ocp.partial.finalize(path)
+        with saving_context():
+            ocp.partial.finalize(path)
     except BaseException:
         _join_writers()
         raise
@@ -81,6 +83,15 @@ def placed(abstract: Any) -> Any:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda a: a if getattr(a, "sharding", None) is not None else
                         jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+
+
+def saving_context() -> ocp.Context:
+    """The Orbax context of every mgjax save. Replica-parallel saving (the replicas of a replicated shard each
+    write a part of it) slices each such shard with a program compiled for its shape: worth it for large
+    shards only; below 1 MiB a part (norms, biases, a tiny model's every leaf) one replica writes it whole."""
+    ctx = ocp.Context()
+    ctx.array.saving.min_slice_bytes_for_replica_parallel = 1 << 20
+    return ctx
 
 
 def loading_context(partial: bool) -> ocp.Context:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import jax
 import orbax.checkpoint.experimental.v1 as ocp
 
-from mgjax.checkpoint import check_restored, loading_context, placed, quiet_abandoned_reads, restore
+from mgjax.checkpoint import check_restored, loading_context, placed, quiet_abandoned_reads, restore, saving_context
 from mgjax.errors import MGJaxError, causes, stop_when_full
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ class RunCheckpoints:
         policies = ocp.training
         self._ckpt = ocp.training.Checkpointer(
             self.directory, save_decision_policy=policies.save_decision_policies.FixedIntervalPolicy(every),
-            preservation_policy=policies.preservation_policies.LatestN(keep), cleanup_tmp_directories=True)
+            preservation_policy=policies.preservation_policies.LatestN(keep), cleanup_tmp_directories=True,
+            context=saving_context())
         self._good: int | None = None  # the newest step known whole: the one resumed from, or the last saved
         self._saving: tuple[int, int] | None = None  # (step, bytes this process writes) of the save under way
 
@@ -168,7 +169,7 @@ def save_frozen(run_dir: Path, frozen: dict) -> None:
     if jax.tree.leaves(frozen):
         path = Path(run_dir) / FROZEN
         with stop_when_full(path, lambda: _local_bytes(frozen), "free space and run the same command: it writes "
-                            "them again"):
+                            "them again"), saving_context():
             ocp.save(path, frozen, overwrite=True)
 
 
