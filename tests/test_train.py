@@ -376,6 +376,28 @@ def test_abandoned_reads_of_a_damaged_checkpoint_are_not_reported(monkeypatch):
     assert [str(u.exc_value) for u in seen] == ["something else"]
 
 
+def test_small_replicated_leaves_are_saved_whole_by_one_replica(tmp_path, caplog):
+    """Replica-parallel saving slices each replicated shard among its replicas with a program compiled per
+    shape (200 compiles for one tiny LoRA run): below 1 MiB a part, one replica writes the shard whole."""
+    import logging
+
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from mgjax.train.checkpoints import RunCheckpoints
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    state = {"norm": jax.device_put(jnp.arange(4096, dtype=jnp.float32), NamedSharding(mesh, PartitionSpec()))}
+    ckpts = RunCheckpoints(tmp_path, every=1, keep=1)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        ckpts.save(1, state, {"position": 0})
+        ckpts.wait()
+    assert "jit(slice)" not in caplog.text
+    step, restored, data = ckpts.restore_latest(jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state))
+    ckpts.close()
+    assert step == 1 and np.array_equal(restored["norm"], state["norm"]) and data == {"position": 0}
+
+
 def test_stage2_starts_from_the_stage1_run(tmp_path, capsys):
     """Stage 2 takes the projector and mining of a stage-1 run (all of which that run trained, so none
     of them sits in its frozen part); at lr 0 they come out of stage 2 unchanged. Stage 2 has another
