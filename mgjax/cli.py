@@ -263,7 +263,7 @@ def cmd_serve(args) -> int:
     model = _load(args, args.ckpt, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
     try:
         server = Server(model, args.host, args.port, args.slots, args.context, args.max_concurrent, args.timeout,
-                        allow_paths=args.allow_paths, warm_text=args.warm_text)
+                        allow_paths=args.allow_paths, warm_text=args.warm_text, image_cache=args.image_cache << 20)
     except OSError as e:
         raise MGJaxError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
     host, port = server.address[:2]
@@ -664,6 +664,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mgjax", description="Mini-Gemini (MGM) in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -723,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile before serving the prompt lengths of one image and up to this many text tokens "
                    "(default 128; longer prompts compile when first seen)")
     p.add_argument("--allow-paths", action="store_true", help="accept local file paths as image URLs")
+    p.add_argument("--image-cache", type=_count, default=1024, metavar="MB",
+                   help="memory for preprocessed images, reused when the same image file comes again (a chat's "
+                   "every turn, several questions of one image); 0 turns it off (default 1024)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
     _add_quantize_arg(p)
     _add_template_arg(p)

@@ -7,8 +7,9 @@ answer what its prompt gives alone; `stream: true` sends one server-sent event p
 request gets HTTP 400 with the reason, one over `max_concurrent` 429 with Retry-After, a body over `max_body`
 413, one whose body stalls past `timeout_s` 408 and one whose answer does 504, and a client that hangs up
 frees its slot; nothing a client sends stops the server, and what requests hold is bounded (`max_concurrent`
-of them, each a body of at most `max_body` bytes and images within PIL's pixel limit). `drain` (SIGTERM)
-answers what is in flight, refuses new requests (503) and returns.
+of them, each a body of at most `max_body` bytes and images within PIL's pixel limit; preprocessed images kept
+for reuse, `image_cache` bytes). `drain` (SIGTERM) answers what is in flight, refuses new requests (503) and
+returns.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import hashlib
 import io
 import json
 import queue
@@ -31,7 +33,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mgjax.data.image import load_image
 from mgjax.data.templates import get_template, with_image_markers
 from mgjax.errors import MGJaxError
 from mgjax.infer.engine import Engine, Request
@@ -43,23 +44,59 @@ class BadRequest(Exception):
     """What the client sent cannot be answered; the message says why (HTTP 400)."""
 
 
-def _image(url: str, allow_paths: bool):
-    """An image from an OpenAI `image_url`: a data URL (base64), or a local path when allowed. No network."""
+def _image(url: str, allow_paths: bool) -> bytes:
+    """The file bytes of an OpenAI `image_url`: a data URL (base64), or a local path when allowed. No network."""
     if url.startswith("data:"):
         try:
-            return load_image(base64.b64decode(url.split(",", 1)[1], validate=True))
+            return base64.b64decode(url.split(",", 1)[1], validate=True)
         except (IndexError, ValueError) as e:
             raise BadRequest(f"image data URL is not base64 ({e})") from None
     if url.startswith(("http://", "https://")):
         raise BadRequest("image URLs over the network are not fetched: send the image as a data URL")
     if not allow_paths:
         raise BadRequest("local image paths are off (start the server with --allow-paths)")
-    return load_image(Path(url[len("file://"):] if url.startswith("file://") else url))
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise BadRequest(f"{path}: cannot read the image ({type(e).__name__}: {e.strerror})") from None
 
 
-def conversation(messages: Any, allow_paths: bool) -> tuple[list[str], list]:
-    """OpenAI chat messages -> (turns user, assistant, ..., the user's last; images in order). A `system`
-    message is ignored: the checkpoint's template brings its own."""
+class ImageCache:
+    """Preprocessed images (`Pretrained.preprocess`'s arrays, read-only) by a digest of their file's bytes,
+    the least recently used dropped past `max_bytes`: a chat sends its images again with every turn, and an
+    evaluation asks several questions of one image; each would decode and resize it again."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._entries: collections.OrderedDict[bytes, tuple[np.ndarray, ...]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, data: bytes, preprocess) -> tuple[np.ndarray, ...]:
+        """`preprocess(data)`, or what it gave for the same bytes before."""
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        with self._lock:
+            if (found := self._entries.get(key)) is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return found
+            self.misses += 1
+        arrays = tuple(preprocess(data))  # outside the lock: other requests' images decode meanwhile
+        for a in arrays:
+            a.setflags(write=False)  # shared by every request that sends these bytes
+        size = sum(a.nbytes for a in arrays)
+        with self._lock:
+            if size <= self.max_bytes and key not in self._entries:
+                self._entries[key] = arrays
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    self.bytes -= sum(a.nbytes for a in self._entries.popitem(last=False)[1])
+        return arrays
+
+
+def conversation(messages: Any, allow_paths: bool, preprocess) -> tuple[list[str], list]:
+    """OpenAI chat messages -> (turns user, assistant, ..., the user's last; `preprocess(file bytes)` of each
+    image, in order). A `system` message is ignored: the checkpoint's template brings its own."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list")
     turns, images = [], []
@@ -87,7 +124,7 @@ def conversation(messages: Any, allow_paths: bool) -> tuple[list[str], list]:
                 if not isinstance(url, str):
                     raise BadRequest(f"messages[{i}]: an image_url part needs a url")
                 try:
-                    images.append(_image(url, allow_paths))
+                    images.append(preprocess(_image(url, allow_paths)))
                 except MGJaxError as e:
                     raise BadRequest(f"messages[{i}]: {e}") from None
                 n_images += 1
@@ -152,8 +189,9 @@ class Server:
     def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
                  context: int | None = None, max_concurrent: int = 64, timeout_s: float = 600.0,
                  model_id: str | None = None, allow_paths: bool = False, warm_text: int = 128,
-                 max_body: int = 64 << 20):
+                 max_body: int = 64 << 20, image_cache: int = 1 << 30):
         self.model, self.allow_paths = model, allow_paths
+        self.images = ImageCache(image_cache)
         self.max_concurrent, self.timeout_s, self.max_body = max_concurrent, timeout_s, max_body
         self.model_id = model_id or Path(model.path).name
         self.engine = Engine(model, slots, context, warm_text)
@@ -211,7 +249,11 @@ class Server:
                  "# TYPE mgjax_tokens_per_second gauge",
                  f"mgjax_tokens_per_second {sum(t >= now - 10 for t in tuple(self._recent)) / 10}",
                  "# TYPE mgjax_generated_tokens_total counter", f"mgjax_generated_tokens_total {e.stats['tokens']}",
-                 "# TYPE mgjax_decode_steps_total counter", f"mgjax_decode_steps_total {e.stats['steps']}"]
+                 "# TYPE mgjax_decode_steps_total counter", f"mgjax_decode_steps_total {e.stats['steps']}",
+                 "# TYPE mgjax_image_cache_bytes gauge", f"mgjax_image_cache_bytes {self.images.bytes}",
+                 "# TYPE mgjax_image_cache_hits_total counter", f"mgjax_image_cache_hits_total {self.images.hits}",
+                 "# TYPE mgjax_image_cache_misses_total counter",
+                 f"mgjax_image_cache_misses_total {self.images.misses}"]
         for key, value in self.counts.items():
             lines += [f"# TYPE mgjax_{key}_total counter", f"mgjax_{key}_total {value}"]
         for name, h in (("mgjax_time_to_first_token_seconds", self.ttft), ("mgjax_request_latency_seconds",
@@ -228,14 +270,14 @@ class Server:
             raise BadRequest("the request body must be a JSON object")
         if body.get("n", 1) != 1:
             raise BadRequest("n > 1 is not supported")
-        turns, images = conversation(body.get("messages"), self.allow_paths)
         m = self.model
+        turns, images = conversation(body.get("messages"), self.allow_paths,
+                                     lambda data: self.images.get(data, m.preprocess))
         template = get_template(m.config.template)
         rendered = [with_image_markers(template, text, n) if i % 2 == 0 else text for i, (text, n) in enumerate(turns)]
         ids = m.tokenize(template.render([*rendered, None]))
         if images:
-            pre = [m.preprocess(im) for im in images]
-            pixels = np.stack([a for a, _ in pre]), np.stack([b for _, b in pre])
+            pixels = np.stack([a for a, _ in images]), np.stack([b for _, b in images])
         else:
             pixels = m.zero_images()
         return Request(ids, *pixels, **_settings(body), stream=bool(body.get("stream")), submitted=arrived)
