@@ -173,11 +173,10 @@ def main(argv=None) -> int:
             r["ttft_p50_vs_alone"] = r["ttft_p50_s"] / base["ttft_p50_s"]
             print(f"image cache {r['image_cache']}, {r['clients']} clients: {r['speedup_vs_one_by_one']:.1f}x the "
                   f"requests/s of one by one, TTFT p50 {r['ttft_p50_vs_alone']:.1f}x its alone value")
-    write_results({"ckpt": args.ckpt, "slots": args.slots, "max_tokens": args.max_tokens,
-                          "ready_s": ready[0], "ready_restarted_s": ready[1] if len(ready) > 1 else None,
-                          "rows": rows,
-                          "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])},
-                         args.out, ("jax", "openai"))
+    write_results({"ckpt": args.ckpt, "slots": args.slots, "max_tokens": args.max_tokens, "ready_s": ready[0],
+                   "ready_restarted_s": ready[1] if len(ready) > 1 else None, "rows": rows,
+                   "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])},
+                  args.out, ("jax", "openai"))
     return 0
 
 
