@@ -11,8 +11,6 @@ import os
 import warnings
 from typing import Union
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -48,6 +46,23 @@ def clip_process(img: Image.Image, size: int) -> np.ndarray:
     top, left = (new_h - size) // 2, (new_w - size) // 2
     arr = arr[top:top + size, left:left + size]
     return ((arr * np.float32(1 / 255) - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32))
+
+
+def bilinear(x: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, C] -> [size, size, C] as the original's `F.interpolate(mode="bilinear", align_corners=False)`:
+    each output pixel blends the 2 x 2 input pixels around its centre (no antialiasing), one axis at a time.
+    Two taps, not `jax.image.resize`'s dense weight matrices: HD's 1536 -> 672 takes 16 ms of one core on a
+    2-core CPU instead of 80-90 ms of both (in a server's request, a data loader's every sample)."""
+    half = np.float32(0.5)
+    for axis in (0, 1):  # rows first: whole rows are gathered, and the second pass has fewer of them
+        n = x.shape[axis]
+        # in float32 as torch computes it: float64 positions move a 1536 -> 672 resize by up to 8e-4
+        centre = np.maximum((np.arange(size, dtype=np.float32) + half) * (np.float32(n) / np.float32(size)) - half,
+                            np.float32(0))  # torch clamps the source at 0
+        first = np.minimum(centre.astype(np.int64), n - 1)
+        frac = (centre - first.astype(np.float32)).reshape((-1, 1, 1) if axis == 0 else (1, -1, 1))
+        x = np.take(x, first, axis) * (1 - frac) + np.take(x, np.minimum(first + 1, n - 1), axis) * frac
+    return x
 
 
 def _check_size(w: int, h: int, what: str) -> None:
@@ -112,12 +127,12 @@ def preprocess_image(img: ImageLike, config: MGMConfig, pad: bool | None = None)
         img = expand_to_square(img)
     aux = clip_process(img, config.image_size_aux)
     low = config.image_size * config.image_grid
-    big = jax.image.resize(jnp.asarray(aux), (low, low, 3), "bilinear", antialias=False)
+    big = bilinear(aux, low)
     if config.image_grid == 1:
-        return np.asarray(big), aux
+        return big, aux
     s = config.image_size
     views = [big[r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(config.image_grid)
              for c in range(config.image_grid)]
     if config.image_global:
-        views.append(jax.image.resize(big, (s, s, 3), "bilinear", antialias=False))
-    return np.asarray(jnp.stack(views)), aux
+        views.append(bilinear(big, s))
+    return np.stack(views), aux
