@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil
 
 from mgjax.presets import preset
-from mgjax.data.image import bilinear, preprocess_image
+from mgjax.data.image import PAD_COLOR, bilinear, expand_to_square, padded_square, preprocess_image
 import tiny
 from helpers import GOLDEN, assert_close, nhwc
 
@@ -158,3 +158,13 @@ def test_bilinear_equals_torch_at_the_released_sizes(n, size):
     expected = F.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None], size=[size, size], mode="bilinear",
                              align_corners=False)[0].permute(1, 2, 0).numpy()
     assert_close(bilinear(x, size), expected, 1e-5, f"bilinear {n} -> {size}")
+
+
+@pytest.mark.parametrize("w,h,size", [(570, 380, 128), (2048, 1152, 768), (381, 380, 336), (380, 381, 336),
+                                      (380, 570, 128), (64, 64, 96), (7, 2, 5), (1000, 3, 40)])
+def test_padded_square_equals_resizing_the_whole_canvas(w, h, size):
+    """Bit for bit what PIL gives for the padded canvas, wide (padding rows resized once), tall, square,
+    upscaled and extreme."""
+    img = Image.fromarray(np.random.RandomState(w * h).randint(0, 256, (h, w, 3), np.uint8))
+    whole = expand_to_square(img, PAD_COLOR).resize((size, size), Image.BICUBIC)
+    assert np.array_equal(np.asarray(padded_square(img, size)), np.asarray(whole))
