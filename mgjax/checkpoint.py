@@ -36,15 +36,14 @@ def save_streaming(path: str | os.PathLike, groups: Iterable[dict]) -> None:
         raise MGJaxError(f"{path} already exists; remove it or choose another output folder")
     groups = iter(groups)
     try:
-        # Not a for loop: its variable would keep the last group alive while the next one is built.
-        while (group := next(groups, None)) is not None:
-            group = jax.device_put(group)
-            with saving_context():
-                ocp.partial.save(path, group)
-            del group
-            gc.collect()  # jax.device_put leaves its NumPy source in a reference cycle until a collection
-            _trim_heap()
         with saving_context():
+            # Not a for loop: its variable would keep the last group alive while the next one is built.
+            while (group := next(groups, None)) is not None:
+                group = jax.device_put(group)
+                ocp.partial.save(path, group)
+                del group
+                gc.collect()  # jax.device_put leaves its NumPy source in a reference cycle until a collection
+                _trim_heap()
             ocp.partial.finalize(path)
     except BaseException:
         _join_writers()
