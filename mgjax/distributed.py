@@ -108,7 +108,7 @@ def finish() -> None:
     # Process 0 may finish long after the others (generate answers on it alone): no timeout of its own, the
     # watchdog still names a process lost meanwhile.
     client.wait_at_barrier("mgjax: done", 7 * 24 * 3600 * 1000)
-    _watchdog.stopping = True  # from here on a process that disconnects has finished, not died
+    _watchdog.stop()  # from here on a process that disconnects has finished, not died
     if jax.process_index() == 0:
         deadline = time.monotonic() + _watchdog.heartbeat_s * 2
         while len(client.get_live_nodes(list(range(n)))) > 1 and time.monotonic() < deadline:
@@ -129,21 +129,28 @@ class _Watchdog(threading.Thread):
     def __init__(self, heartbeat_s: int):
         super().__init__(name="mgjax-watchdog", daemon=True)
         self.heartbeat_s = heartbeat_s
-        self.stopping = False
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Ends the watchdog and waits for it. A daemon thread still inside a call of JAX's C++ client when the
+        interpreter exits aborts the process on its way back ("terminate called after throwing an instance
+        of ...": the forced unwind of the thread's exit meets the binding's catch-all), so it must be gone
+        before the process ends; its last question takes milliseconds unless the coordinator hangs."""
+        self._stopping.set()
+        self.join(timeout=self.heartbeat_s)
 
     def run(self):
         from jax._src import distributed as jax_distributed  # the client JAX's own live_devices asks
 
         client, n, me = jax_distributed.global_state.client, jax.process_count(), jax.process_index()
-        while True:
-            time.sleep(min(5.0, self.heartbeat_s / 4))
+        while not self._stopping.wait(min(5.0, self.heartbeat_s / 4)):
             try:
                 live = client.get_live_nodes(list(range(n)))
             except Exception as e:  # the coordinator (process 0) itself is gone
-                if self.stopping:
+                if self._stopping.is_set():
                     return
                 lost(f"lost the job's coordinator, process 0 ({type(e).__name__}: {str(e).splitlines()[0]})")
-            if self.stopping:
+            if self._stopping.is_set():
                 return
             gone = sorted(set(range(n)) - set(live))
             if gone:

@@ -129,3 +129,32 @@ def test_one_process_commands_say_so_inside_a_job(monkeypatch, capsys):
     assert jobenv.in_job()
     assert main(["convert", "src", "out"]) == 2
     assert "convert runs on one process" in capsys.readouterr().err
+
+
+def test_the_watchdog_is_gone_before_the_process_ends(monkeypatch):
+    """`finish` stops the watchdog and waits for its question in flight: a daemon thread inside JAX's C++
+    client when the interpreter exits aborts the process ("terminate called after throwing an instance of",
+    exit 134; seen once in CI after a job that had finished)."""
+    import threading
+
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    from mgjax.distributed import _Watchdog
+
+    asking, answered = threading.Event(), []
+
+    class Client:  # a coordinator that takes its time to answer
+        def get_live_nodes(self, nodes):
+            asking.set()
+            time.sleep(0.5)
+            answered.append(nodes)
+            return nodes
+
+    assert jax.process_count() == 1  # the backend starts before the client is faked: it would use it
+    monkeypatch.setattr(jax_distributed.global_state, "client", Client())
+    watchdog = _Watchdog(heartbeat_s=1)
+    watchdog.start()
+    assert asking.wait(10)
+    watchdog.stop()
+    assert not watchdog.is_alive() and answered == [[0]]
