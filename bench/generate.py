@@ -199,33 +199,18 @@ def _phases(module, params, inputs: tuple, length: int, room: int, calls: int) -
 
       encode   `MGM.encode_images`: both towers, patch info mining, projector -> [B, tokens_per_image, H]
       prefill  `mgjax.infer.generate.prefill` (`MGM.prefill`: splice, the LLM's pass over the `length`
-               merged positions into a cache of length + `room` slots, the last token's logits) with
-               encode_images answered by encode's output, so the towers are not counted twice
+               merged positions into a cache of length + `room` slots, the last token's logits) given
+               encode's output as its image_embeds, so the towers are not counted twice
 
     Returns ({"encode_*", "prefill_pass_*" keys}, prefill's output (logits [B, V], cache, valid, position))."""
-    import flax.linen as nn
-
     from mgjax.infer.generate import prefill
     from mgjax.model import MGM
 
     ids, mask, images, images_aux = inputs
     embeds, enc = _phase(lambda p, im, aux: module.apply({"params": p}, im, aux, method=MGM.encode_images),
                          (params, images, images_aux), calls)
-    answered = []
-
-    def prompt_pass(p, ids, images, images_aux, mask, embeds):
-        def given(next_fun, args, kwargs, context):
-            if context.method_name != "encode_images":
-                return next_fun(*args, **kwargs)
-            answered.append(context.method_name)  # at trace time: proof the towers left the program
-            return embeds
-
-        with nn.intercept_methods(given):
-            return prefill(module, p, ids, images, images_aux, mask, length, room)
-
-    out, pf = _phase(prompt_pass, (params, ids, images, images_aux, mask, embeds), calls)
-    if not answered:
-        raise SystemExit("MGM.prefill no longer calls encode_images: the prefill timing would include the towers")
+    out, pf = _phase(lambda p, ids, mask, embeds: prefill(module, p, ids, None, None, mask, length, room, embeds),
+                     (params, ids, mask, embeds), calls)
     return {**{f"encode_{k}": v for k, v in enc.items()}, **{f"prefill_pass_{k}": v for k, v in pf.items()}}, out
 
 

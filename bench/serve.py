@@ -2,10 +2,11 @@
 (a subprocess, so that the clients do not share its interpreter; a fresh compilation cache), then for each
 concurrency sends the same requests (one image and a question each, streamed, temperature 0) from that many
 client threads: throughput, time to first token and latency percentiles, and whether every answer equals the
-answer it got alone (1 client). Every request sends the same image: with the server's image cache on, all but
-the first reuse its preprocessed arrays (as a chat's later turns do); then the same again on a server started
-with the cache off (`--image-cache 0`: every request decodes and resizes its image, as distinct images would),
-whose start shows how soon a restarted server, its programs in the compilation cache, is ready.
+answer it got alone (1 client). Every request sends the same image: with the server's caches on, all but the
+first reuse its preprocessed arrays and its visual tokens (as a chat's later turns do); then the same again on
+a server started with both off (`--image-cache 0 --encoder-cache 0`: every request decodes, resizes and
+encodes its image, as distinct images would), whose start shows how soon a restarted server, its programs in
+the compilation cache, is ready.
 
   python bench/serve.py                                   # the tiny golden checkpoint, 1, 8 and 32 clients
   python bench/serve.py --ckpt CKPT --clients 1,8 --requests 48 --max-tokens 64 --image-cache off
@@ -122,8 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--server-args", default="", help="more `mgjax serve` arguments")
-    ap.add_argument("--image-cache", default="on,off", help="the server's image cache in each pass: on, off or both "
-                    "(on,off: the second start, a restart, is timed)")
+    ap.add_argument("--image-cache", default="on,off", help="the server's image and encoder caches in each pass: on, "
+                    "off or both (on,off: the second start, a restart, is timed)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args(argv)
     levels = sorted({1, *(int(c) for c in args.clients.split(","))})
@@ -135,8 +136,8 @@ def main(argv=None) -> int:
     rows, ready = [], []
     try:
         for cached in passes:
-            proc, url, ready_s = start_server(args.ckpt, args.slots, [*args.server_args.split(), "--image-cache",
-                                                                      "1024" if cached == "on" else "0"], cache)
+            off = [] if cached == "on" else ["--image-cache", "0", "--encoder-cache", "0"]
+            proc, url, ready_s = start_server(args.ckpt, args.slots, [*args.server_args.split(), *off], cache)
             ready.append(ready_s)
             try:
                 first = run_load(url, 1, 1, args.max_tokens, image)["latency_p50_s"]  # the fresh server's first

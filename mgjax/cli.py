@@ -263,7 +263,8 @@ def cmd_serve(args) -> int:
     model = _load(args, args.ckpt, dtype=args.dtype, template=args.template, **_tower_kwargs(args))
     try:
         server = Server(model, args.host, args.port, args.slots, args.context, args.max_concurrent, args.timeout,
-                        allow_paths=args.allow_paths, warm_text=args.warm_text, image_cache=args.image_cache << 20)
+                        allow_paths=args.allow_paths, warm_text=args.warm_text, image_cache=args.image_cache << 20,
+                        encoder_cache=args.encoder_cache << 20)
     except OSError as e:
         raise MGJaxError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
     host, port = server.address[:2]
@@ -732,6 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-cache", type=_count, default=1024, metavar="MB",
                    help="memory for preprocessed images, reused when the same image file comes again (a chat's "
                    "every turn, several questions of one image); 0 turns it off (default 1024)")
+    p.add_argument("--encoder-cache", type=_count, default=256, metavar="MB",
+                   help="device memory for the visual tokens of recent images, so that an image sent again skips "
+                   "the vision encoders; 0 turns it off (default 256)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and compute dtype")
     _add_quantize_arg(p)
     _add_template_arg(p)

@@ -156,10 +156,12 @@ class MGM(nn.Module):
         return self.llm.head(hidden)
 
     def _merged(self, input_ids, images, images_aux, attention_mask, length, padding_side, deterministic=True,
-                segment_ids=None) -> tuple[jax.Array, SplicePlan]:
-        """The merged input embeddings [B, L, D] (text with the visual tokens spliced in) and their plan."""
+                segment_ids=None, image_embeds=None) -> tuple[jax.Array, SplicePlan]:
+        """The merged input embeddings [B, L, D] (text with the visual tokens spliced in) and their plan;
+        `image_embeds`, when given, are the images' `encode_images` output."""
         c = self.config
-        image_embeds = self.encode_images(images, images_aux, deterministic)
+        if image_embeds is None:
+            image_embeds = self.encode_images(images, images_aux, deterministic)
         plan = splice_plan(input_ids, attention_mask, c.tokens_per_image, length, padding_side, segment_ids)
         text = self.llm.embed(jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids))
         # Every row may take any image's tokens: gathered whole first (the projector leaves them split along
@@ -169,13 +171,16 @@ class MGM(nn.Module):
         self.sow("intermediates", "inputs_embeds", embeds)
         return embeds, plan
 
-    def prefill(self, input_ids: jax.Array, images: jax.Array, images_aux: jax.Array, attention_mask: jax.Array,
-                length: int, cache: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+    def prefill(self, input_ids: jax.Array, images: jax.Array | None, images_aux: jax.Array | None,
+                attention_mask: jax.Array, length: int, cache: Any,
+                image_embeds: jax.Array | None = None) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
         """Generation's first pass: the prompts (as `__call__` takes them) merged, LEFT-padded to `length` so
         that every row's last token sits at slot length - 1, written into cache slots 0 .. length - 1.
-        Returns (float32 logits [B, V] of each row's last token, the cache, valid bool [B, length], the
-        position of each row's next token int [B])."""
-        embeds, plan = self._merged(input_ids, images, images_aux, attention_mask, length, "left")
+        `image_embeds` [n, tokens_per_image, H]: the images' visual tokens, encoded before (`encode_images`;
+        the images are then not needed). Returns (float32 logits [B, V] of each row's last token, the cache,
+        valid bool [B, length], the position of each row's next token int [B])."""
+        embeds, plan = self._merged(input_ids, images, images_aux, attention_mask, length, "left",
+                                    image_embeds=image_embeds)
         slots = jax.tree.leaves(cache)[0].shape[-3]
         valid = jnp.pad(plan.valid, ((0, 0), (0, slots - length)))
         logits, cache = self.llm(embeds, plan.positions, valid, cache=cache, index=0, last_only=True)

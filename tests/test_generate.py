@@ -54,12 +54,13 @@ def test_greedy_tokens_and_scores_equal_the_original(case, tmp_path, monkeypatch
 
 
 @functools.cache
-def _model(kind: str, tokenizer_dir: str, scan: bool = False, mesh: tuple | None = None) -> Pretrained:
+def _model(kind: str, tokenizer_dir: str, scan: bool = False, mesh: tuple | None = None,
+           hd: bool = False) -> Pretrained:
     """A tiny random model of `kind`, its vocabulary the test tokenizer's (so every id decodes)."""
     from mgjax.data.tokenize import load_tokenizer
 
     vocab = len(load_tokenizer(tokenizer_dir))
-    config = tiny.mgm(kind, small=True, lm=tiny.lm(kind, vocab_size=vocab, scan_layers=scan))
+    config = tiny.mgm(kind, hd=hd, small=True, lm=tiny.lm(kind, vocab_size=vocab, scan_layers=scan))
     module = MGM(config)
     params = init_params(module, jax.random.key(1))
     m = None if mesh is None else make_mesh(MeshConfig(*mesh))
@@ -91,7 +92,8 @@ def _prompts(config, vocab: int, seed: int = 0):
            np.concatenate([[1], words(4)])]
     per_row = [1, 2, 1]
     s, sa = config.image_size, config.image_size_aux
-    images = rng.standard_normal((4, s, s, 3)).astype(np.float32)
+    views = () if config.num_views == 1 else (config.num_views,)  # HD: the grid's views and the global one
+    images = rng.standard_normal((4, *views, s, s, 3)).astype(np.float32)
     images_aux = rng.standard_normal((4, sa, sa, 3)).astype(np.float32)
     images[3] = images_aux[3] = 0  # the text-only row's slot
     starts = np.cumsum([0, *per_row])
@@ -125,30 +127,38 @@ def _batched_equals_alone(model: Pretrained, **kw):
 def _engine_equals(model: Pretrained, batch):
     """The continuous-batching engine (`mgjax serve`'s) on `_prompts` with two slots for three prompts (rows at
     different cache slots and positions, joining and leaving the batch; 256 cache slots: the blocked cache
-    attention): each answer's tokens are `batch`'s row, which is what `generate` gives it alone."""
+    attention): each answer's tokens are `batch`'s row, which is what `generate` gives it alone. Asked again,
+    the images' visual tokens come from the engine's cache, and the answers are the same."""
     from mgjax.infer.engine import Engine, Request
 
     ids, images = _prompts(model.config, model.config.lm.vocab_size)
     engine = Engine(model, slots=2, context=256).start(warm=False)
+    keyed = [tuple(f"{row}:{i}" for i in range(len(im))) if (np.asarray(x) == -200).any() else ()
+             for row, (x, (im, _)) in enumerate(zip(ids, images))]
     try:
-        requests = [Request(np.asarray(x, np.int32), im, aux, max_tokens=6) for x, (im, aux) in zip(ids, images)]
-        for r in requests:
-            engine.submit(r)
-        for r in requests:
-            while r.events.get(timeout=300)[0] != "done":
-                pass
+        for again in range(2):
+            requests = [Request(np.asarray(x, np.int32), im, aux, max_tokens=6, image_keys=k)
+                        for x, (im, aux), k in zip(ids, images, keyed)]
+            for r in requests:
+                engine.submit(r)
+            for r in requests:
+                while r.events.get(timeout=300)[0] != "done":
+                    pass
+            for row, r in enumerate(requests):
+                assert r.tokens == batch.token_ids[row][:len(r.tokens)].tolist() and r.answer == batch.text[row]
+                assert len(r.tokens) == 6 or r.finish_reason == "stop"
+            n = sum(map(len, keyed))
+            assert n >= 3 and (engine.encoded.hits, engine.encoded.misses) == (again * n, n)
     finally:
         engine.stop()
-    for row, r in enumerate(requests):
-        assert r.tokens == batch.token_ids[row][:len(r.tokens)].tolist() and r.answer == batch.text[row]
-        assert len(r.tokens) == 6 or r.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", [*FAMILIES, "vicuna-hd"])
 def test_a_batch_row_and_a_serving_engine_row_equal_that_prompt_alone(kind, tokenizers):
     """Mixed prompt lengths, two images in one row, a text-only row: each row's tokens, text and scores are
     what it gets alone (another batch size, another prompt length bucket); so are the serving engine's."""
-    model = _model(kind, tokenizers[kind])
+    family, _, hd = kind.partition("-")
+    model = _model(family, tokenizers[family], hd=bool(hd))
     _engine_equals(model, _batched_equals_alone(model))
 
 

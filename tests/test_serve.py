@@ -158,25 +158,29 @@ def test_a_request_joins_the_running_batch_and_leaves_it_first(served):
     assert long.answer == model.generate([ids], im, aux, max_new_tokens=300).text[0]
 
 
-def test_an_image_sent_again_is_preprocessed_once(served):
+def test_an_image_sent_again_is_preprocessed_and_encoded_once(served):
     """A chat sends its image again with every turn: the second time the server reuses its preprocessed arrays
-    (a hit in /metrics), and both answers are what a fresh preprocessing gives."""
+    and its visual tokens (hits in /metrics), and both answers are what a fresh preprocessing and encoding
+    give."""
     model, url, server = served
     jpeg = io.BytesIO()
     image = Image.open(CASE / "input.jpg")
     image.putpixel((0, 0), (1, 2, 3))  # bytes no other test sends
     image.save(jpeg, format="JPEG")
     hits, misses = server.images.hits, server.images.misses
+    encoded = server.engine.encoded.hits, server.engine.encoded.misses
     ids, im, aux = model.prompt_inputs("What is it?", [jpeg.getvalue()])
     alone = model.generate([ids], im, aux, max_new_tokens=6).text[0]
     for _ in range(2):
         status, reply = _post(url, {"max_tokens": 6, **_with_image(jpeg.getvalue(), "jpeg")})
         assert status == 200 and reply["choices"][0]["message"]["content"] == alone, reply
     assert (server.images.hits - hits, server.images.misses - misses) == (1, 1)
+    assert (server.engine.encoded.hits - encoded[0], server.engine.encoded.misses - encoded[1]) == (1, 1)
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         metrics = dict(line.rsplit(" ", 1) for line in r.read().decode().splitlines() if not line.startswith("#"))
-    assert int(metrics["mgjax_image_cache_hits_total"]) == server.images.hits
-    assert int(metrics["mgjax_image_cache_bytes"]) == server.images.bytes > 0
+    for name, cache in (("image", server.images), ("encoder", server.engine.encoded)):
+        assert int(metrics[f"mgjax_{name}_cache_hits_total"]) == cache.hits
+        assert int(metrics[f"mgjax_{name}_cache_bytes"]) == cache.bytes > 0
 
 
 def test_image_cache_keeps_the_recently_used_within_its_bytes():
@@ -188,15 +192,17 @@ def test_image_cache_keeps_the_recently_used_within_its_bytes():
 
     cache = ImageCache(max_bytes=1200)
     for data in (b"a", b"b", b"c", b"a", b"d"):  # "a" is used again before "d" comes: "b" is the one dropped
-        cache.get(data, preprocess)
+        cache.preprocessed(data, preprocess)
     assert made == [b"a", b"b", b"c", b"d"] and cache.bytes == 1200
-    cache.get(b"b", preprocess)
+    cache.preprocessed(b"b", preprocess)
     assert made[-1] == b"b" and cache.bytes == 1200  # made again, and "c" dropped for it
-    assert not cache.get(b"a", preprocess)[0].flags.writeable  # shared by the requests: read-only
-    assert (cache.hits, cache.misses) == (2, 5)
+    key, arrays = cache.preprocessed(b"a", preprocess)
+    assert not arrays[0].flags.writeable  # shared by the requests: read-only
+    assert key == cache.preprocessed(b"a", preprocess)[0] != cache.preprocessed(b"b", preprocess)[0]
+    assert (cache.hits, cache.misses) == (4, 5)
     small = ImageCache(max_bytes=100)  # an image larger than the whole cache is not kept
-    small.get(b"x", preprocess)
-    small.get(b"x", preprocess)
+    small.preprocessed(b"x", preprocess)
+    small.preprocessed(b"x", preprocess)
     assert made[-2:] == [b"x", b"x"] and small.bytes == 0
 
 def test_stream_sends_a_delta_per_token_with_the_openai_client(served):

@@ -9,9 +9,12 @@ prompt gives alone through `Pretrained.generate` (the same tokens at temperature
 from the same seed). Each decoded token is reported with the text it adds (`settled_text`: never half a
 character).
 
-Programs: one decode step over all the slots, and a prefill per (length bucket, number of prompts: 1, 2,
-4, ..., images); `warm` compiles the step and the prefills of the buckets a text or one-image prompt of
-up to `warm_text` text tokens uses, before the engine reports ready.
+Programs: one decode step over all the slots; the vision encoders per number of images (1, 2, 4, ...);
+a prefill per (length bucket, number of prompts: 1, 2, 4, ..., images) that takes the images' visual tokens.
+An image's visual tokens are kept by its key (the server's digest of the file) in an LRU of `encoder_cache`
+bytes: a chat sends its image again with every turn, an evaluation asks several questions of one image. A
+text-only prompt runs no encoder. `warm` compiles the step, the encoders and the prefills of the buckets a
+text or one-image prompt of up to `warm_text` text tokens uses, before the engine reports ready.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from mgjax.errors import MGJaxError
 from mgjax.infer.generate import prefill
 from mgjax.infer.sampling import next_token
 from mgjax.lm.decoder import init_cache
-from mgjax.model import MGM
+from mgjax.model import IMAGE_TOKEN_INDEX, MGM
 from mgjax.pretrained import _stops, _text, length_bucket
 
 
@@ -53,10 +56,12 @@ class Request:
     seed: int = 0
     stop: tuple[str, ...] = ()
     stream: bool = True  # report the text of each token (else only its count, and the answer at the end)
+    image_keys: tuple = ()  # per image, the key its visual tokens are cached by (its file's digest); () = none
     events: queue.Queue = field(default_factory=queue.Queue)
     # filled in by the engine
     length: int = 0  # merged prompt tokens
     bucket: int = 0  # the length its prompt is padded (and prefilled) to, `length_bucket`
+    text_only: bool = False  # no image placeholder: its (zero) image is not encoded
     stops: tuple = ((), ())  # (token ids, strings), `pretrained._stops`
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # what has been sent as deltas
@@ -86,6 +91,36 @@ def _choose(logits, seeds, steps, temperature, top_k, top_p):
     return jnp.where(sampling, sampled, greedy)
 
 
+class BytesLRU:
+    """Values by key, the least recently used dropped once their bytes pass `max_bytes` (a value larger than
+    that is not kept); counts hits and misses. Thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self._entries: collections.OrderedDict = collections.OrderedDict()  # key -> (value, bytes)
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        """The value kept for `key`, or None."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return found[0]
+
+    def put(self, key, value, nbytes: int) -> None:
+        with self._lock:
+            if nbytes > self.max_bytes or key in self._entries:
+                return
+            self._entries[key] = value, nbytes
+            self.bytes += nbytes
+            while self.bytes > self.max_bytes:
+                self.bytes -= self._entries.popitem(last=False)[1][1]
+
+
 def _write_row(big, small, row):
     """A prefilled cache leaf [(L,) 1, P, ...] written into row `row` of the engine's [(L,) N, S, ...] at
     slots 0 .. P - 1."""
@@ -97,7 +132,8 @@ def _write_row(big, small, row):
 class Engine:
     """The slots, the waiting requests and the loop (a thread: `start`, `stop`)."""
 
-    def __init__(self, model, slots: int = 8, context: int | None = None, warm_text: int = 128):
+    def __init__(self, model, slots: int = 8, context: int | None = None, warm_text: int = 128,
+                 encoder_cache: int = 256 << 20):
         if model.mesh is not None:
             raise MGJaxError("the serving engine runs on one device: load the model without a mesh")
         c = model.config
@@ -118,7 +154,12 @@ class Engine:
         self._running = False
         self._thread: threading.Thread | None = None
         self._prefills: dict = {}
+        self._encodes: dict = {}  # number of images -> compiled encoders
         self._step = jax.jit(self._step_fn, donate_argnums=1)
+        self._encode = jax.jit(self._encode_fn)
+        self.encoded = BytesLRU(encoder_cache)  # image key -> its visual tokens [tokens_per_image, H]
+        tokens = jax.eval_shape(self._encode, model.params, *model.zero_images())[0]
+        self._no_image = jnp.zeros(tokens.shape, tokens.dtype)  # what a text-only prompt consumes, unused
         # per row, on the host: the next input token, its rotary position and cache slot, settings, steps done
         self.token = np.zeros(slots, np.int32)
         self.position = np.zeros(slots, np.int32)
@@ -140,12 +181,18 @@ class Engine:
                                                 method=MGM.decode)
         return _choose(logits, seeds, steps, temperature, top_k, top_p), cache
 
+    def _encode_fn(self, params, images, images_aux):
+        """n images -> their visual tokens, an array [tokens_per_image, H] each."""
+        return tuple(self.model.module.apply({"params": params}, images, images_aux, method=MGM.encode_images))
+
     def _prefill_program(self, bucket: int):
         module, context = self.model.module, self.context
 
-        def run(params, cache, valid, ids, images, images_aux, mask, rows, seeds, temperature, top_k, top_p):
-            """k prompts [k, bucket] into cache rows `rows` int [k]: their first tokens and positions [k]."""
-            logits, small, small_valid, position = prefill(module, params, ids, images, images_aux, mask, bucket, 0)
+        def run(params, cache, valid, ids, image_tokens, mask, rows, seeds, temperature, top_k, top_p):
+            """k prompts [k, bucket] and their images' visual tokens (n arrays [tokens_per_image, H]) into cache
+            rows `rows` int [k]: their first tokens and positions [k]."""
+            logits, small, small_valid, position = prefill(module, params, ids, None, None, mask, bucket, 0,
+                                                           jnp.stack(image_tokens))
             small_valid = jnp.concatenate([small_valid, jnp.ones((len(rows), context - bucket), bool)], axis=1)
             for i in range(len(rows)):  # k is static: a few dynamic-update-slices in place
                 cache = jax.tree.map(lambda big, s: _write_row(big, s[..., i:i + 1, :, :, :], rows[i]), cache, small)
@@ -155,28 +202,59 @@ class Engine:
 
         return jax.jit(run, donate_argnums=(1, 2))
 
-    def _prefill_inputs(self, reqs: list[Request], rows: list[int]) -> tuple[tuple, tuple]:
-        """The program key and arguments that prefill requests of one length bucket into `rows` together, the
-        batch padded to a power of two (so that a few programs serve every count) by repeating the last
-        request into the last row."""
+    def _prefill_inputs(self, reqs: list[Request], rows: list[int], image_tokens: list[tuple]) -> tuple[tuple, tuple]:
+        """The program key and arguments that prefill requests of one length bucket, with their images' visual
+        tokens, into `rows` together, the batch padded to a power of two (so that a few programs serve every
+        count) by repeating the last request into the last row."""
         bucket = reqs[0].bucket
         k = 1 << (len(reqs) - 1).bit_length()
-        reqs, rows = reqs + [reqs[-1]] * (k - len(reqs)), rows + [rows[-1]] * (k - len(rows))
-        images = np.concatenate([r.images for r in reqs])
+        pad = k - len(reqs)
+        reqs, rows = reqs + [reqs[-1]] * pad, rows + [rows[-1]] * pad
+        image_tokens = sum(image_tokens + image_tokens[-1:] * pad, ())
         # left-padded to the bucket, so that one program serves every prompt of the bucket
         ids, mask = np.full((k, bucket), self.pad_id, np.int32), np.zeros((k, bucket), np.int32)
         for i, r in enumerate(reqs):
             ids[i, bucket - len(r.ids):], mask[i, bucket - len(r.ids):] = r.ids, 1
         settings = [np.asarray([getattr(r, name) for r in reqs], dtype) for name, dtype in
                     (("seed", np.uint32), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32))]
-        return (bucket, k, images.shape[0]), (self.model.params, self.cache, self.valid, ids, images,
-                                              np.concatenate([r.images_aux for r in reqs]), mask,
-                                              np.asarray(rows, np.int32), *settings)
+        return (bucket, k, len(image_tokens)), (self.model.params, self.cache, self.valid, ids, image_tokens, mask,
+                                                np.asarray(rows, np.int32), *settings)
+
+    def _image_tokens(self, reqs: list[Request]) -> list[tuple]:
+        """Each request's visual tokens, an array per image it consumes (a text-only prompt consumes one,
+        unused): kept ones from the cache, the others encoded together now (their count padded to a power of
+        two by repeating the last; a new count compiles its encoders here)."""
+        out, todo = [], []
+        for r in reqs:
+            if r.text_only:
+                out.append([self._no_image])
+                continue
+            row = []
+            for i in range(len(r.images)):
+                key = r.image_keys[i] if r.image_keys else None
+                found = None if key is None else self.encoded.get(key)
+                if found is None:
+                    todo.append((row, len(row), r, i))
+                row.append(found)
+            out.append(row)
+        if todo:
+            n = 1 << (len(todo) - 1).bit_length()
+            picks = [(r, i) for _, _, r, i in todo]
+            picks += picks[-1:] * (n - len(picks))
+            args = (self.model.params, np.stack([r.images[i] for r, i in picks]),
+                    np.stack([r.images_aux[i] for r, i in picks]))
+            if n not in self._encodes:
+                self._encodes[n] = self._encode.lower(*args).compile()
+            for (row, j, r, i), tokens in zip(todo, self._encodes[n](*args)):
+                row[j] = tokens
+                if r.image_keys:
+                    self.encoded.put(r.image_keys[i], tokens, tokens.nbytes)
+        return [tuple(row) for row in out]
 
     def _prefill(self, reqs: list[Request], rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Prefills requests of one length bucket into `rows` together: (first tokens, next positions)
         [len(reqs)]. A new (bucket, batch, images) shape compiles its program here."""
-        key, args = self._prefill_inputs(reqs, rows)
+        key, args = self._prefill_inputs(reqs, rows, self._image_tokens(reqs))
         if key not in self._prefills:
             self._prefills[key] = self._prefill_program(key[0]).lower(*args).compile()
         token, position, self.cache, self.valid = self._prefills[key](*args)
@@ -196,6 +274,9 @@ class Engine:
         ids, _, req.images, req.images_aux, req.length = m._check_inputs(req.ids[None], req.images, req.images_aux,
                                                                         None, False)
         req.ids, req.bucket = ids[0], length_bucket(req.length, m.config.max_length)
+        req.text_only = not (req.ids == IMAGE_TOKEN_INDEX).any()
+        if req.image_keys and len(req.image_keys) != len(req.images):
+            raise MGJaxError(f"{len(req.image_keys)} image keys for {len(req.images)} images")
         if req.bucket + req.max_tokens > self.context:
             raise MGJaxError(f"the prompt ({req.length} tokens with its images, compiled as {req.bucket}) and "
                              f"max_tokens {req.max_tokens} do not fit the server's context of {self.context} tokens "
@@ -229,37 +310,40 @@ class Engine:
             self._thread.join()
 
     def warm(self) -> int:
-        """Compiles the step and the prefills (of 1, 2, 4, ... prompts) of the buckets of a text prompt or a
-        one-image prompt of up to `warm_text` text tokens, and runs each once (a program's first run costs
-        several runs: 37-68 ms against 2.5-9 ms for the tiny checkpoint's prefills on a CPU) on rows that stay
-        free; returns the number of programs. Tracing is Python's, one program at a time; XLA compiles them side
-        by side, a thread per core (up to 8)."""
+        """Compiles the step, the encoders and the prefills (of 1, 2, 4, ... prompts) of the buckets of a text
+        prompt or a one-image prompt of up to `warm_text` text tokens, and runs each once (a program's first run
+        costs several runs: 37-68 ms against 2.5-9 ms for the tiny checkpoint's prefills on a CPU) on rows that
+        stay free; returns the number of programs. Tracing is Python's, one program at a time; XLA compiles
+        them side by side, a thread per core (up to 8)."""
         c = self.model.config
         images, images_aux = self.model.zero_images()
         merged = {*range(1, self.warm_text + 1), *range(c.tokens_per_image, c.tokens_per_image + self.warm_text)}
         buckets = sorted(b for b in {length_bucket(n, c.max_length) for n in merged} if b < self.context)
+        counts = [1 << i for i in range((2 * self.slots - 1).bit_length())]  # what the loop may prefill together
         lowered, runs = {"step": self._step.lower(*self._step_inputs())}, []
+        for n in counts:
+            lowered["encode", n] = self._encode.lower(self.model.params, *self.model.zero_images(n))
         for bucket in buckets:  # a prompt of that merged length: text only, or one image and text
             ids = np.full(bucket if bucket <= c.tokens_per_image else bucket - c.tokens_per_image + 1, self.pad_id,
                           np.int32)
             if bucket > c.tokens_per_image:
-                ids[0] = -200
-            warm = Request(ids, images, images_aux, 1, length=bucket, bucket=bucket)
-            k = 1
-            while k < 2 * self.slots:  # every batch of new requests the loop may prefill together
+                ids[0] = IMAGE_TOKEN_INDEX
+            warm = Request(ids, images, images_aux, 1, length=bucket, bucket=bucket,
+                           text_only=bucket <= c.tokens_per_image)
+            for k in counts:
                 runs.append(([warm] * k, [min(i, self.slots - 1) for i in range(k)]))
-                key, args = self._prefill_inputs(*runs[-1])
+                key, args = self._prefill_inputs(*runs[-1], [(self._no_image,)] * k)
                 lowered[key] = self._prefill_program(bucket).lower(*args)
-                k *= 2
         with concurrent.futures.ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
             compiled = dict(zip(lowered, pool.map(lambda program: program.compile(), lowered.values())))
         self._step = compiled.pop("step")
+        self._encodes.update({n: compiled.pop(("encode", n)) for n in counts})
         self._prefills.update(compiled)
         for reqs, rows in runs:
             self._prefill(reqs, rows)
         self._decode()
         self.valid = jnp.zeros_like(self.valid)
-        return len(self._prefills) + 1
+        return len(self._prefills) + len(self._encodes) + 1
 
     def _loop(self, warm: bool) -> None:
         if warm:

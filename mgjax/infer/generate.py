@@ -19,14 +19,16 @@ from mgjax.lm.decoder import init_cache
 from mgjax.model import MGM
 
 
-def prefill(module: MGM, params, input_ids, images, images_aux, attention_mask, length: int, max_new: int):
+def prefill(module: MGM, params, input_ids, images, images_aux, attention_mask, length: int, max_new: int,
+            image_embeds=None):
     """The prompts (left-padded to `length`) written into a fresh cache with room for `max_new` tokens:
     (float32 logits [B, V] of each prompt's last token, the cache, valid bool [B, length + max_new] over its
-    slots, each row's next rotary position int [B])."""
+    slots, each row's next rotary position int [B]). `image_embeds`: the images' `MGM.encode_images` output,
+    given instead of the images (see `MGM.prefill`)."""
     b = input_ids.shape[0]
     cache = init_cache(module.config.lm, b, length + max_new, module.dtype)
     logits, cache, valid, position = module.apply({"params": params}, input_ids, images, images_aux, attention_mask,
-                                                  length, cache, method=MGM.prefill)
+                                                  length, cache, image_embeds, method=MGM.prefill)
     return logits, cache, jnp.concatenate([valid, jnp.ones((b, max_new), bool)], axis=1), position
 
 

@@ -8,8 +8,8 @@ request gets HTTP 400 with the reason, one over `max_concurrent` 429 with Retry-
 413, one whose body stalls past `timeout_s` 408 and one whose answer does 504, and a client that hangs up
 frees its slot; nothing a client sends stops the server, and what requests hold is bounded (`max_concurrent`
 of them, each a body of at most `max_body` bytes and images within PIL's pixel limit; preprocessed images kept
-for reuse, `image_cache` bytes). `drain` (SIGTERM) answers what is in flight, refuses new requests (503) and
-returns.
+for reuse, `image_cache` bytes, and their visual tokens, `encoder_cache` bytes of the device's memory).
+`drain` (SIGTERM) answers what is in flight, refuses new requests (503) and returns.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from PIL import Image
 
 from mgjax.data.templates import get_template, with_image_markers
 from mgjax.errors import MGJaxError
-from mgjax.infer.engine import Engine, Request
+from mgjax.infer.engine import BytesLRU, Engine, Request
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -62,36 +62,22 @@ def _image(url: str, allow_paths: bool) -> bytes:
         raise BadRequest(f"{path}: cannot read the image ({type(e).__name__}: {e.strerror})") from None
 
 
-class ImageCache:
+class ImageCache(BytesLRU):
     """Preprocessed images (`Pretrained.preprocess`'s arrays, read-only) by a digest of their file's bytes,
     the least recently used dropped past `max_bytes`: a chat sends its images again with every turn, and an
     evaluation asks several questions of one image; each would decode and resize it again."""
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
-        self._entries: collections.OrderedDict[bytes, tuple[np.ndarray, ...]] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, data: bytes, preprocess) -> tuple[np.ndarray, ...]:
-        """`preprocess(data)`, or what it gave for the same bytes before."""
+    def preprocessed(self, data: bytes, preprocess) -> tuple[bytes, tuple[np.ndarray, ...]]:
+        """(the digest of `data`, which also keys the engine's visual tokens; `preprocess(data)`, or what it
+        gave for the same bytes before)."""
         key = hashlib.blake2b(data, digest_size=16).digest()
-        with self._lock:
-            if (found := self._entries.get(key)) is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return found
-            self.misses += 1
+        if (found := self.get(key)) is not None:
+            return key, found
         arrays = tuple(preprocess(data))  # outside the lock: other requests' images decode meanwhile
         for a in arrays:
             a.setflags(write=False)  # shared by every request that sends these bytes
-        size = sum(a.nbytes for a in arrays)
-        with self._lock:
-            if size <= self.max_bytes and key not in self._entries:
-                self._entries[key] = arrays
-                self.bytes += size
-                while self.bytes > self.max_bytes:
-                    self.bytes -= sum(a.nbytes for a in self._entries.popitem(last=False)[1])
-        return arrays
+        self.put(key, arrays, sum(a.nbytes for a in arrays))
+        return key, arrays
 
 
 def conversation(messages: Any, allow_paths: bool, preprocess) -> tuple[list[str], list]:
@@ -189,12 +175,12 @@ class Server:
     def __init__(self, model, host: str = "127.0.0.1", port: int = 8000, slots: int = 8,
                  context: int | None = None, max_concurrent: int = 64, timeout_s: float = 600.0,
                  model_id: str | None = None, allow_paths: bool = False, warm_text: int = 128,
-                 max_body: int = 64 << 20, image_cache: int = 1 << 30):
+                 max_body: int = 64 << 20, image_cache: int = 1 << 30, encoder_cache: int = 256 << 20):
         self.model, self.allow_paths = model, allow_paths
         self.images = ImageCache(image_cache)
         self.max_concurrent, self.timeout_s, self.max_body = max_concurrent, timeout_s, max_body
         self.model_id = model_id or Path(model.path).name
-        self.engine = Engine(model, slots, context, warm_text)
+        self.engine = Engine(model, slots, context, warm_text, encoder_cache)
         self.engine.on_token = self._on_token
         self.inflight = 0
         self.draining = False
@@ -250,10 +236,7 @@ class Server:
                  f"mgjax_tokens_per_second {sum(t >= now - 10 for t in tuple(self._recent)) / 10}",
                  "# TYPE mgjax_generated_tokens_total counter", f"mgjax_generated_tokens_total {e.stats['tokens']}",
                  "# TYPE mgjax_decode_steps_total counter", f"mgjax_decode_steps_total {e.stats['steps']}",
-                 "# TYPE mgjax_image_cache_bytes gauge", f"mgjax_image_cache_bytes {self.images.bytes}",
-                 "# TYPE mgjax_image_cache_hits_total counter", f"mgjax_image_cache_hits_total {self.images.hits}",
-                 "# TYPE mgjax_image_cache_misses_total counter",
-                 f"mgjax_image_cache_misses_total {self.images.misses}"]
+                 *_cache_lines("mgjax_image_cache", self.images), *_cache_lines("mgjax_encoder_cache", e.encoded)]
         for key, value in self.counts.items():
             lines += [f"# TYPE mgjax_{key}_total counter", f"mgjax_{key}_total {value}"]
         for name, h in (("mgjax_time_to_first_token_seconds", self.ttft), ("mgjax_request_latency_seconds",
@@ -272,15 +255,16 @@ class Server:
             raise BadRequest("n > 1 is not supported")
         m = self.model
         turns, images = conversation(body.get("messages"), self.allow_paths,
-                                     lambda data: self.images.get(data, m.preprocess))
+                                     lambda data: self.images.preprocessed(data, m.preprocess))
         template = get_template(m.config.template)
         rendered = [with_image_markers(template, text, n) if i % 2 == 0 else text for i, (text, n) in enumerate(turns)]
         ids = m.tokenize(template.render([*rendered, None]))
         if images:
-            pixels = np.stack([a for a, _ in images]), np.stack([b for _, b in images])
+            pixels = np.stack([a for _, (a, _) in images]), np.stack([b for _, (_, b) in images])
         else:
             pixels = m.zero_images()
-        return Request(ids, *pixels, **_settings(body), stream=bool(body.get("stream")), submitted=arrived)
+        return Request(ids, *pixels, **_settings(body), stream=bool(body.get("stream")), submitted=arrived,
+                       image_keys=tuple(key for key, _ in images))
 
     def admit(self) -> None:
         """Counts a request in, or raises (429 over `max_concurrent`, 503 while draining)."""
@@ -311,6 +295,12 @@ class Server:
                              "finish_reason": req.finish_reason}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(req.tokens),
                           "total_tokens": prompt_tokens + len(req.tokens)}}
+
+
+def _cache_lines(name: str, cache: BytesLRU) -> list[str]:
+    return [f"# TYPE {name}_bytes gauge", f"{name}_bytes {cache.bytes}",
+            f"# TYPE {name}_hits_total counter", f"{name}_hits_total {cache.hits}",
+            f"# TYPE {name}_misses_total counter", f"{name}_misses_total {cache.misses}"]
 
 
 class _HTTPServer(ThreadingHTTPServer):
