@@ -151,6 +151,13 @@ def _engine_equals(model: Pretrained, batch):
             assert n >= 3 and (engine.encoded.hits, engine.encoded.misses) == (again * n, n)
     finally:
         engine.stop()
+    # one image in two prompts prefilled together (an evaluation's questions about it) is encoded once
+    x, (im, aux) = ids[0], images[0]
+    twice = [Request(np.asarray(x, np.int32), im, aux, max_tokens=6, image_keys=("new",)) for _ in range(2)]
+    for r in twice:
+        engine.check(r)
+    a, b = engine._image_tokens(twice)
+    assert a[0] is b[0] and engine.encoded.bytes == (n + 1) * a[0].nbytes
 
 
 @pytest.mark.parametrize("kind", [*FAMILIES, "vicuna-hd"])

@@ -222,9 +222,10 @@ class Engine:
 
     def _image_tokens(self, reqs: list[Request]) -> list[tuple]:
         """Each request's visual tokens, an array per image it consumes (a text-only prompt consumes one,
-        unused): kept ones from the cache, the others encoded together now (their count padded to a power of
-        two by repeating the last; a new count compiles its encoders here)."""
-        out, todo = [], []
+        unused): kept ones from the cache, the others encoded together now, an image that comes twice (one key)
+        once (their count padded to a power of two by repeating the last; a new count compiles its encoders
+        here)."""
+        out, todo, pending = [], [], {}  # todo: (request, image, places [(row, index)]); pending: key -> todo's
         for r in reqs:
             if r.text_only:
                 out.append([self._no_image])
@@ -234,19 +235,26 @@ class Engine:
                 key = r.image_keys[i] if r.image_keys else None
                 found = None if key is None else self.encoded.get(key)
                 if found is None:
-                    todo.append((row, len(row), r, i))
+                    at = pending.get(key) if key is not None else None
+                    if at is None:
+                        at = len(todo)
+                        todo.append((r, i, []))
+                        if key is not None:
+                            pending[key] = at
+                    todo[at][2].append((row, len(row)))
                 row.append(found)
             out.append(row)
         if todo:
             n = 1 << (len(todo) - 1).bit_length()
-            picks = [(r, i) for _, _, r, i in todo]
+            picks = [(r, i) for r, i, _ in todo]
             picks += picks[-1:] * (n - len(picks))
             args = (self.model.params, np.stack([r.images[i] for r, i in picks]),
                     np.stack([r.images_aux[i] for r, i in picks]))
             if n not in self._encodes:
                 self._encodes[n] = self._encode.lower(*args).compile()
-            for (row, j, r, i), tokens in zip(todo, self._encodes[n](*args)):
-                row[j] = tokens
+            for (r, i, places), tokens in zip(todo, self._encodes[n](*args)):
+                for row, j in places:
+                    row[j] = tokens
                 if r.image_keys:
                     self.encoded.put(r.image_keys[i], tokens, tokens.nbytes)
         return [tuple(row) for row in out]
