@@ -129,7 +129,7 @@ def _engine_equals(model: Pretrained, batch):
     different cache slots and positions, joining and leaving the batch; 256 cache slots: the blocked cache
     attention): each answer's tokens are `batch`'s row, which is what `generate` gives it alone. Asked again,
     the images' visual tokens come from the engine's cache, and the answers are the same."""
-    from mgjax.infer.engine import Engine, Request
+    from mgjax.infer.engine import BytesLRU, Engine, Request
 
     ids, images = _prompts(model.config, model.config.lm.vocab_size)
     engine = Engine(model, slots=2, context=256).start(warm=False)
@@ -158,6 +158,9 @@ def _engine_equals(model: Pretrained, batch):
         engine.check(r)
     a, b = engine._image_tokens(twice)
     assert a[0] is b[0] and engine.encoded.bytes == (n + 1) * a[0].nbytes
+    engine.encoded = BytesLRU(0)  # off (`--encoder-cache 0`): encoded each time, as distinct images would be
+    a, b = engine._image_tokens(twice)
+    assert a[0] is not b[0] and engine.encoded.misses == 0
 
 
 @pytest.mark.parametrize("kind", [*FAMILIES, "vicuna-hd"])

@@ -226,13 +226,14 @@ class Engine:
         once (their count padded to a power of two by repeating the last; a new count compiles its encoders
         here)."""
         out, todo, pending = [], [], {}  # todo: (request, image, places [(row, index)]); pending: key -> todo's
+        keyed = self.encoded.max_bytes > 0  # a cache of 0 bytes turns reuse off, within a group too
         for r in reqs:
             if r.text_only:
                 out.append([self._no_image])
                 continue
             row = []
             for i in range(len(r.images)):
-                key = r.image_keys[i] if r.image_keys else None
+                key = r.image_keys[i] if keyed and r.image_keys else None
                 found = None if key is None else self.encoded.get(key)
                 if found is None:
                     at = pending.get(key) if key is not None else None
@@ -255,7 +256,7 @@ class Engine:
             for (r, i, places), tokens in zip(todo, self._encodes[n](*args)):
                 for row, j in places:
                     row[j] = tokens
-                if r.image_keys:
+                if keyed and r.image_keys:
                     self.encoded.put(r.image_keys[i], tokens, tokens.nbytes)
         return [tuple(row) for row in out]
 
