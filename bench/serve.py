@@ -1,12 +1,13 @@
 """Benchmark: `mgjax serve` under load, driven by the `openai` client as users drive it. Starts the server
 (a subprocess, so that the clients do not share its interpreter; a fresh compilation cache), then for each
-concurrency sends the same requests (one image and a question each, streamed, temperature 0) from that many
-client threads: throughput, time to first token and latency percentiles, and whether every answer equals the
-answer it got alone (1 client). Every request sends the same image: with the server's caches on, all but the
-first reuse its preprocessed arrays and its visual tokens (as a chat's later turns do); then the same again on
-a server started with both off (`--image-cache 0 --encoder-cache 0`: every request decodes, resizes and
-encodes its image, as distinct images would), whose start shows how soon a restarted server, its programs in
-the compilation cache, is ready.
+concurrency sends the same requests (one image and a question each, temperature 0) from that many client
+threads: throughput, time to first token and latency percentiles, and whether every answer equals the answer
+it got alone (1 client); streamed (a chunk per token, what TTFT is measured on) and as whole answers (the
+client parses one reply instead of a chunk per token: about 2 ms of its CPU per request against 7 ms here).
+Every request sends the same image: with the server's caches on, all but the first reuse its preprocessed
+arrays and its visual tokens (as a chat's later turns do); then the same again on a server started with both
+off (`--image-cache 0 --encoder-cache 0`: every request decodes, resizes and encodes its image, as distinct
+images would), whose start shows how soon a restarted server, its programs in the compilation cache, is ready.
 
   python bench/serve.py                                   # the tiny golden checkpoint, 1, 8 and 32 clients
   python bench/serve.py --ckpt CKPT --clients 1,8 --requests 48 --max-tokens 64 --image-cache off
@@ -64,9 +65,10 @@ def server_means(url: str) -> dict:
             for k in ("time_to_first_token", "request_latency")}
 
 
-def run_load(url: str, n: int, clients: int, max_tokens: int, image: str) -> dict:
-    """`n` streamed requests from `clients` threads (request i asks question i): per-request answers, TTFT
-    (first chunk with text), latency; wall time; the server's mean TTFT and latency."""
+def run_load(url: str, n: int, clients: int, max_tokens: int, image: str, stream: bool = True) -> dict:
+    """`n` requests from `clients` threads (request i asks question i), streamed or not: per-request answers,
+    TTFT (first chunk with text; None for whole answers), latency; wall time; the server's mean TTFT and
+    latency."""
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="-", max_retries=0, timeout=600)
@@ -76,10 +78,14 @@ def run_load(url: str, n: int, clients: int, max_tokens: int, image: str) -> dic
         messages = [{"role": "user", "content": [{"type": "text", "text": f"Question {i}: what is in the image?"},
                                                  {"type": "image_url", "image_url": {"url": image}}]}]
         t0 = time.perf_counter()
-        stream = client.chat.completions.create(model="mgjax", messages=messages, max_tokens=max_tokens,
-                                                stream=True, temperature=0)
+        reply = client.chat.completions.create(model="mgjax", messages=messages, max_tokens=max_tokens,
+                                               stream=stream, temperature=0)
+        if not stream:
+            latency[i], answers[i] = time.perf_counter() - t0, reply.choices[0].message.content
+            tokens[i] = reply.usage.completion_tokens
+            return
         parts = []
-        for chunk in stream:
+        for chunk in reply:
             if chunk.choices and chunk.choices[0].delta.content is not None:
                 if not parts:
                     ttft[i] = time.perf_counter() - t0
@@ -106,10 +112,11 @@ def run_load(url: str, n: int, clients: int, max_tokens: int, image: str) -> dic
     after = server_means(url)
     server = {k: (after[k][0] - before[k][0]) / max(after[k][1] - before[k][1], 1) for k in after}
     return {"server_ttft_mean_s": server["time_to_first_token"], "server_latency_mean_s": server["request_latency"],
-            "clients": clients, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
+            "stream": stream, "clients": clients, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
             "tokens_per_s": sum(tokens) / wall, "tokens": sum(tokens),
             "errors": errors,
-            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p90_s": percentile(ttft, 0.9),
+            "ttft_p50_s": percentile(ttft, 0.5) if stream else None,
+            "ttft_p90_s": percentile(ttft, 0.9) if stream else None,
             "latency_p50_s": percentile(latency, 0.5), "latency_p90_s": percentile(latency, 0.9),
             "latency_p99_s": percentile(latency, 0.99), "answers": answers}
 
@@ -125,8 +132,12 @@ def main(argv=None) -> int:
     ap.add_argument("--server-args", default="", help="more `mgjax serve` arguments")
     ap.add_argument("--image-cache", default="on,off", help="the server's image and encoder caches in each pass: on, "
                     "off or both (on,off: the second start, a restart, is timed)")
+    ap.add_argument("--answers", default="streamed,whole", help="streamed, whole or both (comma-separated)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args(argv)
+    modes = args.answers.split(",")
+    if not modes or any(m not in ("streamed", "whole") for m in modes):
+        raise SystemExit(f"--answers {args.answers!r}: streamed, whole, or both comma-separated")
     levels = sorted({1, *(int(c) for c in args.clients.split(","))})
     image = "data:image/jpeg;base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
     passes = args.image_cache.split(",")
@@ -143,8 +154,9 @@ def main(argv=None) -> int:
                 first = run_load(url, 1, 1, args.max_tokens, image)["latency_p50_s"]  # the fresh server's first
                 run_load(url, args.slots, args.slots, args.max_tokens, image)  # untimed: a fresh process's first
                 # rounds run slower (measured: 1-client latency p50 64 ms on a fresh server, 41 ms on the next)
-                rows += [{"image_cache": cached, **run_load(url, max(args.requests, c), c, args.max_tokens, image),
-                          "first_latency_s": first} for c in levels]
+                rows += [{"image_cache": cached, "first_latency_s": first,
+                          **run_load(url, max(args.requests, c), c, args.max_tokens, image, mode == "streamed")}
+                         for mode in modes for c in levels]
             finally:
                 proc.terminate()
                 proc.wait(timeout=120)
@@ -157,23 +169,29 @@ def main(argv=None) -> int:
     print(f"mgjax serve {args.ckpt} ({args.slots} slots), ready in {ready[0]:.1f} s (load and compile"
           + (f"; {ready[1]:.1f} s restarted, the programs from its compilation cache" if len(ready) > 1 else "")
           + f"); the first request on the fresh server took {rows[0]['first_latency_s'] * 1e3:.0f} ms; "
-          f"{args.max_tokens} tokens per answer, one image, streamed")
-    print(f"{'images':>7}{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p90':>8}"
-          f"{'latency p50':>12}{'p90':>8}{'p99':>8}{'server TTFT':>12}{'latency':>9}  equal")
+          f"{args.max_tokens} tokens per answer, one image")
+    ms = lambda x: "-" if x is None else f"{x * 1e3:.0f}ms"  # noqa: E731
+    print(f"{'images':>7}{'answers':>9}{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'tok/s':>8}"
+          f"{'TTFT p50':>10}{'p90':>8}{'latency p50':>12}{'p90':>8}{'p99':>8}{'server TTFT':>12}{'latency':>9}  equal")
     for r in rows:
-        print(f"{'cached' if r['image_cache'] == 'on' else 'decoded':>7}{r['clients']:>8}{r['requests']:>9}"
-              f"{r['wall_s']:>8.2f}{r['requests_per_s']:>8.1f}"
-              f"{r['tokens_per_s']:>8.0f}{r['ttft_p50_s'] * 1e3:>8.0f}ms{r['ttft_p90_s'] * 1e3:>6.0f}ms"
-              f"{r['latency_p50_s'] * 1e3:>10.0f}ms{r['latency_p90_s'] * 1e3:>6.0f}ms{r['latency_p99_s'] * 1e3:>6.0f}ms"
-              f"{r['server_ttft_mean_s'] * 1e3:>10.0f}ms{r['server_latency_mean_s'] * 1e3:>7.0f}ms"
+        print(f"{'cached' if r['image_cache'] == 'on' else 'decoded':>7}{'streamed' if r['stream'] else 'whole':>9}"
+              f"{r['clients']:>8}{r['requests']:>9}{r['wall_s']:>8.2f}{r['requests_per_s']:>8.1f}"
+              f"{r['tokens_per_s']:>8.0f}{ms(r['ttft_p50_s']):>10}{ms(r['ttft_p90_s']):>8}"
+              f"{ms(r['latency_p50_s']):>12}{ms(r['latency_p90_s']):>8}{ms(r['latency_p99_s']):>8}"
+              f"{ms(r['server_ttft_mean_s']):>12}{ms(r['server_latency_mean_s']):>9}"
               f"  {r['equal_to_alone']}" + (f"  ({len(r['errors'])} failed)" if r["errors"] else ""))
     for r in rows:
-        base = next(b for b in rows if b["image_cache"] == r["image_cache"] and b["clients"] == 1)
+        base = next(b for b in rows if b["clients"] == 1 and (b["image_cache"], b["stream"]) == (r["image_cache"],
+                                                                                                r["stream"]))
         if r is not base:
             r["speedup_vs_one_by_one"] = r["requests_per_s"] / base["requests_per_s"]
-            r["ttft_p50_vs_alone"] = r["ttft_p50_s"] / base["ttft_p50_s"]
-            print(f"image cache {r['image_cache']}, {r['clients']} clients: {r['speedup_vs_one_by_one']:.1f}x the "
-                  f"requests/s of one by one, TTFT p50 {r['ttft_p50_vs_alone']:.1f}x its alone value")
+            r["server_ttft_vs_alone"] = r["server_ttft_mean_s"] / base["server_ttft_mean_s"]
+            if r["stream"]:
+                r["ttft_p50_vs_alone"] = r["ttft_p50_s"] / base["ttft_p50_s"]
+            print(f"image cache {r['image_cache']}, {'streamed' if r['stream'] else 'whole answers'}, {r['clients']} "
+                  f"clients: {r['speedup_vs_one_by_one']:.1f}x the requests/s of one by one"
+                  + (f", TTFT p50 {r['ttft_p50_vs_alone']:.1f}x its alone value" if r["stream"] else "")
+                  + f", the server's mean TTFT {r['server_ttft_vs_alone']:.1f}x")
     write_results({"ckpt": args.ckpt, "slots": args.slots, "max_tokens": args.max_tokens, "ready_s": ready[0],
                    "ready_restarted_s": ready[1] if len(ready) > 1 else None, "rows": rows,
                    "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])},

@@ -44,7 +44,8 @@ from mgjax.pretrained import _stops, _text, length_bucket
 @dataclass
 class Request:
     """One prompt and its decoding settings; the engine reports to `events` (a queue): ("delta", text) per
-    token, then ("done", None) or ("error", message). `cancel()` frees its slot at the next step."""
+    token (a whole answer's request: once, at the end), then ("done", None) or ("error", message). `cancel()`
+    frees its slot at the next step."""
 
     ids: np.ndarray  # int32 [T], -200 at images
     images: np.ndarray
@@ -55,7 +56,7 @@ class Request:
     top_k: int = 0
     seed: int = 0
     stop: tuple[str, ...] = ()
-    stream: bool = True  # report the text of each token (else only its count, and the answer at the end)
+    stream: bool = True  # report the text of each token (else only the answer, at the end)
     image_keys: tuple = ()  # per image, the key its visual tokens are cached by (its file's digest); () = none
     events: queue.Queue = field(default_factory=queue.Queue)
     # filled in by the engine
@@ -442,9 +443,7 @@ class Engine:
             self.rows[row] = None
         elif req.cancelled.is_set():
             self.rows[row] = None
-        elif not req.stream:
-            req.events.put(("delta", ""))
-        else:
+        elif req.stream:  # a whole answer's waiter is not woken per token
             self._send(req, settled_text(tok, req.tokens, self.byte_tokens, text_stops))
 
     @staticmethod
