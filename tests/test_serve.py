@@ -324,6 +324,15 @@ def test_overload_timeout_and_hang_up_free_their_slots(served):
         conn.close()
         _until(lambda: engine.active == 0 and server.inflight == 0, "the hung-up request kept its slot")
         assert server.counts["disconnects"] == gone + 1 and engine.stats["tokens"] - tokens < 370
+        tokens = engine.stats["tokens"]  # the same while the client waits for a whole answer
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=300)
+        conn.request("POST", "/v1/chat/completions", json.dumps(_ask("Tell me everything.", max_tokens=380)),
+                     {"Content-Type": "application/json"})
+        _until(lambda: engine.stats["tokens"] > tokens, "the whole-answer request did not start")
+        conn.close()
+        _until(lambda: engine.active == 0 and server.inflight == 0, "the hung-up whole answer kept its slot")
+        assert server.counts["disconnects"] == gone + 2 and engine.stats["tokens"] - tokens < 370
         server.max_concurrent, server.timeout_s = limit, 0.05
         status, reply = _post(url, _ask("Tell me everything.", max_tokens=380))
         assert status == 504 and "timeout of 0.05 s" in reply["error"]["message"], reply
