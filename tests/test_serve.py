@@ -324,14 +324,20 @@ def test_overload_timeout_and_hang_up_free_their_slots(served):
         conn.close()
         _until(lambda: engine.active == 0 and server.inflight == 0, "the hung-up request kept its slot")
         assert server.counts["disconnects"] == gone + 1 and engine.stats["tokens"] - tokens < 370
-        tokens = engine.stats["tokens"]  # the same while the client waits for a whole answer
-        host, port = url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=300)
-        conn.request("POST", "/v1/chat/completions", json.dumps(_ask("Tell me everything.", max_tokens=380)),
-                     {"Content-Type": "application/json"})
-        _until(lambda: engine.stats["tokens"] > tokens, "the whole-answer request did not start")
-        conn.close()
-        _until(lambda: engine.active == 0 and server.inflight == 0, "the hung-up whole answer kept its slot")
+        # the same while the client waits for a whole answer (its handler looks every 0.1 s: steps slowed to
+        # 2 ms, so that 380 tokens take longer than that on any machine)
+        tokens, decode = engine.stats["tokens"], engine._decode
+        engine._decode = lambda: (time.sleep(0.002), decode())[1]
+        try:
+            host, port = url.removeprefix("http://").split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=300)
+            conn.request("POST", "/v1/chat/completions", json.dumps(_ask("Tell me everything.", max_tokens=380)),
+                         {"Content-Type": "application/json"})
+            _until(lambda: engine.stats["tokens"] > tokens, "the whole-answer request did not start")
+            conn.close()
+            _until(lambda: engine.active == 0 and server.inflight == 0, "the hung-up whole answer kept its slot")
+        finally:
+            del engine._decode
         assert server.counts["disconnects"] == gone + 2 and engine.stats["tokens"] - tokens < 370
         server.max_concurrent, server.timeout_s = limit, 0.05
         status, reply = _post(url, _ask("Tell me everything.", max_tokens=380))
