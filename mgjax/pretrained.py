@@ -323,7 +323,7 @@ class Pretrained:
             s = NamedSharding(self.mesh, PartitionSpec())
         return jax.device_put(x, s)
 
-    def _check_inputs(self, input_ids, images, images_aux, attention_mask, truncate: bool):
+    def _check_inputs(self, input_ids, images, images_aux, attention_mask, truncate: bool, check_values: bool = True):
         """The inputs as int32 / float32 arrays and the merged length, after checking everything that
         would otherwise fail inside the program or silently give garbage (out-of-vocabulary ids give NaN)."""
         c = self.config
@@ -342,7 +342,7 @@ class Pretrained:
             r, t = bad[0]
             raise MGJaxError(f"input_ids[{r}, {t}] = {ids[r, t]} is not a token id of this model "
                              f"(0..{c.lm.vocab_size - 1}; {IMAGE_TOKEN_INDEX} marks an image)")
-        images, images_aux = self._check_images(ids, mask, images, images_aux)
+        images, images_aux = self._check_images(ids, mask, images, images_aux, check_values)
         merged = merged_lengths(ids, mask, c.tokens_per_image)
         row = int(np.argmax(merged))
         if merged[row] > c.max_length:
@@ -354,14 +354,16 @@ class Pretrained:
         length = int(min(merged[row], c.max_length))
         return ids.astype(np.int32), mask.astype(np.int32), images, images_aux, length
 
-    def _check_images(self, ids, mask, images, images_aux):
+    def _check_images(self, ids, mask, images, images_aux, check_values: bool = True):
+        """The images as float32 (not copied when they are); `check_values=False` skips the scan of their
+        values, for arrays `preprocess` made (finite and in range by construction; 4.7 ms for an HD image)."""
         c = self.config
         images, images_aux = np.asarray(images), np.asarray(images_aux)
         for name, x in (("images", images), ("images_aux", images_aux)):
             if not np.issubdtype(x.dtype, np.floating):
                 raise MGJaxError(f"{name} are {x.dtype}: pass the preprocessed float pixels that "
                                  "Pretrained.preprocess() (use preprocess()) makes from an image")
-            if not np.isfinite(x).all() or np.abs(x).max(initial=0) > PIXEL_LIMIT:
+            if check_values and (not np.isfinite(x).all() or np.abs(x).max(initial=0) > PIXEL_LIMIT):
                 raise MGJaxError(f"{name} hold values in [{x.min():.3g}, {x.max():.3g}], far outside the "
                                  "preprocessed range (about -1.8 .. 2.2): raw pixels? use preprocess()")
         s, sa = c.image_size, c.image_size_aux
@@ -376,7 +378,7 @@ class Pretrained:
         if needed != images.shape[0]:
             raise MGJaxError(f"the prompts need {needed} images (one per <image> marker, and one for each row "
                              f"without a marker, as in the original) but {images.shape[0]} were given")
-        return images.astype(np.float32), images_aux.astype(np.float32)
+        return images.astype(np.float32, copy=False), images_aux.astype(np.float32, copy=False)
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", vision_tower: str | os.PathLike | None = None,

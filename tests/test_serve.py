@@ -183,6 +183,21 @@ def test_an_image_sent_again_is_preprocessed_and_encoded_once(served):
         assert int(metrics[f"mgjax_{name}_cache_bytes"]) == cache.bytes > 0
 
 
+def test_a_cached_image_reaches_the_engine_without_a_copy_or_a_scan(served, monkeypatch):
+    """The server's requests carry `preprocess`'s own arrays: a one-image request passes a view of the cached
+    arrays to the engine, whose check does not scan their values again (an HD image: 35 MB, 2 copies and a
+    4.7 ms scan per request before); arrays from elsewhere are still scanned."""
+    _, _, server = served
+    req = server.request(_ask("What is it?"), 0.0)
+    cached = server.images.get(req.image_keys[0])
+    scans, isfinite = [], np.isfinite
+    monkeypatch.setattr(np, "isfinite", lambda x, *a, **k: scans.append(x.shape) or isfinite(x, *a, **k))
+    server.engine.check(req)
+    assert scans == [] and all(np.shares_memory(a, b) for a, b in zip((req.images, req.images_aux), cached))
+    server.engine.check(Request(req.ids, np.array(req.images), np.array(req.images_aux), max_tokens=4))
+    assert scans == [req.images.shape, req.images_aux.shape]
+
+
 def test_image_cache_keeps_the_recently_used_within_its_bytes():
     made = []
 

@@ -58,6 +58,7 @@ class Request:
     stop: tuple[str, ...] = ()
     stream: bool = True  # report the text of each token (else only the answer, at the end)
     image_keys: tuple = ()  # per image, the key its visual tokens are cached by (its file's digest); () = none
+    preprocessed: bool = False  # the images are `Pretrained.preprocess`'s own arrays: their values are not scanned
     events: queue.Queue = field(default_factory=queue.Queue)
     # filled in by the engine
     length: int = 0  # merged prompt tokens
@@ -282,7 +283,7 @@ class Engine:
         if not 0 <= req.seed < 2**32:
             raise MGJaxError(f"seed {req.seed} must be in 0 .. 2**32 - 1")
         ids, _, req.images, req.images_aux, req.length = m._check_inputs(req.ids[None], req.images, req.images_aux,
-                                                                        None, False)
+                                                                        None, False, not req.preprocessed)
         req.ids, req.bucket = ids[0], length_bucket(req.length, m.config.max_length)
         req.text_only = not (req.ids == IMAGE_TOKEN_INDEX).any()
         if req.image_keys and len(req.image_keys) != len(req.images):
