@@ -356,7 +356,7 @@ class Pretrained:
 
     def _check_images(self, ids, mask, images, images_aux, check_values: bool = True):
         """The images as float32 (not copied when they are); `check_values=False` skips the scan of their
-        values, for arrays `preprocess` made (finite and in range by construction; 4.7 ms for an HD image)."""
+        values, for arrays `preprocess` made (finite and in range by construction; about 5 ms for an HD image)."""
         c = self.config
         images, images_aux = np.asarray(images), np.asarray(images_aux)
         for name, x in (("images", images), ("images_aux", images_aux)):

@@ -282,8 +282,8 @@ class Engine:
                              f"in (0, 1], temperature {req.temperature} >= 0")
         if not 0 <= req.seed < 2**32:
             raise MGJaxError(f"seed {req.seed} must be in 0 .. 2**32 - 1")
-        ids, _, req.images, req.images_aux, req.length = m._check_inputs(req.ids[None], req.images, req.images_aux,
-                                                                        None, False, not req.preprocessed)
+        ids, _, req.images, req.images_aux, req.length = m._check_inputs(
+            req.ids[None], req.images, req.images_aux, None, truncate=False, check_values=not req.preprocessed)
         req.ids, req.bucket = ids[0], length_bucket(req.length, m.config.max_length)
         req.text_only = not (req.ids == IMAGE_TOKEN_INDEX).any()
         if req.image_keys and len(req.image_keys) != len(req.images):
