@@ -37,16 +37,22 @@ GOLDEN = ROOT / "tests" / "fixtures" / "mgm_reference" / "llama_vicuna"
 def start_server(ckpt: str, slots: int, extra: list[str], cache: str) -> tuple[subprocess.Popen, str, float]:
     """`mgjax serve` on a free port with its compilation cache in `cache`: (process, base URL, seconds until it
     said it was ready)."""
-    cmd = [sys.executable, "-m", "mgjax", "serve", "--ckpt", ckpt, "--port", "0", "--slots", str(slots), *extra]
     env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "MGJAX_COMPILE_CACHE": cache}
+    return launch([sys.executable, "-m", "mgjax", "serve", "--ckpt", ckpt, "--port", "0", "--slots", str(slots),
+                   *extra], env)
+
+
+def launch(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str, float]:
+    """A server process started with `cmd`: (process, the base URL it prints once it listens, seconds until
+    then)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
         found = re.search(r"on (http://\S+/v1)", line)
         if found:
             return proc, found.group(1), time.perf_counter() - t0
-    raise SystemExit(f"mgjax serve ended before it was ready (exit {proc.wait()})")
+    raise SystemExit(f"{' '.join(cmd[1:3])} ended before it was ready (exit {proc.wait()})")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -121,6 +127,10 @@ def run_load(url: str, n: int, clients: int, max_tokens: int, image: str, stream
             "latency_p99_s": percentile(latency, 0.99), "answers": answers}
 
 
+def _pass(row: dict) -> str:
+    return "stand-in" if row["server"] == "stand-in" else "cached" if row["image_cache"] == "on" else "decoded"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default=str(GOLDEN / "MGM-7B-tiny"))
@@ -133,6 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--image-cache", default="on,off", help="the server's image and encoder caches in each pass: on, "
                     "off or both (on,off: the second start, a restart, is timed)")
     ap.add_argument("--answers", default="streamed,whole", help="streamed, whole or both (comma-separated)")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="then drive bench/stand_in.py the same way: a server that computes nothing, its first token "
+                    "and steps as fast as the server's alone (the first pass's 1-client figures), any number at once")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args(argv)
     modes = args.answers.split(",")
@@ -154,7 +167,7 @@ def main(argv=None) -> int:
                 first = run_load(url, 1, 1, args.max_tokens, image)["latency_p50_s"]  # the fresh server's first
                 run_load(url, args.slots, args.slots, args.max_tokens, image)  # untimed: a fresh process's first
                 # rounds run slower (measured: 1-client latency p50 64 ms on a fresh server, 41 ms on the next)
-                rows += [{"image_cache": cached, "first_latency_s": first,
+                rows += [{"server": "mgjax", "image_cache": cached, "first_latency_s": first,
                           **run_load(url, max(args.requests, c), c, args.max_tokens, image, mode == "streamed")}
                          for mode in modes for c in levels]
             finally:
@@ -162,33 +175,47 @@ def main(argv=None) -> int:
                 proc.wait(timeout=120)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    if args.floor:
+        alone = rows[0]
+        prefill = alone["server_ttft_mean_s"]
+        step = (alone["server_latency_mean_s"] - prefill) / max(args.max_tokens - 1, 1)
+        proc, url, _ = launch([sys.executable, str(ROOT / "bench" / "stand_in.py"), "--prefill", str(prefill),
+                               "--step", str(step)])
+        try:
+            rows += [{"server": "stand-in", "image_cache": None, "stand_in_prefill_s": prefill, "stand_in_step_s": step,
+                      **run_load(url, max(args.requests, c), c, args.max_tokens, image, mode == "streamed")}
+                     for mode in modes for c in levels]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
     alone = rows[0]["answers"]
     for r in rows:
-        r["equal_to_alone"] = all(a == alone[i % len(alone)] for i, a in enumerate(r.pop("answers"))
-                                  if i < len(alone))
+        answers = r.pop("answers")
+        r["equal_to_alone"] = (all(a == alone[i % len(alone)] for i, a in enumerate(answers) if i < len(alone))
+                               if r["server"] == "mgjax" else None)
     print(f"mgjax serve {args.ckpt} ({args.slots} slots), ready in {ready[0]:.1f} s (load and compile"
           + (f"; {ready[1]:.1f} s restarted, the programs from its compilation cache" if len(ready) > 1 else "")
           + f"); the first request on the fresh server took {rows[0]['first_latency_s'] * 1e3:.0f} ms; "
           f"{args.max_tokens} tokens per answer, one image")
     ms = lambda x: "-" if x is None else f"{x * 1e3:.0f}ms"  # noqa: E731
-    print(f"{'images':>7}{'answers':>9}{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'tok/s':>8}"
+    print(f"{'pass':>8}{'answers':>9}{'clients':>8}{'requests':>9}{'wall s':>8}{'req/s':>8}{'tok/s':>8}"
           f"{'TTFT p50':>10}{'p90':>8}{'latency p50':>12}{'p90':>8}{'p99':>8}{'server TTFT':>12}{'latency':>9}  equal")
     for r in rows:
-        print(f"{'cached' if r['image_cache'] == 'on' else 'decoded':>7}{'streamed' if r['stream'] else 'whole':>9}"
+        print(f"{_pass(r):>8}{'streamed' if r['stream'] else 'whole':>9}"
               f"{r['clients']:>8}{r['requests']:>9}{r['wall_s']:>8.2f}{r['requests_per_s']:>8.1f}"
               f"{r['tokens_per_s']:>8.0f}{ms(r['ttft_p50_s']):>10}{ms(r['ttft_p90_s']):>8}"
               f"{ms(r['latency_p50_s']):>12}{ms(r['latency_p90_s']):>8}{ms(r['latency_p99_s']):>8}"
               f"{ms(r['server_ttft_mean_s']):>12}{ms(r['server_latency_mean_s']):>9}"
-              f"  {r['equal_to_alone']}" + (f"  ({len(r['errors'])} failed)" if r["errors"] else ""))
+              f"  {'-' if r['equal_to_alone'] is None else r['equal_to_alone']}"
+              + (f"  ({len(r['errors'])} failed)" if r["errors"] else ""))
     for r in rows:
-        base = next(b for b in rows if b["clients"] == 1 and (b["image_cache"], b["stream"]) == (r["image_cache"],
-                                                                                                r["stream"]))
+        base = next(b for b in rows if b["clients"] == 1 and _pass(b) == _pass(r) and b["stream"] == r["stream"])
         if r is not base:
             r["speedup_vs_one_by_one"] = r["requests_per_s"] / base["requests_per_s"]
             r["server_ttft_vs_alone"] = r["server_ttft_mean_s"] / base["server_ttft_mean_s"]
             if r["stream"]:
                 r["ttft_p50_vs_alone"] = r["ttft_p50_s"] / base["ttft_p50_s"]
-            print(f"image cache {r['image_cache']}, {'streamed' if r['stream'] else 'whole answers'}, {r['clients']} "
+            print(f"{_pass(r)}, {'streamed' if r['stream'] else 'whole answers'}, {r['clients']} "
                   f"clients: {r['speedup_vs_one_by_one']:.1f}x the requests/s of one by one"
                   + (f", TTFT p50 {r['ttft_p50_vs_alone']:.1f}x its alone value" if r["stream"] else "")
                   + f", the server's mean TTFT {r['server_ttft_vs_alone']:.1f}x")

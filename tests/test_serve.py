@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -33,7 +35,7 @@ from PIL import Image
 
 from helpers import GOLDEN, golden_model
 from mgjax.infer.engine import Request, settled_text
-from mgjax.infer.server import ImageCache, Server
+from mgjax.infer.server import ImageCache, Server, _Gone, _Stream
 
 CASE = GOLDEN / "llama_vicuna"
 CKPT = CASE / "MGM-7B-tiny"
@@ -235,6 +237,66 @@ def test_stream_sends_a_delta_per_token_with_the_openai_client(served):
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == [whole.choices[0].finish_reason]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_a_stream_sent_from_the_engine_thread_keeps_its_order_past_a_full_socket_and_sees_a_hang_up():
+    """The engine's thread sends a stream's chunks without blocking; what a slow reader's socket does not take
+    waits for the handler's thread. Tokens before the headers, past a full socket buffer and the last events all
+    arrive once, in order; after the client hangs up the request is cancelled and the handler told."""
+    server_side, client_side = socket.socketpair()
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    req = Request(np.zeros(1, np.int32), None, None, 1)
+    stream = _Stream(req, server_side, {"id": "x"})
+    n = 3000  # ~150 kB of events: far past both buffers
+    stream.token("t0")  # before the headers: held
+    assert req.events.empty() and stream.pending
+    stream.open()
+
+    def handler():  # what the handler's thread does with the engine's ("flush", None) events, a bit late
+        while True:
+            kind, _ = req.events.get()
+            if kind == "done":
+                return stream.end(stream.chunk({}, "length"), "[DONE]")
+            time.sleep(0.002)
+            stream.flush()
+
+    received = []
+
+    def reader():  # a slow client: the socket frees up while chunks wait
+        while not b"".join(received[-2:]).endswith(b"data: [DONE]\n\n"):
+            received.append(client_side.recv(2048))
+            time.sleep(0.0005)
+
+    threads = [threading.Thread(target=handler), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for i in range(1, n):  # the engine's thread: never blocks
+        stream.token(f"t{i}")
+        if i % 100 == 0:
+            time.sleep(0.001)
+    req.events.put(("done", None))
+    for t in threads:
+        t.join()
+    received = b"".join(received)
+    events = [json.loads(e.removeprefix("data: ")) for e in received.decode().split("\n\n")[:-2]]
+    assert [e["choices"][0]["delta"].get("content") for e in events] == [f"t{i}" for i in range(n)] + [None]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[-1]["choices"][0]["finish_reason"]
+    stream.token("late")  # after the end: dropped
+    assert not stream.pending and not select.select([client_side], [], [], 0.05)[0]
+
+    req = Request(np.zeros(1, np.int32), None, None, 1)
+    stream = _Stream(req, server_side, {"id": "y"})
+    stream.open()
+    client_side.close()
+    for i in range(100):  # the first sends may still land in the buffer; a reset follows
+        stream.token(f"t{i}")
+        if req.cancelled.is_set():
+            break
+    assert req.cancelled.is_set() and req.events.get_nowait() == ("flush", None)
+    with pytest.raises(_Gone):
+        stream.flush()
+    server_side.close()
 
 
 def test_settled_text_never_sends_half_a_character_or_a_stop_prefix():
@@ -513,6 +575,54 @@ def test_serve_command_finishes_in_flight_requests_on_sigterm():
         assert finish == "length" and len(events) == 300 + 1  # 299 more tokens, the finish, [DONE]
         assert proc.wait(timeout=120) == 0
         assert "SIGTERM: answering the 1 requests in flight" in proc.stdout.read()
+    finally:
+        proc.kill()
+
+
+def _shape(value):
+    """A JSON value's structure: its keys and types, not its values."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return type(value).__name__
+
+
+def _exchange(url: str, body: dict) -> tuple[str, str, list]:
+    """The status line, content type and JSON payloads (each SSE event's, or the reply's) of a raw POST."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    if not body.get("stream"):
+        return f"{resp.version} {resp.status}", resp.getheader("Content-Type"), [json.loads(text)]
+    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    return f"{resp.version} {resp.status}", resp.getheader("Content-Type"), [json.loads(e) for e in events[:-1]]
+
+
+def test_the_benchmarks_stand_in_speaks_the_servers_wire_format(served):
+    """bench/serve.py's floor is bench/stand_in.py driven like the server: what the clients parse must be the same
+    (HTTP version, a connection per request, the fields of each event and reply), or the floor measures another
+    load."""
+    _, url, _ = served
+    script = Path(__file__).parent.parent / "bench" / "stand_in.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--prefill", "0.001", "--step", "0.0005"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        stand_in = re.search(r"on (http://\S+)/v1", proc.stdout.readline()).group(1)
+        for stream in (True, False):
+            body = {**_ask("What is unusual about this image?", max_tokens=5), "stream": stream}
+            ours, theirs = _exchange(url, body), _exchange(stand_in, body)
+            assert ours[:2] == theirs[:2]
+            assert len(ours[2]) == len(theirs[2]) == (5 + 1 if stream else 1)  # 5 tokens and the finish
+            assert [_shape(e) for e in ours[2]] == [_shape(e) for e in theirs[2]]
+        with urllib.request.urlopen(stand_in + "/metrics", timeout=30) as r:
+            sums = dict(line.split(" ") for line in r.read().decode().splitlines())
+        assert {k: int(v) for k, v in sums.items() if k.endswith("_count")} == {
+            "mgjax_time_to_first_token_seconds_count": 2, "mgjax_request_latency_seconds_count": 2}
     finally:
         proc.kill()
 

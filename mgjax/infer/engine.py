@@ -27,6 +27,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,8 @@ from mgjax.pretrained import _stops, _text, length_bucket
 @dataclass
 class Request:
     """One prompt and its decoding settings; the engine reports to `events` (a queue): ("delta", text) per
-    token (a whole answer's request: once, at the end), then ("done", None) or ("error", message). `cancel()`
-    frees its slot at the next step."""
+    token (a whole answer's request: once, at the end; to `on_delta` instead when set), then ("done", None)
+    or ("error", message). `cancel()` frees its slot at the next step."""
 
     ids: np.ndarray  # int32 [T], -200 at images
     images: np.ndarray
@@ -60,6 +61,9 @@ class Request:
     image_keys: tuple = ()  # per image, the key its visual tokens are cached by (its file's digest); () = none
     preprocessed: bool = False  # the images are `Pretrained.preprocess`'s own arrays: their values are not scanned
     events: queue.Queue = field(default_factory=queue.Queue)
+    # called with each delta instead of queueing it, on the engine's thread (so it must not block): the server
+    # sends a stream's chunks from there, as waking a handler's thread per token costs more than the send
+    on_delta: Callable[[str], None] | None = None
     # filled in by the engine
     length: int = 0  # merged prompt tokens
     bucket: int = 0  # the length its prompt is padded (and prefilled) to, `length_bucket`
@@ -452,7 +456,10 @@ class Engine:
         """One delta per token: the text it settles (often all of its own, "" while it is held back)."""
         delta = text[len(req.text):] if text.startswith(req.text) else ""
         req.text += delta
-        req.events.put(("delta", delta))
+        if req.on_delta is not None:
+            req.on_delta(delta)
+        else:
+            req.events.put(("delta", delta))
 
 
 def settled_text(tokenizer, tokens: list[int], byte_tokens: frozenset, text_stops: tuple[str, ...]) -> str:

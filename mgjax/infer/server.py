@@ -329,6 +329,83 @@ def _hung_up(sock) -> bool:
         return True
 
 
+_NOWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # 0 (Windows): every chunk goes through the handler's thread
+
+
+def _event(payload: dict | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+class _Stream:
+    """A streamed answer's server-sent events. The engine's thread sends each token's chunk to the socket
+    itself, without blocking (waking the handler's thread for every token cost more than the send: 8 streams
+    woke 8 threads per decode step); what the socket does not take at once, or comes before the headers went
+    out, waits in `pending` for the handler's thread, which sends it in order (`flush`, woken by a ("flush",
+    None) event). `end` queues the handler's last events (the finish, or an error) after which the engine's
+    chunks are dropped."""
+
+    def __init__(self, req: Request, sock: socket.socket, head: dict):
+        self.req, self.sock, self.head = req, sock, head
+        self.pending = bytearray()
+        self.lock = threading.Lock()
+        self.headers_sent = self.flushing = self.ended = self.gone = False
+        self.first = True
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        return {**self.head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    def token(self, text: str) -> None:
+        """A token's delta, on the engine's thread (`Request.on_delta`)."""
+        data = _event(self.chunk({"role": "assistant", "content": text} if self.first else {"content": text}))
+        self.first = False
+        with self.lock:
+            if self.ended or self.gone:
+                return
+            if self.headers_sent and _NOWAIT and not self.pending and not self.flushing:
+                try:
+                    sent = self.sock.send(data, _NOWAIT)
+                except BlockingIOError:  # the client reads slower than we send: its thread waits for it
+                    sent = 0
+                except OSError:  # it hung up
+                    self.gone = True
+                    self.req.cancel()
+                    sent = len(data)
+                data = data[sent:]
+            self.pending += data
+            wake = self.gone or bool(self.pending) and self.headers_sent and not self.flushing
+        if wake:
+            self.req.events.put(("flush", None))
+
+    def open(self) -> None:
+        """The headers went out: sends what came before them."""
+        with self.lock:
+            self.headers_sent = True
+        self.flush()
+
+    def flush(self) -> None:
+        """Sends what waits, in order (blocking, on the handler's thread); raises _Gone once the client hung up."""
+        while True:
+            with self.lock:
+                if self.gone:
+                    raise _Gone()
+                if not self.pending:
+                    self.flushing = False
+                    return
+                data, self.pending, self.flushing = bytes(self.pending), bytearray(), True
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                with self.lock:
+                    self.gone = True
+
+    def end(self, *events: dict | str) -> None:
+        """The last events; the engine's chunks after them are dropped."""
+        with self.lock:
+            self.ended = True
+            self.pending += b"".join(map(_event, events))
+        self.flush()
+
+
 def _handler(server: Server):
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, payload: dict | str, content_type: str = "application/json",
@@ -390,9 +467,14 @@ def _handler(server: Server):
             try:
                 body = json.loads(self._read(length, deadline) or b"null")
                 req = server.request(body, arrived)
+                stream = _Stream(req, self.connection, {
+                    "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                    "created": int(time.time()), "model": server.model_id}) if req.stream else None
+                if stream is not None:
+                    req.on_delta = stream.token
                 server.engine.submit(req)
-                if isinstance(body, dict) and body.get("stream"):
-                    self._stream(req, bool((body.get("stream_options") or {}).get("include_usage")))
+                if stream is not None:
+                    self._stream(req, stream, bool((body.get("stream_options") or {}).get("include_usage")))
                 else:
                     self._wait(req)
                     self._send(200, server.reply(req))
@@ -468,37 +550,25 @@ def _handler(server: Server):
             for _ in self._events(req):
                 pass
 
-        def _stream(self, req: Request, include_usage: bool) -> None:
-            """Server-sent events: one chunk per decoded token (its new text; the first carries the role),
-            then the finish reason (and the usage when asked), then [DONE]. An error after the headers
-            went out is sent as an `error` event."""
-            head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-                    "created": int(time.time()), "model": server.model_id}
+        def _stream(self, req: Request, stream: _Stream, include_usage: bool) -> None:
+            """Server-sent events: one chunk per decoded token (its new text; the first carries the role; sent
+            by `stream`), then the finish reason (and the usage when asked), then [DONE]. An error after the
+            headers went out is sent as an `error` event."""
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.end_headers()
-
-            def send(event) -> None:
-                self.wfile.write(f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n".encode())
-                self.wfile.flush()
-
-            first = True
+            stream.open()
             try:
-                for kind, text in self._events(req):
-                    if kind == "delta":
-                        delta = {"role": "assistant", "content": text} if first else {"content": text}
-                        send({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
-                        first = False
+                for kind, _ in self._events(req):
+                    if kind == "flush":
+                        stream.flush()
             except (BadRequest, TimeoutError) as e:
-                send({"error": {"message": str(e), "type": "timeout" if isinstance(e, TimeoutError) else
-                                "invalid_request_error"}})
-                send("[DONE]")
+                stream.end({"error": {"message": str(e), "type": "timeout" if isinstance(e, TimeoutError) else
+                                      "invalid_request_error"}}, "[DONE]")
                 return
-            send({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": req.finish_reason}]})
-            if include_usage:
-                send({**head, "choices": [], "usage": server.reply(req)["usage"]})
-            send("[DONE]")
+            usage = [{**stream.head, "choices": [], "usage": server.reply(req)["usage"]}] if include_usage else []
+            stream.end(stream.chunk({}, req.finish_reason), *usage, "[DONE]")
 
         def log_message(self, fmt, *args):  # quiet: the access log would flood an evaluation's output
             pass
