@@ -44,8 +44,8 @@ class StandIn:
     # --- the clock -----------------------------------------------------------------------------------
 
     def clock(self) -> None:
-        while True:
-            with self._wake:
+        with self._wake:  # held but while waiting, so that no arrival's notify is missed
+            while True:
                 while not self.answers:
                     self._wake.wait()
                 now = time.perf_counter()
@@ -56,10 +56,9 @@ class StandIn:
                         a.due += self.step
                         due.append((a, a.sent))  # the loop may run this after the next tick: its own count
                 self.answers = [a for a in self.answers if a.sent < a.tokens]
-                soonest = min((a.due for a in self.answers), default=now + 1)
-            if due:
-                self.loop.call_soon_threadsafe(self._send, due, now)
-            with self._wake:
+                if due:
+                    self.loop.call_soon_threadsafe(self._send, due, now)
+                soonest = min((a.due for a in self.answers), default=now)
                 self._wake.wait(max(soonest - time.perf_counter(), 0))
 
     def _send(self, due: list[tuple[_Answer, int]], now: float) -> None:
