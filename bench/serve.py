@@ -8,6 +8,8 @@ Every request sends the same image: with the server's caches on, all but the fir
 arrays and its visual tokens (as a chat's later turns do); then the same again on a server started with both
 off (`--image-cache 0 --encoder-cache 0`: every request decodes, resizes and encodes its image, as distinct
 images would), whose start shows how soon a restarted server, its programs in the compilation cache, is ready.
+Last, the floor (`--no-floor` skips it): the same clients against bench/stand_in.py, which computes nothing and
+answers every request at once as fast as the server answered one alone: what the driver itself allows here.
 
   python bench/serve.py                                   # the tiny golden checkpoint, 1, 8 and 32 clients
   python bench/serve.py --ckpt CKPT --clients 1,8 --requests 48 --max-tokens 64 --image-cache off

@@ -3,7 +3,7 @@
 then the finish reason and [DONE]; /metrics' time-to-first-token and latency sums and counts) and gives every
 request its first token `--prefill` seconds after it arrived and the next every `--step` seconds, all requests
 at once: an unbounded batch whose steps take no CPU. Driven like the server, the clients' TTFT and throughput
-are then what the driver itself allows on this machine; no server can answer them sooner.
+are then what the driver itself allows on this machine with a server as fast as one request alone.
 
   python bench/stand_in.py --port 0 --prefill 0.0034 --step 0.001    # prints "on http://HOST:PORT/v1"
 """
