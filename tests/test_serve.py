@@ -33,8 +33,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tiny
 from helpers import GOLDEN, golden_model
-from mgjax.infer.engine import Request, settled_text
+from mgjax.data.tokenize import load_tokenizer
+from mgjax.infer.engine import IncrementalDecode, Request, settled_text
 from mgjax.infer.server import ImageCache, Server, _Gone, _Stream
 
 CASE = GOLDEN / "llama_vicuna"
@@ -308,13 +310,59 @@ def test_settled_text_never_sends_half_a_character_or_a_stop_prefix():
     byte_tokens = frozenset(i for t, i in tok.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t))
     assert any(t in byte_tokens for t in tokens)  # the tiny vocabulary spells these characters in bytes
     final = tok.decode(tokens, skip_special_tokens=True).strip()
+    decode = IncrementalDecode(tok, byte_tokens, window=2, every=4)  # as the engine decodes, anchored often
     seen = ""
     for k in range(1, len(tokens) + 1):
-        now = settled_text(tok, tokens[:k], byte_tokens, ("ok!",))  # "ok" ends the text: it may become the stop
+        now = settled_text(decode, tokens[:k], byte_tokens, ("ok!",))  # "ok" ends the text: it may become the stop
         assert now.startswith(seen) and final.startswith(now), (k, now)
         assert "\ufffd" not in now
         seen = now
     assert seen == "Price: 5€, naïve café ✓ and ünïcode"
+
+
+def _byte_level_tokenizer():
+    """A byte-level BPE tokenizer as Llama-3's (every token is bytes; a character may span tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Price: 5€, naïve café ✓ and ünïcode ok 😀 日本語のテキスト what is this image?"] * 20,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece-llama", "sentencepiece-gemma", "byte-level", "word-level"])
+def test_incremental_decode_equals_decoding_the_whole_answer(kind, tmp_path):
+    """The engine's deltas come from `IncrementalDecode`: at every length it must give what decoding the whole
+    answer gives, with special tokens skipped or kept, on every kind of decoder the released families use, with
+    the answers that stress it most (random tokens, nearly half of them byte-fallback bytes, specials among
+    them: runs that turn valid or invalid, characters split across the anchor and the window)."""
+    if kind.startswith("sentencepiece"):
+        tok = load_tokenizer(next((GOLDEN / ("llama_vicuna" if kind.endswith("llama") else "gemma")).glob("MGM-*")))
+    elif kind == "byte-level":
+        tok = _byte_level_tokenizer()
+    else:
+        tiny.save_tokenizer("yi", tmp_path)
+        tok = load_tokenizer(tmp_path)
+    byte_tokens = sorted(i for t, i in tok.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t))
+    assert bool(byte_tokens) == kind.startswith("sentencepiece")
+    breaks = frozenset(byte_tokens) | frozenset(tok.all_special_ids)
+    rng = np.random.default_rng(0)
+    for case in range(40):
+        n = 160
+        ids = rng.integers(0, len(tok), n).tolist()
+        if byte_tokens:
+            ids = [int(rng.choice(byte_tokens)) if rng.random() < 0.45 else i for i in ids]
+        for skip in (True, False):
+            decode = IncrementalDecode(tok, breaks, window=int(rng.choice([1, 2, 8])), every=int(rng.choice([4, 64])),
+                                       skip_special_tokens=skip)
+            k = 0
+            while k < n:
+                k = min(n, k + int(rng.choice([1, 1, 1, 2, 5])))
+                assert decode(ids[:k]) == tok.decode(ids[:k], skip_special_tokens=skip), (kind, case, k, skip)
 
 
 @pytest.mark.parametrize("body,raw,culprit", [
