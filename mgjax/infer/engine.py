@@ -69,7 +69,7 @@ class Request:
     bucket: int = 0  # the length its prompt is padded (and prefilled) to, `length_bucket`
     text_only: bool = False  # no image placeholder: its (zero) image is not encoded
     stops: tuple = ((), ())  # (token ids, strings), `pretrained._stops`
-    decode: "IncrementalDecode | None" = None  # the answer's text so far (its deltas)
+    decode: "IncrementalDecode | None" = None  # a stream's text so far (its deltas)
     decode_all: "IncrementalDecode | None" = None  # the same with special tokens (its stop strings), if it has any
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # what has been sent as deltas
@@ -304,7 +304,8 @@ class Engine:
     def submit(self, req: Request) -> None:
         self.check(req)
         req.stops = _stops(self.model.tokenizer, (*self.template_stops, *req.stop))
-        req.decode = IncrementalDecode(self.model.tokenizer, self.decode_breaks)
+        if req.stream:
+            req.decode = IncrementalDecode(self.model.tokenizer, self.decode_breaks)
         if req.stops[1]:
             req.decode_all = IncrementalDecode(self.model.tokenizer, self.decode_breaks, skip_special_tokens=False)
         with self._wake:
